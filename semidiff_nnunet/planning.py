@@ -1,0 +1,230 @@
+"""Planning and preprocessing through nnU-Net, plus the unlabeled image pool.
+
+nnU-Net plans and preprocesses ``imagesTr``/``labelsTr`` as usual. Images in an optional
+``imagesUnlabeled/`` folder of the raw dataset (same file naming: ``CASE_0000.nii.gz``) are then
+preprocessed with the *same* plans into ``<data_identifier>__unlabeled/``, image only: they never
+enter the fingerprint, and no fake label is written. Optional ``labelsPseudo/CASE.ext`` (noisy
+pseudo labels, e.g. from MedSAM) for unlabeled cases are preprocessed into
+``<data_identifier>__pseudo/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.paths import ensure_nnunet_env
+
+
+def dataset_name(dataset: str | int) -> str:
+    """Accept ``27``, ``"27"``, ``"Dataset027_ACDC"``; return the dataset folder name or raise clearly."""
+    ensure_nnunet_env()
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    text = str(dataset).strip()
+    if not text.startswith("Dataset") and not text.isdigit():
+        raise SemidiffError(f"Dataset {text!r} is neither an id (990) nor a name (Dataset990_Demo2D).")
+    try:
+        name = maybe_convert_to_dataset_name(int(text) if text.isdigit() else text)
+    except RuntimeError:
+        raise SemidiffError(
+            f"Dataset {text} was not found in nnUNet_raw ({os.environ['nnUNet_raw']}), nnUNet_preprocessed or "
+            f"nnUNet_results; convert it first (semidiff convert ...) or set nnUNet_raw.") from None
+    return name
+
+
+def dataset_id(name: str) -> int:
+    return int(name[len("Dataset"):len("Dataset") + 3])
+
+
+def raw_folder(name: str) -> Path:
+    return Path(os.environ["nnUNet_raw"]) / name
+
+
+def preprocessed_folder(name: str) -> Path:
+    return Path(os.environ["nnUNet_preprocessed"]) / name
+
+
+def plans_name_for(gpu_memory_target: float | None, plans_name: str | None) -> str:
+    if plans_name:
+        return plans_name
+    if gpu_memory_target is None:
+        return "nnUNetPlans"
+    return f"nnUNetPlans_{gpu_memory_target:g}GB".replace(".", "p")
+
+
+def load_plans(name: str, plans_name: str) -> dict:
+    path = preprocessed_folder(name) / f"{plans_name}.json"
+    if not path.is_file():
+        raise SemidiffError(f"No plans {plans_name!r} for {name} ({path} is missing); run "
+                            f"`semidiff plan-and-train` (or nnUNetv2_plan_and_preprocess) first.")
+    return json.loads(path.read_text())
+
+
+def verify_raw_dataset(name: str, num_processes: int = 2) -> None:
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    folder = raw_folder(name)
+    if not (folder / "dataset.json").is_file():
+        raise SemidiffError(f"{folder} has no dataset.json; convert the dataset with `semidiff convert` or write one.")
+    if not (folder / "labelsTr").is_dir():
+        raise SemidiffError(f"{folder} has no labelsTr folder; nnU-Net needs a label file for every training case.")
+    try:
+        verify_dataset_integrity(str(folder), num_processes)
+    except (AssertionError, RuntimeError, FileNotFoundError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SemidiffError(f"{name} fails nnU-Net's integrity check: {first} Fix the raw dataset and retry.") from None
+
+
+def extract_fingerprint(name: str, num_processes: int = 2, max_voxels: float | None = None,
+                        overwrite: bool = False) -> None:
+    """nnU-Net's fingerprint; ``max_voxels`` caps the foreground intensity sample (default nnU-Net's 1e8)."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    extractor = DatasetFingerprintExtractor(name, num_processes, verbose=False)
+    if max_voxels is not None:
+        extractor.num_foreground_voxels_for_intensitystats = float(max_voxels)
+    extractor.run(overwrite_existing=overwrite)
+
+
+def plan(name: str, gpu_memory_target: float | None = None, plans_name: str | None = None) -> str:
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    pname = plans_name_for(gpu_memory_target, plans_name)
+    kwargs = {"plans_name": pname}
+    if gpu_memory_target is not None:
+        kwargs["gpu_memory_target_in_gb"] = float(gpu_memory_target)
+    ExperimentPlanner(name, **kwargs).plan_experiment()
+    return pname
+
+
+def preprocess(name: str, plans_name: str, configurations: list[str], num_processes: int = 2) -> None:
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    plans = load_plans(name, plans_name)
+    for c in configurations:
+        if c not in plans["configurations"]:
+            raise SemidiffError(f"Configuration {c!r} is not in the plans of {name} (has: "
+                                f"{', '.join(plans['configurations'])}); pick one of those with -c.")
+        DefaultPreprocessor(verbose=False).run(name, c, plans_name, num_processes=num_processes)
+        preprocess_unlabeled(name, plans_name, c)
+
+
+def _case_files(folder: Path, file_ending: str) -> dict[str, list[str]]:
+    cases: dict[str, list[str]] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.name.endswith(file_ending):
+            continue
+        stem = f.name[: -len(file_ending)]
+        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            raise SemidiffError(f"{f} does not follow nnU-Net's naming CASE_XXXX{file_ending} (channel suffix); "
+                                f"rename it.")
+        cases.setdefault(stem[:-5], []).append(str(f))
+    return cases
+
+
+def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
+    """Preprocess ``imagesUnlabeled/`` (and ``labelsPseudo/``) with the dataset's plans; return #images."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    raw = raw_folder(name)
+    unl = raw / "imagesUnlabeled"
+    pseudo = raw / "labelsPseudo"
+    if not unl.is_dir() and not pseudo.is_dir():
+        return 0
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    file_ending = dataset_json["file_ending"]
+    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    plans_manager = PlansManager(str(preprocessed_folder(name) / f"{plans_name}.json"))
+    cm = plans_manager.get_configuration(configuration)
+    out_base = preprocessed_folder(name) / cm.data_identifier
+    pp = DefaultPreprocessor(verbose=False)
+
+    labeled_ids = {f.name[: -len(file_ending)] for f in (raw / "labelsTr").iterdir() if f.name.endswith(file_ending)}
+    count = 0
+    if unl.is_dir():
+        cases = _case_files(unl, file_ending)
+        clash = sorted(set(cases) & labeled_ids)
+        if clash:
+            raise SemidiffError(f"imagesUnlabeled/ reuses training case id {clash[0]!r}; give unlabeled images "
+                                f"their own case ids.")
+        for case, files in cases.items():
+            if len(files) != n_channels:
+                raise SemidiffError(f"imagesUnlabeled/ case {case} has {len(files)} channel file(s), the dataset "
+                                    f"declares {n_channels}.")
+        out = Path(str(out_base) + "__unlabeled")
+        count += _write_cases(out, cases, None, pp, plans_manager, cm, dataset_json, save_seg=False)
+    if pseudo.is_dir():
+        images = {}
+        for f in sorted(pseudo.iterdir()):
+            if not f.name.endswith(file_ending):
+                continue
+            case = f.name[: -len(file_ending)]
+            src = raw / "imagesTr" if case in labeled_ids else unl
+            files = sorted(str(p) for p in src.glob(f"{case}_[0-9][0-9][0-9][0-9]{file_ending}"))
+            if not files:
+                raise SemidiffError(f"labelsPseudo/{f.name} has no image in imagesTr/ or imagesUnlabeled/.")
+            images[case] = files
+        out = Path(str(out_base) + "__pseudo")
+        _write_cases(out, images, {c: str(pseudo / f"{c}{file_ending}") for c in images}, pp, plans_manager, cm,
+                     dataset_json, save_seg=True)
+    return count
+
+
+def _write_cases(out: Path, cases: dict, segs: dict | None, pp, plans_manager, cm, dataset_json, save_seg) -> int:
+    """Write preprocessed cases to a temporary folder, then move it into place (never half-written)."""
+    import blosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    blosc2.set_nthreads(1)
+    for case, files in cases.items():
+        seg_file = segs[case] if segs else None
+        data, seg, props = pp.run_case(files, seg_file, plans_manager, cm, dataset_json)
+        data = np.ascontiguousarray(data.astype(np.float32, copy=False))
+        blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
+        blosc2.asarray(data, urlpath=str(tmp / f"{case}.b2nd"), chunks=chunks, blocks=blocks)
+        if save_seg:
+            seg = np.ascontiguousarray(seg.astype(np.int16, copy=False))
+            blocks, chunks = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
+            blosc2.asarray(seg, urlpath=str(tmp / f"{case}_seg.b2nd"), chunks=chunks, blocks=blocks)
+        else:
+            props.pop("class_locations", None)
+        with open(tmp / f"{case}.pkl", "wb") as f:
+            pickle.dump(props, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return len(cases)
+
+
+def shrink_plans(name: str, plans_name: str, new_plans_name: str, max_features: int | None = None,
+                 batch_size: int | None = None, patch_size: dict[str, list[int]] | None = None,
+                 n_conv_per_stage: int | None = None) -> str:
+    """Copy a plans file with a smaller network/batch (same preprocessed data). For tests, demos, CPUs."""
+    plans = load_plans(name, plans_name)
+    plans["plans_name"] = new_plans_name
+    for cname, c in plans["configurations"].items():
+        if "architecture" not in c:
+            continue
+        kw = c["architecture"]["arch_kwargs"]
+        if max_features is not None:
+            kw["features_per_stage"] = [min(f, max_features) for f in kw["features_per_stage"]]
+        if n_conv_per_stage is not None:
+            kw["n_conv_per_stage"] = [n_conv_per_stage] * len(kw["n_conv_per_stage"])
+            kw["n_conv_per_stage_decoder"] = [n_conv_per_stage] * len(kw["n_conv_per_stage_decoder"])
+        if batch_size is not None:
+            c["batch_size"] = batch_size
+        if patch_size and cname in patch_size:
+            c["patch_size"] = list(patch_size[cname])
+    path = preprocessed_folder(name) / f"{new_plans_name}.json"
+    path.write_text(json.dumps(plans, indent=2))
+    return new_plans_name

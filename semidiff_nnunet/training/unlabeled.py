@@ -1,0 +1,148 @@
+"""Unlabeled data: a label-free dataset view and a dataloader with nnU-Net's augmentation.
+
+Hidden labels never reach this module: :class:`UnlabeledDataset` opens only the image file of
+a case, and :class:`UnlabeledDataLoader` crops uniformly at random (nnU-Net's foreground
+oversampling needs class locations, which come from labels).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from threadpoolctl import threadpool_limits
+
+UNLABELED_SUFFIX = "__unlabeled"
+
+_GEOMETRIC = (SpatialTransform, MirrorTransform, Convert3DTo2DTransform, Convert2DTo3DTransform)
+
+
+def _inner(t: BasicTransform) -> BasicTransform:
+    return t.transform if isinstance(t, RandomTransform) else t
+
+
+def _touches_image(t: BasicTransform) -> bool:
+    """Keep transforms that change the image; drop seg-only and cascade helpers."""
+    from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
+
+    inner = _inner(t)
+    if isinstance(inner, MaskImageTransform):  # needs the (label-derived) seg channel
+        return False
+    cls = type(inner)
+    return cls._apply_to_image is not BasicTransform._apply_to_image
+
+
+def split_transforms(pipeline: ComposeTransforms) -> tuple[ComposeTransforms, ComposeTransforms]:
+    """Split nnU-Net's training pipeline into (geometry, intensity) parts for image-only use.
+
+    Geometry (crop/rotate/scale/mirror) is applied once per sample; the intensity part may then
+    be applied to copies, giving weak and strong views that share their geometry. Mirroring moves
+    before the intensity transforms, which leaves the distribution of views unchanged.
+    """
+    geometric, intensity = [], []
+    for t in pipeline.transforms:
+        if isinstance(_inner(t), _GEOMETRIC):
+            geometric.append(t)
+        elif _touches_image(t):
+            intensity.append(t)
+    return ComposeTransforms(geometric), ComposeTransforms(intensity)
+
+
+class UnlabeledDataset:
+    """Image-only view of one or more preprocessed folders (nnU-Net blosc2/npz or ours).
+
+    ``sources`` maps case identifier -> folder. ``load_case`` returns ``(data, None, None,
+    properties)`` with the label-derived ``class_locations`` removed from the properties.
+    """
+
+    def __init__(self, sources: dict[str, str]):
+        self.sources = dict(sorted(sources.items()))
+        self.identifiers = list(self.sources)
+        self._mmap = {} if os.name == "nt" else {"mmap_mode": "r"}
+
+    def __len__(self) -> int:
+        return len(self.identifiers)
+
+    def load_case(self, identifier: str):
+        folder = self.sources[identifier]
+        b2 = os.path.join(folder, identifier + ".b2nd")
+        if os.path.isfile(b2):
+            import blosc2
+
+            data = blosc2.open(urlpath=b2, mode="r", dparams={"nthreads": 1}, **self._mmap)
+        else:
+            npy = os.path.join(folder, identifier + ".npy")
+            data = np.load(npy, "r") if os.path.isfile(npy) else np.load(os.path.join(folder, identifier + ".npz"))["data"]
+        with open(os.path.join(folder, identifier + ".pkl"), "rb") as f:
+            properties = pickle.load(f)
+        properties.pop("class_locations", None)
+        return data, None, None, properties
+
+
+class UnlabeledDataLoader(nnUNetDataLoader):
+    """Yields ``{'data': weak view, 'data_strong': strong view (optional), 'keys': ids}``.
+
+    Crops are uniform random (no foreground oversampling, no ignore-label steering). The
+    geometry part of nnU-Net's augmentation is shared by both views; the intensity part is
+    the weak view, and ``strong_transforms`` (if given) is applied to a copy of the same
+    geometric crop to produce the strong view.
+    """
+
+    def __init__(self, data: UnlabeledDataset, batch_size: int, patch_size, final_patch_size, label_manager,
+                 geometric: BasicTransform, intensity: BasicTransform, strong_transforms: BasicTransform | None = None):
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
+                         oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
+                         probabilistic_oversampling=False, transforms=None)
+        self.has_ignore = False  # uniform crops: never look at class locations
+        self.geometric = geometric
+        self.intensity = intensity
+        self.strong_transforms = strong_transforms
+
+    def generate_train_batch(self):
+        keys = self.get_indices()
+        weak_all = strong_all = None
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for j, key in enumerate(keys):
+                data, _, _, _ = self._data.load_case(key)
+                bbox_lbs, bbox_ubs = self.get_bbox(data.shape[1:], False, None)
+                bbox = [[lo, hi] for lo, hi in zip(bbox_lbs, bbox_ubs)]
+                img = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+                if self.patch_size_was_2d:
+                    img = img[:, 0]
+                img = self.geometric(image=img)["image"]
+                strong = img.clone() if self.strong_transforms is not None else None
+                weak = self.intensity(image=img)["image"]
+                if weak_all is None:
+                    weak_all = torch.empty((self.batch_size, *weak.shape), dtype=torch.float32)
+                weak_all[j] = weak
+                if strong is not None:
+                    strong = self.strong_transforms(image=strong)["image"]
+                    if strong_all is None:
+                        strong_all = torch.empty((self.batch_size, *strong.shape), dtype=torch.float32)
+                    strong_all[j] = strong
+        batch = {"data": weak_all, "keys": keys}
+        if strong_all is not None:
+            batch["data_strong"] = strong_all
+        return batch
+
+
+def unlabeled_preprocessed_folder(preprocessed_dataset_folder: str) -> str:
+    """Where images of ``imagesUnlabeled/`` are preprocessed for one configuration."""
+    return str(Path(preprocessed_dataset_folder).with_name(Path(preprocessed_dataset_folder).name + UNLABELED_SUFFIX))
+
+
+def list_cases(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f[: -len(".pkl")] for f in os.listdir(folder) if f.endswith(".pkl"))
