@@ -423,7 +423,8 @@ def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, 
 DEMO_PLANS = "semidiffDemoPlans"
 
 
-def prepare_demo_dataset(dim: int = 2, num_unlabeled: int = 0, show_progress: bool = True, **generator_kwargs) -> str:
+def prepare_demo_dataset(dim: int = 2, num_unlabeled: int = 0, show_progress: bool = True,
+                         max_features: int | None = None, batch_size: int | None = None, **generator_kwargs) -> str:
     """Generate the synthetic dataset, plan and preprocess it, and write small CPU plans; return its name."""
     from semidiff_nnunet.synthetic import generate_demo_dataset
 
@@ -432,8 +433,8 @@ def prepare_demo_dataset(dim: int = 2, num_unlabeled: int = 0, show_progress: bo
     name = folder.name
     configuration = "2d" if dim == 2 else "3d_fullres"
     plan_and_preprocess(name, [configuration], num_processes=2, fingerprint_voxels=1e5, show_progress=show_progress)
-    planning.shrink_plans(name, "nnUNetPlans", DEMO_PLANS, max_features=32 if dim == 2 else 16,
-                          batch_size=4 if dim == 2 else 2)
+    planning.shrink_plans(name, "nnUNetPlans", DEMO_PLANS, max_features=max_features or (32 if dim == 2 else 16),
+                          batch_size=batch_size or (4 if dim == 2 else 2))
     return name
 
 

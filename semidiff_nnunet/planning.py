@@ -32,6 +32,8 @@ def dataset_name(dataset: str | int) -> str:
         raise SemidiffError(f"Dataset {text!r} is neither an id (990) nor a name (Dataset990_Demo2D).")
     try:
         name = maybe_convert_to_dataset_name(int(text) if text.isdigit() else text)
+        if not any((Path(os.environ[v]) / name).is_dir() for v in ("nnUNet_raw", "nnUNet_preprocessed")):
+            raise RuntimeError(name)
     except RuntimeError:
         raise SemidiffError(
             f"Dataset {text} was not found in nnUNet_raw ({os.environ['nnUNet_raw']}), nnUNet_preprocessed or "
@@ -100,19 +102,27 @@ def plan(name: str, gpu_memory_target: float | None = None, plans_name: str | No
     kwargs = {"plans_name": pname}
     if gpu_memory_target is not None:
         kwargs["gpu_memory_target_in_gb"] = float(gpu_memory_target)
-    ExperimentPlanner(name, **kwargs).plan_experiment()
+    # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (a CPU training setting)
+    saved = os.environ.pop("nnUNet_n_proc_DA", None) if os.environ.get("nnUNet_n_proc_DA") == "0" else None
+    try:
+        ExperimentPlanner(name, **kwargs).plan_experiment()
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved
     return pname
 
 
 def preprocess(name: str, plans_name: str, configurations: list[str], num_processes: int = 2) -> None:
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    """nnU-Net's preprocessing (incl. the gt_segmentations copy), then the unlabeled pool."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
     plans = load_plans(name, plans_name)
     for c in configurations:
         if c not in plans["configurations"]:
             raise SemidiffError(f"Configuration {c!r} is not in the plans of {name} (has: "
                                 f"{', '.join(plans['configurations'])}); pick one of those with -c.")
-        DefaultPreprocessor(verbose=False).run(name, c, plans_name, num_processes=num_processes)
+        preprocess_dataset(dataset_id(name), plans_name, [c], [num_processes], verbose=False,
+                           show_progress_bar=False)
         preprocess_unlabeled(name, plans_name, c)
 
 

@@ -299,7 +299,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SemidiffError as e:
-        console.print(f"[bold red]Error:[/bold red] {e}")
+        console.print(f"[bold red]Error:[/bold red] {e}", soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -1,0 +1,135 @@
+"""CPU end-to-end runs through the CLI on tiny generated datasets (2D and 3D)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TINY
+
+pytestmark = pytest.mark.slow
+SHORT = ["--epochs", "2", "--iters-per-epoch", "2"]
+
+
+def _raw(name: str) -> Path:
+    return Path(os.environ["nnUNet_raw"]) / name
+
+
+def _load(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
+    code, out, err = run_cli("plan-and-train", demo2d, "-m", "mean-teacher", "--labeled", "0.2", "-c", "2d",
+                             *SHORT, *TINY)
+    assert code == 0, err
+    from semidiff_nnunet import api
+
+    info = api.run_info(demo2d, "mean-teacher", "0.2", 0, "2d", 0, "semidiffDemoPlans")
+    assert info.fold_folder.parts[-4:] == (
+        "mean-teacher__lab0.2__seed0", demo2d, "MeanTeacherTrainer__semidiffDemoPlans__2d", "fold_0")
+    for f in ("checkpoint_final.pth", "progress.png", "semidiff_run.json", "validation/summary.json"):
+        assert (info.fold_folder / f).is_file(), f
+    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        assert (info.model_folder / f).is_file(), f
+    run = json.loads((info.fold_folder / "semidiff_run.json").read_text())
+    assert run["method"] == "mean-teacher" and run["hparams"]["consistency"] == 0.1
+    split = run["split"]
+    assert len(split["labeled"]) == 2 and len(split["unlabeled"]) == 7 and len(split["validation"]) == 3
+    assert split["extra_unlabeled"] == ["demoun_000", "demoun_001", "demoun_002"]
+    assert not set(split["validation"]) & (set(split["labeled"]) | set(split["unlabeled"]))
+    plans = json.loads((info.model_folder / "plans.json").read_text())
+    assert plans["semidiff"]["labeled"]["fraction"] == 0.2
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert set(ck["semidiff"]["states"]) == {"teacher"} and ck["current_epoch"] == 2
+    terms = [k for k in ck["logging"] if k.startswith("term/")]
+    assert {"term/supervised", "term/consistency", "term/consistency_weight"} <= set(terms)
+    assert len(ck["logging"]["term/consistency"]) == 2
+
+    # the same run again must not overwrite it
+    code, _, err = run_cli("train", demo2d, "-m", "mean-teacher", "--labeled", "0.2", "-c", "2d", *SHORT, *TINY)
+    assert code == 1 and "already finished" in err
+
+    # split command agrees with the run
+    code, out, _ = run_cli("split", "-d", "980", "--labeled", "0.2", "--seed", "0", "--json")
+    assert code == 0 and json.loads(out)["labeled"] == split["labeled"]
+
+    pred = tmp_path / "pred"
+    code, _, err = run_cli("predict", "-d", "980", "-m", "mean-teacher", "--labeled", "0.2", "-c", "2d",
+                           "-i", _raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "--device", "cpu", "--disable-tta")
+    assert code == 0, err
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["demots_000.nii.gz", "demots_001.nii.gz", "demots_002.nii.gz"]
+    code, out, err = run_cli("evaluate", "-d", "980", "--pred", pred, "--ref", _raw(demo2d) / "labelsTs")
+    assert code == 0, err
+    summary = json.loads((pred / "summary.json").read_text())
+    assert {"1", "2"} <= set(summary["mean"]) and "Dice" in summary["foreground_mean"]
+    assert "Dice" in out
+
+    # stock nnU-Net loads the run through the printed environment (subprocess: a clean interpreter)
+    code, env_out, _ = run_cli("env", "-m", "mean-teacher", "--labeled", "0.2")
+    env = dict(os.environ)
+    for line in env_out.strip().splitlines():
+        key, value = line[len("export "):].split("=", 1)
+        env[key] = value.strip("'")
+    assert env["nnUNet_results"] == str(info.run_root)
+    stock = tmp_path / "stock"
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"), "-o", str(stock),
+                           "-d", "980", "-tr", "MeanTeacherTrainer", "-p", "semidiffDemoPlans", "-c", "2d", "-f", "0",
+                           "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in sorted(pred.glob("*.nii.gz")):
+        assert np.array_equal(_load(f), _load(stock / f.name)), f.name
+
+
+def test_3d_supervised_and_mean_teacher_cli(demo3d, run_cli, tmp_path):
+    for method in ("supervised", "mean-teacher"):
+        code, _, err = run_cli("plan-and-train", demo3d, "-m", method, "--labeled", "2", "-c", "3d_fullres",
+                               *SHORT, "--no-val", *TINY)
+        assert code == 0, err
+        pred = tmp_path / method
+        code, _, err = run_cli("predict", "-d", demo3d, "-m", method, "--labeled", "2", "-c", "3d_fullres",
+                               "-i", _raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                               "--device", "cpu", "--disable-tta")
+        assert code == 0, err
+        ref = _load(_raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
+        seg = _load(pred / "demots_000.nii.gz")
+        assert seg.shape == ref.shape and set(np.unique(seg)) <= {0, 1, 2}
+        code, _, err = run_cli("evaluate", "-d", demo3d, "--pred", pred, "--ref", _raw(demo3d) / "labelsTs")
+        assert code == 0, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan-and-train", "Dataset999_Nope", "-m", "supervised"], "was not found"),
+    (["plan-and-train", "980", "-m", "mean-techer"], "Did you mean 'mean-teacher'"),
+    (["train", "980", "-m", "supervised", "--labeled", "1.7"], "fraction must be in (0, 1]"),
+    (["train", "980", "-m", "mean-teacher", "--set", "consistensy=1"], "Did you mean consistency"),
+    (["train", "980", "-m", "supervised", "-c", "3d_fullres"], "not in"),
+    (["predict", "-d", "980", "-m", "supervised", "--labeled", "0.5", "-i", "/nonexistent", "-o", "/tmp/x"],
+     "No trained model"),
+])
+def test_user_mistakes_get_one_sentence(demo2d, run_cli, args, message):
+    code, out, err = run_cli(*args, *(["--plans", "semidiffDemoPlans", "--device", "cpu"]
+                                      if args[0] in ("train", "predict") else []))
+    assert code == 1
+    assert message in err and "Traceback" not in err + out
+
+
+def test_dataset_failing_integrity_check(workspace, run_cli):
+    from semidiff_nnunet.synthetic import generate_demo_dataset
+
+    folder = generate_demo_dataset(workspace / "nnUNet_raw", dim=2, num_train=4, num_test=0, shape=(16, 16),
+                                   dataset_id=983, name="Broken")
+    (folder / "labelsTr" / "demotr_001.nii.gz").unlink()  # a training case without its label
+    code, out, err = run_cli("plan-and-train", "983", "-m", "supervised", "--device", "cpu")
+    assert code == 1 and "integrity check" in err and "Traceback" not in err + out

@@ -1,0 +1,84 @@
+import importlib.metadata as md
+import sys
+import types
+
+import pytest
+
+from semidiff_nnunet import MethodSpec, hookimpl
+from semidiff_nnunet.errors import DuplicateNameError, UnknownNameError
+from semidiff_nnunet.registry import Registry
+
+
+def _plugin(name, method_names):
+    mod = types.ModuleType(name)
+
+    @hookimpl
+    def semidiff_register_methods():
+        return [MethodSpec(name=n, trainer=object, summary=f"{n} summary") for n in method_names]
+
+    mod.semidiff_register_methods = semidiff_register_methods
+    return mod
+
+
+def test_builtins_register_through_entry_points():
+    reg = Registry()
+    assert {"supervised", "mean-teacher"} <= set(reg.names("method"))
+    entry = reg.entry("method", "mean-teacher")
+    assert entry.distribution == "semidiff-nnunet" and entry.provider == "mean-teacher"
+    assert "semidiff_register_methods" in reg.plugins["mean-teacher"].hooks
+
+
+def test_unknown_name_suggests_closest():
+    reg = Registry(load_entry_points=False)
+    reg.register(_plugin("p", ["mean-teacher", "cps"]), "p")
+    with pytest.raises(UnknownNameError) as e:
+        reg.method("mean-techer")
+    assert "Did you mean 'mean-teacher'" in str(e.value) and "Registered: cps, mean-teacher" in str(e.value)
+
+
+def test_duplicate_name_names_both_providers():
+    reg = Registry(load_entry_points=False)
+    reg.register(_plugin("a", ["x"]), "plugin-a", "dist-a")
+    reg.register(_plugin("b", ["x"]), "plugin-b", "dist-b")
+    with pytest.raises(DuplicateNameError) as e:
+        reg.names("method")
+    assert "plugin-a" in str(e.value) and "plugin-b" in str(e.value)
+
+
+def test_broken_plugin_is_reported_and_others_still_load(monkeypatch, tmp_path):
+    (tmp_path / "good_semidiff_plugin.py").write_text(
+        "from semidiff_nnunet import MethodSpec, hookimpl\n"
+        "@hookimpl\n"
+        "def semidiff_register_methods():\n"
+        "    return [MethodSpec(name='good-method', trainer=object)]\n")
+    (tmp_path / "bad_semidiff_plugin.py").write_text("raise ImportError('needs a missing CUDA library')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake = [md.EntryPoint(name="good", value="good_semidiff_plugin", group="semidiff"),
+            md.EntryPoint(name="bad", value="bad_semidiff_plugin", group="semidiff")]
+    real = md.entry_points
+
+    def entry_points(**kw):
+        return list(real(**kw)) + fake if kw.get("group") == "semidiff" else real(**kw)
+
+    monkeypatch.setattr(md, "entry_points", entry_points)
+    reg = Registry()
+    assert "good-method" in reg.names("method") and "supervised" in reg.names("method")
+    failed = [f.name for f in reg.failures]
+    assert "bad" in failed and "good" not in failed
+    assert "missing CUDA library" in reg.failures[failed.index("bad")].error
+    sys.modules.pop("good_semidiff_plugin", None)
+
+
+def test_hook_that_raises_is_reported():
+    reg = Registry(load_entry_points=False)
+    mod = types.ModuleType("raiser")
+
+    @hookimpl
+    def semidiff_register_methods():
+        raise RuntimeError("boom")
+
+    mod.semidiff_register_methods = semidiff_register_methods
+    reg.register(mod, "raiser")
+    reg.register(_plugin("ok", ["fine"]), "ok")
+    assert reg.names("method") == ["fine"]
+    assert "boom" in reg.failures[0].error
