@@ -1,0 +1,54 @@
+"""The example third-party plugin, pip-installed and used through the CLI exactly as outsiders would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "semidiff-example-pseudolabel"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                           "--target", str(target), str(EXAMPLE)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")])
+    env["COLUMNS"] = "200"
+    return env
+
+
+def _semidiff(env, *args):
+    return subprocess.run([sys.executable, "-m", "semidiff_nnunet.cli.main", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_example_plugin_is_listed_and_trains(installed, demo2d, tmp_path):
+    proc = _semidiff(installed, "methods")
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if "pseudo-label" in ln)
+    assert "semidiff-example-pseudolabel" in line
+    proc = _semidiff(installed, "plugins")
+    assert "semidiff-example-pseudolabel" in proc.stdout
+    proc = _semidiff(installed, "plan-and-train", demo2d, "-m", "pseudo-label", "--labeled", "0.2", "-c", "2d",
+                     "--epochs", "2", "--iters-per-epoch", "2", "--no-val", "--plans", "semidiffDemoPlans",
+                     "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _semidiff(installed, "predict", "-d", demo2d, "-m", "pseudo-label", "--labeled", "0.2", "-c", "2d",
+                     "-i", Path(os.environ["nnUNet_raw"]) / demo2d / "imagesTs", "-o", tmp_path / "pred",
+                     "--plans", "semidiffDemoPlans", "--device", "cpu", "--disable-tta")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 3
+
+
+def test_without_the_plugin_the_method_is_unknown(demo2d):
+    env = dict(os.environ)
+    proc = _semidiff(env, "train", demo2d, "-m", "pseudo-label", "--device", "cpu")
+    assert proc.returncode == 1 and "Unknown method 'pseudo-label'" in proc.stderr

@@ -1,0 +1,134 @@
+"""Hidden labels never reach a loss; interrupted runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+PLANS = "semidiffDemoPlans"
+
+
+@pytest.fixture(scope="module")
+def leak2d(workspace):
+    from semidiff_nnunet import api
+
+    return api.prepare_demo_dataset(dim=2, show_progress=False, dataset_id=982, name="Leak2D", num_train=10,
+                                    num_test=0, shape=(32, 32), max_features=8, batch_size=2, seed=5)
+
+
+def _train(name, method="mean-teacher", labeled="0.5", epochs=2, **kw):
+    from semidiff_nnunet import api
+
+    return api.train(name, method, labeled=labeled, seed=0, configuration="2d", fold=0, device="cpu",
+                     epochs=epochs, iters_per_epoch=3, plans_name=PLANS, val_iters_per_epoch=1,
+                     final_validation=False, show_progress=False, **kw)
+
+
+def _state(info) -> dict:
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    return ck
+
+
+def _assert_same(a: dict, b: dict, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), path
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b, equal_nan=True), path
+    else:
+        assert a == b, path
+
+
+def _weights(ck):
+    return {"networks": ck["semidiff"]["networks"], "states": ck["semidiff"]["states"]}
+
+
+def _scramble(name: str, cases: list[str], seed: int) -> None:
+    folder = Path(os.environ["nnUNet_preprocessed"]) / name / "nnUNetPlans_2d"
+    rng = np.random.RandomState(seed)
+    for case in cases:
+        seg_file = folder / f"{case}_seg.b2nd"
+        seg = blosc2.open(str(seg_file), mode="r")[:]
+        scrambled = rng.randint(0, 3, size=seg.shape).astype(seg.dtype)
+        assert not np.array_equal(scrambled, seg)
+        seg_file.unlink()
+        blosc2.asarray(np.ascontiguousarray(scrambled), urlpath=str(seg_file))
+        with open(folder / f"{case}.pkl", "rb") as f:
+            props = pickle.load(f)
+        props["class_locations"] = {k: (rng.randint(0, 32, size=(20, 4)) if len(v) else v)
+                                    for k, v in props["class_locations"].items()}
+        with open(folder / f"{case}.pkl", "wb") as f:
+            pickle.dump(props, f)
+
+
+def test_scrambled_hidden_labels_give_a_bit_identical_run(leak2d):
+    from semidiff_nnunet import api
+
+    split = api.split(leak2d, "0.5", seed=0, fold=0)
+    assert split.unlabeled and split.labeled
+    first = _train(leak2d)
+    reference = _state(first)
+    run = json.loads((first.fold_folder / "semidiff_run.json").read_text())
+    assert run["split"]["unlabeled"] == split.unlabeled
+
+    shutil.rmtree(first.run_root)
+    _scramble(leak2d, split.unlabeled, seed=1)  # hidden labels: scrambled
+    second = _state(_train(leak2d))
+    _assert_same(_weights(reference), _weights(second))
+
+    # control: scrambling a *labeled* case changes the run, so the comparison above can fail
+    shutil.rmtree(first.run_root)
+    _scramble(leak2d, split.labeled[:1], seed=2)
+    third = _state(_train(leak2d))
+    with pytest.raises(AssertionError):
+        _assert_same(_weights(reference), _weights(third))
+
+
+def test_interrupted_run_resumes_exactly(leak2d, monkeypatch):
+    from semidiff_nnunet import api
+    from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
+
+    straight = _train(leak2d, labeled="4", epochs=3, save_every=1)
+    reference = _state(straight)
+    shutil.rmtree(straight.run_root)
+
+    original = MeanTeacherTrainer.on_epoch_end
+
+    def crash_after_first_epoch(self):
+        original(self)  # writes checkpoint_latest for epoch 0
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MeanTeacherTrainer, "on_epoch_end", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(leak2d, labeled="4", epochs=3, save_every=1)
+    monkeypatch.setattr(MeanTeacherTrainer, "on_epoch_end", original)
+    info = api.run_info(leak2d, "mean-teacher", "4", 0, "2d", 0, PLANS)
+    assert (info.fold_folder / "checkpoint_latest.pth").is_file()
+    assert not (info.fold_folder / "checkpoint_final.pth").is_file()
+    with pytest.raises(Exception, match="--continue"):
+        _train(leak2d, labeled="4", epochs=3, save_every=1)
+    resumed = _state(_train(leak2d, labeled="4", epochs=3, save_every=1, continue_training=True))
+    _assert_same(_weights(reference), _weights(resumed))
+    _assert_same(reference["optimizer_state"], resumed["optimizer_state"])
+    _assert_same(reference["logging"]["train_losses"], resumed["logging"]["train_losses"])
+    _assert_same(reference["logging"]["term/consistency"], resumed["logging"]["term/consistency"])
+    assert reference["semidiff"]["iteration"] == resumed["semidiff"]["iteration"] == 9
