@@ -171,7 +171,14 @@ def _progress(enabled: bool):
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn()) as p:
@@ -187,7 +194,7 @@ def _quiet(enabled: bool):
     import io
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         yield
 
 
@@ -292,8 +299,9 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     }
     plans["continue_training"] = bool(continue_training and checkpoint is not None)
     with _results_root(info.run_root):
-        trainer = trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                              device=torch_device)
+        with _quiet(show_progress):  # nnU-Net's banner goes to the training log
+            trainer = trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                                  device=torch_device)
         if continue_training and checkpoint is not None:
             trainer.load_checkpoint(str(checkpoint))
         trainer.run_training()
@@ -307,7 +315,6 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
             seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "cuda",
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
             use_mirroring: bool = True, show_progress: bool = True) -> Path:
-    import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name)
@@ -344,8 +351,8 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
     tmp.mkdir(parents=True)
     with _progress(show_progress) as progress:
         task = progress.add_task(f"predicting {len(cases)} case(s)", total=len(cases)) if progress else None
-        for case, files in cases.items():
-            with _quiet(show_progress), torch.inference_mode(False):
+        for files in cases.values():
+            with _quiet(show_progress):
                 predictor.predict_from_files_sequential([files], str(tmp), save_probabilities=False,
                                                         overwrite=True, folder_with_segs_from_prev_stage=None)
             if progress:

@@ -87,7 +87,9 @@ def verify_raw_dataset(name: str, num_processes: int = 2) -> None:
 def extract_fingerprint(name: str, num_processes: int = 2, max_voxels: float | None = None,
                         overwrite: bool = False) -> None:
     """nnU-Net's fingerprint; ``max_voxels`` caps the foreground intensity sample (default nnU-Net's 1e8)."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+        DatasetFingerprintExtractor,
+    )
 
     extractor = DatasetFingerprintExtractor(name, num_processes, verbose=False)
     if max_voxels is not None:

@@ -6,8 +6,9 @@ Every spec has a unique ``name`` within its kind, a one-line ``summary`` and a `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

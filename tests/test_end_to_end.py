@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import TINY
 
 pytestmark = pytest.mark.slow

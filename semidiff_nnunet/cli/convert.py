@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -47,15 +47,15 @@ def print_converter_list() -> None:
 
 
 def convert_command(
-    name: Annotated[Optional[str], typer.Argument(help="Converter name (see --list).")] = None,
-    source: Annotated[Optional[Path], typer.Argument(help="Folder of the original download.")] = None,
-    dataset_id: Annotated[Optional[int], typer.Option("--id", help="nnU-Net dataset id (default: the converter's).")] = None,
-    dataset_name: Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: the converter's).")] = None,
+    name: Annotated[str | None, typer.Argument(help="Converter name (see --list).")] = None,
+    source: Annotated[Path | None, typer.Argument(help="Folder of the original download.")] = None,
+    dataset_id: Annotated[int | None, typer.Option("--id", help="nnU-Net dataset id (default: the converter's).")] = None,
+    dataset_name: Annotated[str | None, typer.Option("--name", help="Dataset name (default: the converter's).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing target dataset.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Run nnU-Net's integrity check before moving into place.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List converters, their source layouts and download hints.")] = False,
-    option: Annotated[Optional[list[str]], typer.Option("-o", "--option", help="Converter option KEY=VALUE (repeatable).")] = None,
-    processes: Annotated[Optional[int], typer.Option("-p", "--processes", help="Worker processes.")] = None,
+    option: Annotated[list[str] | None, typer.Option("-o", "--option", help="Converter option KEY=VALUE (repeatable).")] = None,
+    processes: Annotated[int | None, typer.Option("-p", "--processes", help="Worker processes.")] = None,
 ) -> None:
     """Convert a public dataset from its original download layout into nnU-Net raw format."""
     if list_:

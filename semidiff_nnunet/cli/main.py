@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -33,7 +33,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for the labeled subset a
 Config = Annotated[str, typer.Option("-c", "--configuration", help="nnU-Net configuration (2d, 3d_fullres, ...).")]
 Fold = Annotated[str, typer.Option("-f", "--fold", help="Fold of splits_final.json (0-4 or all).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or mps.")]
-Plans = Annotated[Optional[str], typer.Option("--plans", help="Plans name (default nnUNetPlans, or the --gpu-memory-target plans).")]
+Plans = Annotated[str | None, typer.Option("--plans", help="Plans name (default nnUNetPlans, or the --gpu-memory-target plans).")]
 
 
 def _fold(value: str):
@@ -68,13 +68,13 @@ def plan_and_train(
     configuration: Config = "2d",
     fold: Fold = "0",
     device: Device = "cuda",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (nnU-Net: 1000).")] = None,
-    iters_per_epoch: Annotated[Optional[int], typer.Option("--iters-per-epoch", help="Iterations per epoch (nnU-Net: 250).")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a hyperparameter: key=value (repeatable).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs (nnU-Net: 1000).")] = None,
+    iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch", help="Iterations per epoch (nnU-Net: 250).")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a hyperparameter: key=value (repeatable).")] = None,
     cont: Annotated[bool, typer.Option("--continue", help="Resume an interrupted run.")] = False,
     plans: Plans = None,
-    gpu_memory_target: Annotated[Optional[float], typer.Option("--gpu-memory-target", help="GB; plan for a smaller GPU/CPU (own plans name).")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Write checkpoint_latest every N epochs (nnU-Net: 50).")] = None,
+    gpu_memory_target: Annotated[float | None, typer.Option("--gpu-memory-target", help="GB; plan for a smaller GPU/CPU (own plans name).")] = None,
+    save_every: Annotated[int | None, typer.Option("--save-every", help="Write checkpoint_latest every N epochs (nnU-Net: 50).")] = None,
     no_val: Annotated[bool, typer.Option("--no-val", help="Skip the final validation of the fold.")] = False,
     num_processes: Annotated[int, typer.Option("-np", "--num-processes", help="Processes for planning/preprocessing.")] = 2,
 ):
@@ -102,12 +102,12 @@ def train(
     configuration: Config = "2d",
     fold: Fold = "0",
     device: Device = "cuda",
-    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
-    iters_per_epoch: Annotated[Optional[int], typer.Option("--iters-per-epoch")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="key=value (repeatable).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="key=value (repeatable).")] = None,
     cont: Annotated[bool, typer.Option("--continue", help="Resume an interrupted run.")] = False,
     plans: Plans = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every")] = None,
+    save_every: Annotated[int | None, typer.Option("--save-every")] = None,
     no_val: Annotated[bool, typer.Option("--no-val", help="Skip the final validation of the fold.")] = False,
 ):
     """Train METHOD on an already preprocessed dataset."""
@@ -162,8 +162,8 @@ def predict(
 def evaluate(
     pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted segmentations.")],
     ref: Annotated[Path, typer.Option("--ref", help="Folder of reference segmentations.")],
-    dataset: Annotated[Optional[str], typer.Option("-d", "--dataset", help="Dataset (for labels and file ending).")] = None,
-    output_file: Annotated[Optional[Path], typer.Option("-o", "--output", help="summary.json path (default PRED/summary.json).")] = None,
+    dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="Dataset (for labels and file ending).")] = None,
+    output_file: Annotated[Path | None, typer.Option("-o", "--output", help="summary.json path (default PRED/summary.json).")] = None,
     num_processes: Annotated[int, typer.Option("-np", "--num-processes")] = 2,
 ):
     """Dice, Jaccard, HD95 and ASD per class; writes summary.json (nnU-Net's fields plus ours)."""
@@ -237,8 +237,8 @@ def split(
 
 @app.command()
 def env(
-    dataset: Annotated[Optional[str], typer.Option("-d", "--dataset", help="With -m: point nnUNet_results at that run.")] = None,
-    method: Annotated[Optional[str], typer.Option("-m", "--method")] = None,
+    dataset: Annotated[str | None, typer.Option("-d", "--dataset", help="With -m: point nnUNet_results at that run.")] = None,
+    method: Annotated[str | None, typer.Option("-m", "--method")] = None,
     labeled: Labeled = "0.1",
     seed: Seed = 0,
 ):

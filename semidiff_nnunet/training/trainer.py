@@ -32,9 +32,9 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
+from semidiff_nnunet.training.curves import SemiLocalLogger
 from semidiff_nnunet.training.ema import _unwrap
 from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict, resolve_hparams
-from semidiff_nnunet.training.curves import SemiLocalLogger
 from semidiff_nnunet.training.splits import LabeledSpec, SemiSplit, make_semi_split
 from semidiff_nnunet.training.unlabeled import (
     UnlabeledDataLoader,
@@ -346,7 +346,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         try:
             self.on_train_start()
             progress = _EpochProgress(self) if self.show_progress and self.local_rank == 0 else None
-            for epoch in range(self.current_epoch, self.num_epochs):
+            for _ in range(self.current_epoch, self.num_epochs):
                 self.on_epoch_start()
                 self.on_train_epoch_start()
                 train_outputs = []
@@ -462,8 +462,14 @@ class _EpochProgress:
     """A rich progress bar over all training iterations (epochs × iterations)."""
 
     def __init__(self, trainer: SemiSupervisedTrainer):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.trainer = trainer
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
