@@ -141,6 +141,7 @@ def plan_and_preprocess(dataset: str | int, configurations: list[str] | None = N
 
     steps.append(("preprocessing", lambda: [planning.preprocess(name, pname, [c], num_processes)
                                             for c in todo_configs()]))
+    steps.append(("keeping the dataset's own split", lambda: planning.adopt_raw_split(name)))
     with _progress(show_progress) as progress:
         task = progress.add_task(f"{name}: planning", total=len(steps)) if progress else None
         for label, fn in steps:
@@ -404,6 +405,8 @@ def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, 
     fe = ds["file_ending"]
     ids = sorted(f.name[: -len(fe)] for f in (raw / "labelsTr").iterdir() if f.name.endswith(fe))
     splits_file = pre / "splits_final.json"
+    if not splits_file.is_file() and (raw / "splits_final.json").is_file():
+        splits_file = raw / "splits_final.json"  # a converter's paper split, not yet adopted by planning
     if splits_file.is_file():
         splits = load_json(str(splits_file))
     else:  # exactly what nnU-Net's do_split creates on first training

@@ -128,6 +128,19 @@ def preprocess(name: str, plans_name: str, configurations: list[str], num_proces
         preprocess_unlabeled(name, plans_name, c)
 
 
+def adopt_raw_split(name: str) -> bool:
+    """Copy a converter's ``splits_final.json`` (the paper's split) next to the preprocessed data.
+
+    nnU-Net reads the split from ``nnUNet_preprocessed``; an existing one there is never replaced.
+    """
+    src = raw_folder(name) / "splits_final.json"
+    dst = preprocessed_folder(name) / "splits_final.json"
+    if src.is_file() and not dst.is_file() and dst.parent.is_dir():
+        shutil.copyfile(src, dst)
+        return True
+    return False
+
+
 def _case_files(folder: Path, file_ending: str) -> dict[str, list[str]]:
     cases: dict[str, list[str]] = {}
     for f in sorted(folder.iterdir()):

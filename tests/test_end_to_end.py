@@ -132,3 +132,47 @@ def test_dataset_failing_integrity_check(workspace, run_cli):
     (folder / "labelsTr" / "demotr_001.nii.gz").unlink()  # a training case without its label
     code, out, err = run_cli("plan-and-train", "983", "-m", "supervised", "--device", "cpu")
     assert code == 1 and "integrity check" in err and "Traceback" not in err + out
+
+
+def test_gpu_memory_target_plans_under_their_own_name(demo2d, run_cli):
+    code, _, err = run_cli("plan-and-train", demo2d, "-m", "supervised", "--labeled", "3", "-c", "2d",
+                           "--gpu-memory-target", "2", "--epochs", "1", "--iters-per-epoch", "1", "--no-val",
+                           "--device", "cpu")
+    assert code == 0, err
+    pre = Path(os.environ["nnUNet_preprocessed"]) / demo2d
+    plans = json.loads((pre / "nnUNetPlans_2GB.json").read_text())
+    assert plans["plans_name"] == "nnUNetPlans_2GB"
+    from semidiff_nnunet import api
+
+    info = api.run_info(demo2d, "supervised", "3", 0, "2d", 0, "nnUNetPlans_2GB")
+    assert (info.fold_folder / "checkpoint_final.pth").is_file()
+    assert info.model_folder.name == "SupervisedTrainer__nnUNetPlans_2GB__2d"
+
+
+def test_pseudo_labels_are_preprocessed_for_unlabeled_cases_only(workspace):
+    from semidiff_nnunet import api, planning
+    from semidiff_nnunet.synthetic import generate_demo_dataset
+
+    folder = generate_demo_dataset(workspace / "nnUNet_raw", dim=2, num_train=5, num_test=0, num_unlabeled=2,
+                                   shape=(16, 16), dataset_id=984, name="Pseudo2D")
+    (folder / "labelsPseudo").mkdir()
+    src = sitk.ReadImage(str(folder / "labelsTr" / "demotr_000.nii.gz"))
+    for case in ("demoun_000", "demotr_003"):
+        sitk.WriteImage(src, str(folder / "labelsPseudo" / f"{case}.nii.gz"))
+    name = api.plan_and_preprocess(984, ["2d"], fingerprint_voxels=1e4, show_progress=False)
+    assert name == "nnUNetPlans"
+    pre = planning.preprocessed_folder("Dataset984_Pseudo2D")
+    assert sorted(p.name for p in (pre / "nnUNetPlans_2d__unlabeled").glob("*.pkl")) == [
+        "demoun_000.pkl", "demoun_001.pkl"]
+    assert not list((pre / "nnUNetPlans_2d__unlabeled").glob("*_seg.b2nd"))  # image only, no fake label
+    assert sorted(p.name for p in (pre / "nnUNetPlans_2d__pseudo").glob("*_seg.b2nd")) == [
+        "demotr_003_seg.b2nd", "demoun_000_seg.b2nd"]
+    fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text())
+    assert len(fingerprint["shapes_after_crop"]) == 5  # unlabeled images are not in the fingerprint
+    split = api.split(984, "1", seed=0, fold=0)
+    from semidiff_nnunet.training.splits import make_semi_split, LabeledSpec
+
+    s = make_semi_split(split.labeled + split.unlabeled, split.validation, LabeledSpec.parse("1"), 0,
+                        split.extra_unlabeled, ["demoun_000", "demotr_003"])
+    assert "demoun_000" in s.pseudo
+    assert ("demotr_003" in s.pseudo) == ("demotr_003" in s.unlabeled)

@@ -1,0 +1,112 @@
+"""Converters on the real subsets in ``$SEMIDIFF_TEST_DATA`` (``../shared/data``); skipped without it.
+
+The data are never copied into the repository: the tests read them where they are and write
+into pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semidiff_nnunet.dataset_conversion.api import convert_dataset
+from semidiff_nnunet.dataset_conversion.common import verify_dataset
+
+
+def data_dir(sub: str) -> Path:
+    root = os.environ.get("SEMIDIFF_TEST_DATA")
+    if not root:
+        pytest.skip("SEMIDIFF_TEST_DATA is not set (point it at the shared real-data folder)")
+    path = Path(root) / sub
+    if not path.is_dir():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ph2_raw(tmp_path_factory):
+    src = data_dir("ph2")
+    raw = tmp_path_factory.mktemp("raw")
+    out = convert_dataset("ph2", src, dataset_id=912, raw_root=raw, num_processes=2)
+    return out
+
+
+def test_ph2_real(ph2_raw):
+    src = data_dir("ph2") / "PH2Dataset" / "PH2 Dataset images"
+    ds = json.loads((ph2_raw / "dataset.json").read_text())
+    n = len([p for p in src.iterdir() if p.is_dir()])
+    assert ds["numTraining"] == n == 60
+    assert ds["channel_names"] == {"0": "R", "1": "G", "2": "B"}
+    # IMD002's mask is an RGB 0/255 BMP, the others are 1-bit BMPs: both read exactly
+    for case in ("IMD002", "IMD003"):
+        src_mask = np.asarray(Image.open(src / case / f"{case}_lesion" / f"{case}_lesion.bmp").convert("L")) > 0
+        lab = np.asarray(Image.open(ph2_raw / "labelsTr" / f"{case}.png"))
+        assert lab.dtype == np.uint8 and set(np.unique(lab)) == {0, 1}
+        assert (lab.astype(bool) == src_mask).all()
+        img = np.asarray(Image.open(ph2_raw / "imagesTr" / f"{case}_0000.png"))
+        assert img.shape == lab.shape + (3,)
+    verify_dataset(ph2_raw, num_processes=2)
+
+
+def test_ph2_real_plans_with_nnunet(ph2_raw, tmp_path):
+    """nnU-Net's fingerprint extractor and default planner accept the converted dataset."""
+    env = dict(os.environ, nnUNet_raw=str(ph2_raw.parent), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"), OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    code = (
+        "from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments\n"
+        "extract_fingerprints([912], num_processes=2, check_dataset_integrity=False, clean=True, verbose=False)\n"
+        "plan_experiments([912])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plans = json.loads((tmp_path / "pre" / ph2_raw.name / "nnUNetPlans.json").read_text())
+    cfg = plans["configurations"]["2d"]
+    assert len(cfg["patch_size"]) == 2
+    fp = json.loads((tmp_path / "pre" / ph2_raw.name / "dataset_fingerprint.json").read_text())
+    assert len(fp["foreground_intensity_properties_per_channel"]) == 3
+
+
+def test_la_uamt_real(tmp_path):
+    import h5py
+    import SimpleITK as sitk
+
+    src = data_dir("la_uamt")
+    out = convert_dataset("la2018", src, dataset_id=902, raw_root=tmp_path, num_processes=1)
+    ds = json.loads((out / "dataset.json").read_text())
+    train = (src / "train.list").read_text().split()
+    test = (src / "test.list").read_text().split()
+    assert ds["numTraining"] == len(train) == 8
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == sorted(f"{c}.nii.gz" for c in test)
+    assert ds["semidiff"]["spacing_assumed"] == [0.625, 0.625, 0.625]
+    case = train[0]
+    img = sitk.ReadImage(str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+    lab = sitk.ReadImage(str(out / "labelsTr" / f"{case}.nii.gz"))
+    assert img.GetSpacing() == pytest.approx((0.625, 0.625, 0.625))
+    with h5py.File(src / "2018LA_Seg_Training Set" / case / "mri_norm2.h5") as f:
+        assert img.GetSize() == f["image"].shape  # (x, y, z), z = 88 slices
+        assert img.GetSize()[2] == 88
+        assert (sitk.GetArrayFromImage(lab) == f["label"][()].transpose(2, 1, 0)).all()
+    verify_dataset(out, num_processes=1)
+
+
+def test_kvasir_seg_real(tmp_path):
+    src = data_dir("kvasir_seg")
+    out = convert_dataset("kvasir-seg", src, dataset_id=914, raw_root=tmp_path, num_processes=1)
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["numTraining"] == 5
+    for m in sorted((src / "Kvasir-SEG" / "masks").iterdir()):
+        raw = np.asarray(Image.open(m).convert("L"))
+        assert len(np.unique(raw)) > 2  # noisy JPEG mask
+        lab = np.asarray(Image.open(out / "labelsTr" / (m.stem + ".png")))
+        assert set(np.unique(lab)) == {0, 1}
+        assert (lab == (raw > 127)).mean() > 0.99
+        img = np.asarray(Image.open(out / "imagesTr" / (m.stem + "_0000.png")))
+        assert img.shape == lab.shape + (3,)
+    verify_dataset(out, num_processes=1)
