@@ -93,12 +93,15 @@ def resolve_device(device: str):
     import torch
 
     device = device.lower()
+    if device == "auto":
+        mps = getattr(torch.backends, "mps", None)
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SemidiffError("--device cuda was requested but no CUDA GPU is visible; use --device cpu.")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SemidiffError("--device mps was requested but MPS is not available; use --device cpu.")
     if device not in ("cpu", "cuda", "mps"):
-        raise SemidiffError(f"--device {device!r}: choose cpu, cuda or mps.")
+        raise SemidiffError(f"--device {device!r}: choose auto, cpu, cuda or mps.")
     if device == "cpu":
         import multiprocessing
 
@@ -252,7 +255,7 @@ def _results_root(root: Path):
 
 
 def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, configuration: str = "2d",
-          fold: int | str = 0, device: str = "cuda", epochs: int | None = None, iters_per_epoch: int | None = None,
+          fold: int | str = 0, device: str = "auto", epochs: int | None = None, iters_per_epoch: int | None = None,
           overrides: dict | None = None, continue_training: bool = False, plans_name: str = "nnUNetPlans",
           val_iters_per_epoch: int | None = None, save_every: int | None = None, final_validation: bool = True,
           show_progress: bool = True) -> RunInfo:
@@ -313,7 +316,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
 
 # ---------------------------------------------------------------------------------------------- predict
 def predict(dataset: str | int, method: str, input: str | Path, output: str | Path, labeled: str = "1.0",
-            seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "cuda",
+            seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "auto",
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
             use_mirroring: bool = True, show_progress: bool = True) -> Path:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

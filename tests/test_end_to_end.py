@@ -50,7 +50,7 @@ def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
     ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert set(ck["semidiff"]["states"]) == {"teacher"} and ck["current_epoch"] == 2
     terms = [k for k in ck["logging"] if k.startswith("term/")]
-    assert {"term/supervised", "term/consistency", "term/consistency_weight"} <= set(terms)
+    assert {"term/supervised", "term/consistency", "term/_consistency_weight"} <= set(terms)
     assert len(ck["logging"]["term/consistency"]) == 2
 
     # the same run again must not overwrite it

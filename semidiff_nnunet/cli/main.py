@@ -32,7 +32,7 @@ Labeled = Annotated[str, typer.Option("--labeled", help="Labeled cases: fraction
 Seed = Annotated[int, typer.Option("--seed", help="Seed for the labeled subset and training.")]
 Config = Annotated[str, typer.Option("-c", "--configuration", help="nnU-Net configuration (2d, 3d_fullres, ...).")]
 Fold = Annotated[str, typer.Option("-f", "--fold", help="Fold of splits_final.json (0-4 or all).")]
-Device = Annotated[str, typer.Option("--device", help="cpu, cuda or mps.")]
+Device = Annotated[str, typer.Option("--device", help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")]
 Plans = Annotated[str | None, typer.Option("--plans", help="Plans name (default nnUNetPlans, or the --gpu-memory-target plans).")]
 
 
@@ -67,7 +67,7 @@ def plan_and_train(
     seed: Seed = 0,
     configuration: Config = "2d",
     fold: Fold = "0",
-    device: Device = "cuda",
+    device: Device = "auto",
     epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs (nnU-Net: 1000).")] = None,
     iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch", help="Iterations per epoch (nnU-Net: 250).")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override a hyperparameter: key=value (repeatable).")] = None,
@@ -101,7 +101,7 @@ def train(
     seed: Seed = 0,
     configuration: Config = "2d",
     fold: Fold = "0",
-    device: Device = "cuda",
+    device: Device = "auto",
     epochs: Annotated[int | None, typer.Option("--epochs")] = None,
     iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="key=value (repeatable).")] = None,
@@ -143,7 +143,7 @@ def predict(
     seed: Seed = 0,
     configuration: Config = "2d",
     fold: Annotated[list[str], typer.Option("-f", "--fold", help="Fold(s) to ensemble.")] = ["0"],  # noqa: B006
-    device: Device = "cuda",
+    device: Device = "auto",
     plans: Plans = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint")] = "checkpoint_final.pth",
     no_mirroring: Annotated[bool, typer.Option("--disable-tta", help="No mirroring test-time augmentation.")] = False,

@@ -46,13 +46,20 @@ class SemiLocalLogger(LocalLogger):
         ax2.legend(loc="upper right")
         i = 1
         if terms:
+            # summed loss terms on the left axis; logged-only values ("_" keys: weights, rates) on the right
             ax = axes[1]
+            extra = ax.twinx() if any(k[len(TERM_PREFIX):].startswith("_") for k in terms) else None
             for k in terms:
+                name = k[len(TERM_PREFIX):]
                 values = log[k][:n]
-                ax.plot(list(range(len(values))), values, label=k[len(TERM_PREFIX):])
+                target, style = (extra, "--") if name.startswith("_") else (ax, "-")
+                target.plot(list(range(len(values))), values, style, label=name.lstrip("_"))
             ax.set_xlabel("epoch")
             ax.set_ylabel("loss term")
-            ax.legend(loc="upper right")
+            ax.legend(loc="upper left")
+            if extra is not None:
+                extra.set_ylabel("logged value")
+                extra.legend(loc="upper right")
             i = 2
         ax = axes[i]
         ax.plot(x, [e - s for e, s in zip(log["epoch_end_timestamps"][:n], log["epoch_start_timestamps"][:n])], "b-",

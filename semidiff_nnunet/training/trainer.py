@@ -324,7 +324,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         out = {"loss": total.detach().cpu().numpy()}
         if len(terms) > 1 or next(iter(terms)) != "loss":
             for k, v in terms.items():
-                out["term/" + k.lstrip("_")] = (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor)
+                out["term/" + k] = (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor)
                                                 else np.asarray(v, dtype=np.float32))
         return out
 
@@ -340,7 +340,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             self.logger.log(k, float(np.mean(values)), self.current_epoch)
         if keys:
             self.print_to_log_file("loss terms: " + ", ".join(
-                f"{k[5:]} {self.logger.get_value(k, step=-1):.4f}" for k in keys))
+                f"{k[5:].lstrip('_')} {self.logger.get_value(k, step=-1):.4g}" for k in keys))
 
     def run_training(self):
         try:
