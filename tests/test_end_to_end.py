@@ -170,7 +170,7 @@ def test_pseudo_labels_are_preprocessed_for_unlabeled_cases_only(workspace):
     fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text())
     assert len(fingerprint["shapes_after_crop"]) == 5  # unlabeled images are not in the fingerprint
     split = api.split(984, "1", seed=0, fold=0)
-    from semidiff_nnunet.training.splits import make_semi_split, LabeledSpec
+    from semidiff_nnunet.training.splits import LabeledSpec, make_semi_split
 
     s = make_semi_split(split.labeled + split.unlabeled, split.validation, LabeledSpec.parse("1"), 0,
                         split.extra_unlabeled, ["demoun_000", "demotr_003"])

@@ -284,6 +284,75 @@ def demo(
     console.print(f"demo finished in {time.time() - t0:.0f} s; runs under {result['runs_root']}")
 
 
+@app.command()
+def benchmark(
+    dataset: Annotated[str, typer.Argument(help="Dataset id or name.")],
+    methods_: Annotated[str, typer.Option("-m", "--methods", help="Comma-separated methods.")] = "supervised,mean-teacher",
+    labeled: Annotated[str, typer.Option("--labeled", help="Comma-separated labeled specs, e.g. 0.05,0.1,0.2.")] = "0.1",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0",
+    configuration: Config = "2d",
+    fold: Fold = "0",
+    device: Device = "auto",
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="key=value, applied to every method that has the key.")] = None,
+    plans: Plans = None,
+    gpu_memory_target: Annotated[float | None, typer.Option("--gpu-memory-target")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for benchmark.csv/.md/.png.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and exit.")] = False,
+):
+    """Train, predict and evaluate every (method, labeled, seed); write benchmark.csv, .md and .png.
+
+    Example: semidiff benchmark 990 -m supervised,mean-teacher --labeled 0.05,0.1,0.2 --seeds 0,1,2 -c 2d
+    """
+    import dataclasses
+
+    from semidiff_nnunet import api
+    from semidiff_nnunet import benchmark as bench
+
+    _announce_workspace()
+    methods_list = bench.parse_list(methods_, "--methods")
+    labeled_list = bench.parse_list(labeled, "--labeled")
+    try:
+        seed_list = [int(s) for s in bench.parse_list(seeds, "--seeds")]
+    except ValueError:
+        raise SemidiffError("--seeds must be comma-separated integers, e.g. 0,1,2.") from None
+    overrides = _train_options(epochs, iters_per_epoch, sets)
+    per_method, used = {}, set()
+    for m in methods_list:
+        fields = {f.name for f in dataclasses.fields(api.method_trainer(m).hparams_class)}
+        per_method[m] = {k: v for k, v in overrides.items() if k in fields}
+        used |= set(per_method[m])
+    if set(overrides) - used:
+        raise SemidiffError(f"--set {sorted(set(overrides) - used)[0]} is not a hyperparameter of any of "
+                            f"{', '.join(methods_list)}.")
+    if dry_run:
+        from semidiff_nnunet.training.splits import LabeledSpec
+
+        for lab in labeled_list:
+            LabeledSpec.parse(lab)
+        pname = planning_plans_name(gpu_memory_target, plans)
+        runs = bench.plan_runs(dataset, methods_list, labeled_list, seed_list, configuration, _fold(fold), pname)
+        table = Table(title=f"{len(runs)} run(s)")
+        for col in ("method", "labeled", "seed", "status", "folder"):
+            table.add_column(col)
+        for r in runs:
+            table.add_row(r.method, r.labeled, str(r.seed), r.status, str(r.info.fold_folder))
+        out.print(table)
+        return
+    pname = api.plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target, plans_name=plans)
+    result = bench.run_benchmark(dataset, methods_list, labeled_list, seed_list, configuration, _fold(fold), device,
+                                 pname, epochs, iters_per_epoch, per_method, output, log=console.print)
+    out.print(result["markdown"])
+    console.print(f"[green]Wrote[/green] {result['output']}/benchmark.csv, benchmark.md, benchmark.png")
+
+
+def planning_plans_name(gpu_memory_target, plans):
+    from semidiff_nnunet.planning import plans_name_for
+
+    return plans_name_for(gpu_memory_target, plans)
+
+
 def _register_optional_commands() -> None:
     try:
         from semidiff_nnunet.cli.convert import convert_command

@@ -48,6 +48,10 @@ class EMA:
         return self
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP and/or torch.compile wrapper."""
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+_unwrap = unwrap

@@ -166,6 +166,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.method_states[name] = obj
         return obj
 
+    def build_planned_network(self, deep_supervision: bool | None = None) -> nn.Module:
+        """A fresh network from the plans (like ``self.network``), e.g. the second network of CPS."""
+        ds = self.enable_deep_supervision if deep_supervision is None else deep_supervision
+        return self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                               self.num_input_channels, self.label_manager.num_segmentation_heads, ds)
+
     @property
     def total_iterations(self) -> int:
         return self.num_epochs * self.num_iterations_per_epoch

@@ -1,0 +1,98 @@
+"""``uamt``: uncertainty-aware mean teacher, Yu et al., "Uncertainty-aware Self-ensembling Model
+for Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019.
+
+A mean teacher (EMA of the student) whose consistency target is trusted only where it is
+certain. The teacher sees the unlabeled patch T times with input noise; the entropy u of the
+mean softmax is the uncertainty; the softmax-MSE consistency counts only voxels with
+u < H(t), where H rises from 0.75·U_max to U_max over training (paper Eq. 2–3).
+
+Defaults (paper; SSL4MIS ``train_uncertainty_aware_mean_teacher_2D.py``/``_3D.py`` where the
+paper leaves it open):
+
+* ``T = 8`` stochastic teacher passes (paper), each with input noise
+  ``clamp(N(0, 0.1²), −0.2, 0.2)`` (SSL4MIS);
+* threshold H = (0.75 + 0.25·r(t))·U_max with r the sigmoid ramp over the whole run
+  (SSL4MIS ramps over ``max_iterations``: ``threshold_rampup_fraction = 1.0``); U_max = ln C,
+  the largest entropy of C classes (paper: "U_max is the maximum uncertainty"; ln 2 for its
+  binary task; SSL4MIS keeps ln 2 also for 4-class ACDC, i.e. a stricter threshold there);
+* consistency Σ 𝟙(u < H)·‖p_s − p_t‖² / (2·Σ 𝟙(u < H)) (SSL4MIS), with the teacher target
+  from one more noisy pass;
+* ``consistency = 0.1``, sigmoid ramp over the whole run (SSL4MIS ``--consistency 0.1``,
+  ``--consistency_rampup 200`` × 150 iterations = 30 000 = its whole run; ``rampup_fraction
+  = 1.0``), ``ema_decay = 0.99`` with α = min(1 − 1/(step + 1), 0.99) (paper and SSL4MIS);
+* the student predicts at inference (SSL4MIS evaluates ``model``).
+
+Deviations: the paper's teacher also uses Monte-Carlo dropout; nnU-Net's planned network has
+no dropout layers, so the T passes differ by input noise only (as in SSL4MIS's U-Net runs,
+whose U-Net has dropout). nnU-Net's network, augmentation, Dice+CE with deep supervision and
+poly LR for the supervised part; consistency on the full-resolution output only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from semidiff_nnunet import MethodSpec, hookimpl
+from semidiff_nnunet.losses.consistency import entropy_map, uamt_threshold, uncertainty_masked_mse
+from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer, ramps
+
+
+@dataclass
+class UAMTHParams(BaseHParams):
+    consistency: float = 0.1
+    rampup_fraction: float = 1.0
+    ema_decay: float = 0.99
+    mc_passes: int = 8
+    noise_std: float = 0.1
+    noise_clip: float = 0.2
+    threshold_start: float = 0.75
+    threshold_rampup_fraction: float = 1.0
+
+
+class UAMTTrainer(SemiSupervisedTrainer):
+    method_name = "uamt"
+    hparams_class = UAMTHParams
+
+    def build_method(self):
+        self.teacher = self.register_state("teacher", EMA(self.network, self.hp.ema_decay).to(self.device))
+
+    def _noisy(self, x):
+        return x + torch.clamp(torch.randn_like(x) * self.hp.noise_std, -self.hp.noise_clip, self.hp.noise_clip)
+
+    @torch.no_grad()
+    def teacher_uncertainty(self, x_u):
+        """(teacher softmax of one noisy pass, entropy of the mean softmax over T noisy passes (B, 1, *spatial))."""
+        teacher = self.teacher.module
+        target = torch.softmax(self.highest_resolution(teacher(self._noisy(x_u))).float(), 1)
+        mean = sum(torch.softmax(self.highest_resolution(teacher(self._noisy(x_u))).float(), 1)
+                   for _ in range(self.hp.mc_passes)) / self.hp.mc_passes
+        return target, entropy_map(mean, normalize=False, eps=1e-6)
+
+    def compute_losses(self, labeled, unlabeled):
+        hp = self.hp
+        n_l = labeled["data"].shape[0]
+        out = self.network(torch.cat([labeled["data"], unlabeled["data"]]))
+        out_l = [o[:n_l] for o in out] if isinstance(out, (list, tuple)) else out[:n_l]
+        student_u = self.highest_resolution(out)[n_l:]
+        target, uncertainty = self.teacher_uncertainty(unlabeled["data"])
+        r = ramps.sigmoid_rampup(self.iteration, hp.threshold_rampup_fraction * self.total_iterations)
+        threshold = uamt_threshold(r, target.shape[1], hp.threshold_start)
+        consistency, mask = uncertainty_masked_mse(student_u, target, uncertainty, threshold)
+        w = hp.consistency * ramps.sigmoid_rampup(self.iteration, hp.rampup_fraction * self.total_iterations)
+        return {"supervised": self.supervised_loss(out_l, labeled["target"]),
+                "consistency": w * consistency,
+                "_consistency_weight": torch.tensor(w),
+                "_threshold": torch.tensor(threshold),
+                "_certain_fraction": mask.mean()}
+
+    def after_step(self):
+        self.teacher.update(self.network, self.iteration - 1)
+
+
+@hookimpl
+def semidiff_register_methods():
+    return [MethodSpec(name="uamt", trainer=UAMTTrainer,
+                       summary="mean teacher with entropy-thresholded consistency (noisy teacher passes)",
+                       reference="Yu et al., MICCAI 2019")]

@@ -1,0 +1,53 @@
+"""`semidiff benchmark`: runs, skip/resume, CSV, Markdown (mean ± std, best in bold) and PNG."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from semidiff_nnunet.benchmark import aggregate, markdown_table
+
+ROWS = [
+    {"method": "a", "labeled": "0.1", "seed": 0, "Dice": 0.5, "HD95": 4.0},
+    {"method": "a", "labeled": "0.1", "seed": 1, "Dice": 0.7, "HD95": 2.0},
+    {"method": "b", "labeled": "0.1", "seed": 0, "Dice": 0.8, "HD95": 3.5},
+    {"method": "b", "labeled": "0.1", "seed": 1, "Dice": 0.8, "HD95": float("nan")},
+]
+
+
+def test_aggregate_and_markdown():
+    agg = aggregate(ROWS, ["a", "b"], ["0.1"], "Dice")
+    assert agg[("a", "0.1")][0] == pytest.approx(0.6)
+    assert agg[("a", "0.1")][1] == pytest.approx(math.sqrt(0.02))  # sample std
+    hd = aggregate(ROWS, ["a", "b"], ["0.1"], "HD95")
+    assert hd[("b", "0.1")] == (3.5, 0.0)  # NaN skipped
+    md = markdown_table(ROWS, ["a", "b"], ["0.1"])
+    lines = [ln for ln in md.splitlines() if ln.startswith("| a") or ln.startswith("| b")]
+    assert "**0.8000 ± 0.0000**" in lines[1] and "**" not in lines[0].split("|")[2]  # best Dice: b
+    assert "**3.00 ± 1.41**" in lines[0]  # best (lowest) HD95: a
+
+
+@pytest.mark.slow
+def test_benchmark_cli(demo2d, run_cli, tmp_path):
+    args = ["benchmark", demo2d, "-m", "supervised,mean-teacher", "--labeled", "0.3,3", "--seeds", "0",
+            "-c", "2d", "--epochs", "1", "--iters-per-epoch", "2", "--plans", "semidiffDemoPlans", "--device", "cpu",
+            "-o", tmp_path]
+    code, out, err = run_cli(*args, "--dry-run")
+    assert code == 0, err
+    assert out.count("train") >= 4 and "4 run(s)" in out
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    with open(tmp_path / "benchmark.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["labeled"]) for r in rows} == {
+        ("supervised", "0.3"), ("supervised", "3"), ("mean-teacher", "0.3"), ("mean-teacher", "3")}
+    assert all(r["n_cases"] == "3" and 0 <= float(r["Dice"]) <= 1 for r in rows)  # the 3 imagesTs cases
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "Dice @ 0.3" in md and "HD95 @ 3" in md and md.count("**") >= 4
+    assert (tmp_path / "benchmark.png").stat().st_size > 1000
+    code, out, err = run_cli(*args, "--dry-run")
+    assert out.count("done") == 4  # finished runs are skipped
+    code, out, err = run_cli(*args, "--set", "nonsense=1")
+    assert code == 1 and "not a hyperparameter" in err
