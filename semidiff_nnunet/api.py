@@ -338,7 +338,8 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
             cases.setdefault(f.name[: -len(fe) - 5], []).append(str(f))
     if not cases:
         raise SemidiffError(f"{input} holds no images named CASE_0000{fe}; use nnU-Net's file naming.")
-    bad = [c for c, fs in cases.items() if len(fs) != n_ch]
+    # one file per channel, or one file holding all channels (RGB PNG, nnU-Net's natural-image reader)
+    bad = [c for c, fs in cases.items() if len(fs) not in (1, n_ch)]
     if bad:
         raise SemidiffError(f"Case {bad[0]} in {input} has {len(cases[bad[0]])} channel file(s); the model "
                             f"expects {n_ch}.")

@@ -71,7 +71,8 @@ def held_out(name: str, fold, seed_for_split: int = 0) -> tuple[Path, Path, str]
 def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[int], configuration: str = "2d",
                   fold=0, device: str = "auto", plans_name: str = "nnUNetPlans", epochs: int | None = None,
                   iters_per_epoch: int | None = None, overrides: dict | None = None, output: Path | None = None,
-                  dry_run: bool = False, log=print, show_progress: bool = True) -> dict:
+                  dry_run: bool = False, log=print, show_progress: bool = True,
+                  val_iters_per_epoch: int = 10) -> dict:
     name = planning.dataset_name(dataset)
     for m in methods:
         api.method_trainer(m)
@@ -87,7 +88,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                       device=device, epochs=epochs, iters_per_epoch=iters_per_epoch,
                       overrides=(overrides or {}).get(r.method, {}), plans_name=plans_name,
                       continue_training=r.info.resumable_checkpoint() is not None, final_validation=False,
-                      show_progress=show_progress)
+                      val_iters_per_epoch=val_iters_per_epoch, show_progress=show_progress)
         pred = r.info.fold_folder / "benchmark_predictions"
         summary_file = pred / "summary.json"
         ck = r.info.fold_folder / "checkpoint_final.pth"

@@ -1,0 +1,77 @@
+"""Real-data check on the PH2 subset (60 dermoscopy cases) on a CPU: supervised vs the SSL baselines.
+
+Converts ``$SEMIDIFF_TEST_DATA/ph2`` with the ``ph2`` converter, plans it with nnU-Net, then
+derives CPU plans (``ph2CPUPlans``: target spacing 3 px so images are about 255x191, patch
+192x256, features <= 32, batch 4; preprocessed under its own data identifier) and runs
+``semidiff benchmark`` with every method at one labeled fraction and the same iteration budget.
+Held out: the validation cases of fold 0 (the subset has no test split).
+
+    OMP_WAIT_POLICY=PASSIVE SEMIDIFF_TEST_DATA=../shared/data python benchmarks/ph2_cpu.py \\
+        --methods supervised,mean-teacher,uamt,cps,fixmatch,urpc,cct,entropy-min --labeled 0.1 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="supervised,mean-teacher,uamt,cps,fixmatch,urpc,cct,entropy-min")
+    p.add_argument("--labeled", default="0.1")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--iters-per-epoch", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+
+    data = os.environ.get("SEMIDIFF_TEST_DATA")
+    if not data:
+        raise SystemExit("Set SEMIDIFF_TEST_DATA to the folder holding ph2/.")
+    os.environ.setdefault("SEMIDIFF_HOME", os.path.join(tempfile.gettempdir(), "semidiff_ph2"))
+    os.environ["nnUNet_compile"] = "false"
+    from semidiff_nnunet import api, paths, planning
+    from semidiff_nnunet import benchmark as bench
+    from semidiff_nnunet.dataset_conversion.api import convert_dataset
+
+    paths.ensure_nnunet_env()
+    name = "Dataset512_PH2"
+    if not (paths.raw_root() / name).is_dir():
+        convert_dataset("ph2", Path(data) / "ph2", dataset_id=512)
+    t0 = time.time()
+    api.plan_and_preprocess(name, ["2d"], fingerprint_voxels=1e6, show_progress=False)
+    plans = planning.load_plans(name, "nnUNetPlans")
+    cpu = "ph2CPUPlans"
+    if not (planning.preprocessed_folder(name) / f"{cpu}.json").is_file():
+        c = plans["configurations"]["2d"]
+        c["spacing"] = [3.0, 3.0]
+        c["patch_size"] = [192, 256]
+        c["batch_size"] = 4
+        c["data_identifier"] = f"{cpu}_2d"
+        c["median_image_size_in_voxels"] = [191.0, 255.0]
+        kw = c["architecture"]["arch_kwargs"]
+        n = 6  # 192/32 = 6: five poolings
+        kw["n_stages"] = n
+        kw["features_per_stage"] = [min(32 * 2 ** i, 32) for i in range(n)]
+        kw["kernel_sizes"] = [[3, 3]] * n
+        kw["strides"] = [[1, 1]] + [[2, 2]] * (n - 1)
+        kw["n_conv_per_stage"] = [2] * n
+        kw["n_conv_per_stage_decoder"] = [2] * (n - 1)
+        plans["configurations"] = {"2d": c}
+        plans["plans_name"] = cpu
+        (planning.preprocessed_folder(name) / f"{cpu}.json").write_text(json.dumps(plans, indent=2))
+        planning.preprocess(name, cpu, ["2d"], num_processes=2)
+    print(f"planning and preprocessing: {time.time() - t0:.0f} s")
+    methods = bench.parse_list(args.methods, "--methods")
+    t0 = time.time()
+    result = bench.run_benchmark(name, methods, bench.parse_list(args.labeled, "--labeled"),
+                                 [int(s) for s in bench.parse_list(args.seeds, "--seeds")], "2d", 0, args.device,
+                                 cpu, args.epochs, args.iters_per_epoch, None,
+                                 Path(args.output) if args.output else None, show_progress=False)
+    print(result["markdown"])
+    print(f"benchmark wall time: {time.time() - t0:.0f} s; output in {result['output']}")
