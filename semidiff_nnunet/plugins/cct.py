@@ -44,7 +44,7 @@ from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.losses.consistency import softmax_mse
 from semidiff_nnunet.networks.perturbations import get_perturbation
-from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, ramps, unwrap
+from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, unwrap
 
 
 @dataclass
@@ -118,11 +118,11 @@ class CCTTrainer(SemiSupervisedTrainer):
         n_l = labeled["data"].shape[0]
         with captured_output(unwrap(self.network).encoder, {}) as store:
             out = self.network(torch.cat([labeled["data"], unlabeled["data"]]))
-        out_l = [o[:n_l] for o in out] if isinstance(out, (list, tuple)) else out[:n_l]
+        out_l = self.batch_part(out, slice(None, n_l))
         target = torch.softmax(self.highest_resolution(out)[n_l:].detach().float(), 1)
         aux = self.aux_decoders([s[n_l:] for s in store["out"]])
         consistency = sum(softmax_mse(a, target) for a in aux) / len(aux)
-        w = self.hp.consistency * ramps.sigmoid_rampup(self.iteration, self.hp.rampup_fraction * self.total_iterations)
+        w = self.ramp(self.hp.consistency, self.hp.rampup_fraction)
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "consistency": w * consistency,
                 "_consistency_weight": torch.tensor(w)}

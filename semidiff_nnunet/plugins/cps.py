@@ -35,7 +35,7 @@ from torch import nn
 
 from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import cross_pseudo_supervision
-from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, ramps
+from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
 
 
 @dataclass
@@ -66,13 +66,12 @@ class CPSTrainer(SemiSupervisedTrainer):
         n_l = labeled["data"].shape[0]
         x = torch.cat([labeled["data"], unlabeled["data"]])
         out_1, out_2 = self.network(x), self.network_2(x)
-        ds = isinstance(out_1, (list, tuple))
-        sup_1 = self.supervised_loss([o[:n_l] for o in out_1] if ds else out_1[:n_l], labeled["target"])
-        sup_2 = self.supervised_loss([o[:n_l] for o in out_2] if ds else out_2[:n_l], labeled["target"])
+        sup_1 = self.supervised_loss(self.batch_part(out_1, slice(None, n_l)), labeled["target"])
+        sup_2 = self.supervised_loss(self.batch_part(out_2, slice(None, n_l)), labeled["target"])
         start = 0 if self.hp.on_labeled else n_l
         cps_1, cps_2 = cross_pseudo_supervision(self.highest_resolution(out_1)[start:],
                                                 self.highest_resolution(out_2)[start:])
-        w = self.hp.weight * ramps.sigmoid_rampup(self.iteration, self.hp.rampup_fraction * self.total_iterations)
+        w = self.ramp(self.hp.weight, self.hp.rampup_fraction)
         return {"supervised": sup_1, "supervised_2": sup_2, "cps": w * (cps_1 + cps_2),
                 "_cps_weight": torch.tensor(w)}
 

@@ -26,7 +26,7 @@ import torch
 
 from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import entropy_loss
-from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, ramps
+from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
 
 
 @dataclass
@@ -43,10 +43,10 @@ class EntropyMinTrainer(SemiSupervisedTrainer):
     def compute_losses(self, labeled, unlabeled):
         n_l = labeled["data"].shape[0]
         out = self.network(torch.cat([labeled["data"], unlabeled["data"]]))
-        out_l = [o[:n_l] for o in out] if isinstance(out, (list, tuple)) else out[:n_l]
+        out_l = self.batch_part(out, slice(None, n_l))
         full = self.highest_resolution(out)
         ent = entropy_loss(full if self.hp.include_labeled else full[n_l:])
-        w = self.hp.weight * ramps.sigmoid_rampup(self.iteration, self.hp.rampup_fraction * self.total_iterations)
+        w = self.ramp(self.hp.weight, self.hp.rampup_fraction)
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "entropy": w * ent,
                 "_entropy_raw": ent.detach(),

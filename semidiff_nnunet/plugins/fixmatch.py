@@ -56,7 +56,7 @@ class FixMatchTrainer(SemiSupervisedTrainer):
     def compute_losses(self, labeled, unlabeled):
         n_l, n_u = labeled["data"].shape[0], unlabeled["data"].shape[0]
         out = self.network(torch.cat([labeled["data"], unlabeled["data"], unlabeled["data_strong"]]))
-        out_l = [o[:n_l] for o in out] if isinstance(out, (list, tuple)) else out[:n_l]
+        out_l = self.batch_part(out, slice(None, n_l))
         full = self.highest_resolution(out)
         unsup, mask = fixmatch_loss(full[n_l + n_u:], full[n_l:n_l + n_u], self.hp.threshold)
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),

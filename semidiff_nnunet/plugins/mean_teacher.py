@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from semidiff_nnunet import MethodSpec, hookimpl
-from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer, ramps
+from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer
 
 
 @dataclass
@@ -49,15 +49,14 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         self.teacher = self.register_state("teacher", EMA(self.network, self.hp.ema_decay).to(self.device))
 
     def consistency_weight(self) -> float:
-        length = self.hp.rampup_fraction * self.total_iterations
-        return self.hp.consistency * ramps.sigmoid_rampup(self.iteration, length)
+        return self.ramp(self.hp.consistency, self.hp.rampup_fraction)
 
     def compute_losses(self, labeled, unlabeled):
         hp = self.hp
         x_u = unlabeled["data"]
         n_l = labeled["data"].shape[0]
         out = self.network(torch.cat([labeled["data"], x_u]))
-        out_l = [o[:n_l] for o in out] if isinstance(out, (list, tuple)) else out[:n_l]
+        out_l = self.batch_part(out, slice(None, n_l))
         student_u = self.highest_resolution(out)[n_l:]
         with torch.no_grad():
             noise = torch.clamp(torch.randn_like(x_u) * hp.noise_std, -hp.noise_clip, hp.noise_clip)

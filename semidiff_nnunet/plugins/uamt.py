@@ -36,7 +36,7 @@ import torch
 
 from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import entropy_map, uamt_threshold, uncertainty_masked_mse
-from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer, ramps
+from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer
 
 
 @dataclass
@@ -74,13 +74,13 @@ class UAMTTrainer(SemiSupervisedTrainer):
         hp = self.hp
         n_l = labeled["data"].shape[0]
         out = self.network(torch.cat([labeled["data"], unlabeled["data"]]))
-        out_l = [o[:n_l] for o in out] if isinstance(out, (list, tuple)) else out[:n_l]
+        out_l = self.batch_part(out, slice(None, n_l))
         student_u = self.highest_resolution(out)[n_l:]
         target, uncertainty = self.teacher_uncertainty(unlabeled["data"])
-        r = ramps.sigmoid_rampup(self.iteration, hp.threshold_rampup_fraction * self.total_iterations)
+        r = self.ramp(1.0, hp.threshold_rampup_fraction)
         threshold = uamt_threshold(r, target.shape[1], hp.threshold_start)
         consistency, mask = uncertainty_masked_mse(student_u, target, uncertainty, threshold)
-        w = hp.consistency * ramps.sigmoid_rampup(self.iteration, hp.rampup_fraction * self.total_iterations)
+        w = self.ramp(hp.consistency, hp.rampup_fraction)
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "consistency": w * consistency,
                 "_consistency_weight": torch.tensor(w),

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import urpc_loss
 from semidiff_nnunet.networks.perturbations import get_perturbation, perturbed_inputs
-from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, ramps, unwrap
+from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, unwrap
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -78,7 +78,7 @@ class URPCTrainer(SemiSupervisedTrainer):
             out = [out]
         pyramid = [o[n_l:] for o in pyramid_to_full_resolution(list(out), self.hp.num_scales)]
         consistency = urpc_loss(pyramid)
-        w = self.hp.consistency * ramps.sigmoid_rampup(self.iteration, self.hp.rampup_fraction * self.total_iterations)
+        w = self.ramp(self.hp.consistency, self.hp.rampup_fraction)
         out_l = [o[:n_l] for o in out] if len(out) > 1 else out[0][:n_l]
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "consistency": w * consistency,

@@ -32,6 +32,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
+from semidiff_nnunet.training import ramps
 from semidiff_nnunet.training.curves import SemiLocalLogger
 from semidiff_nnunet.training.ema import _unwrap
 from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict, resolve_hparams
@@ -142,6 +143,15 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     @staticmethod
     def highest_resolution(output):
         return output[0] if isinstance(output, (list, tuple)) else output
+
+    @staticmethod
+    def batch_part(output, part: slice):
+        """Select samples ``part`` of a network output (a deep-supervision list or one tensor)."""
+        return [o[part] for o in output] if isinstance(output, (list, tuple)) else output[part]
+
+    def ramp(self, max_weight: float, fraction: float = 1.0, kind: str = "sigmoid") -> float:
+        """``max_weight`` × ramp-up over the first ``fraction`` of all iterations (``ramps.rampup``)."""
+        return max_weight * ramps.rampup(kind, self.iteration, fraction * self.total_iterations)
 
     def register_network(self, name: str, module: nn.Module, trainable: bool = True,
                          optimizer: torch.optim.Optimizer | None = None) -> nn.Module:

@@ -34,7 +34,7 @@ class PseudoLabelTrainer(SemiSupervisedTrainer):
     def compute_losses(self, labeled, unlabeled):
         n_l = labeled["data"].shape[0]
         out = self.network(torch.cat([labeled["data"], unlabeled["data"]]))
-        out_l = [o[:n_l] for o in out] if isinstance(out, (list, tuple)) else out[:n_l]
+        out_l = self.batch_part(out, slice(None, n_l))
         logits_u = self.highest_resolution(out)[n_l:]
         with torch.no_grad():
             confidence, pseudo = torch.softmax(logits_u, 1).max(1)
