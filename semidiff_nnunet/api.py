@@ -477,8 +477,9 @@ def run_demo(dim: int = 2, device: str = "cpu", methods: list[str] | None = None
         predict(name, m, raw / "imagesTs", pred, labeled=labeled, seed=seed, configuration=configuration,
                 device=device, plans_name=DEMO_PLANS)
         summary = evaluate(name, pred, raw / "labelsTs")
-        labels = sorted(k for k in summary["mean"])
-        result["labels"] = labels
-        result["dice"][m] = {**{k: summary["mean"][k]["Dice"] for k in labels},
+        names = {str(v): k for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items()}
+        labels = sorted(summary["mean"])
+        result["labels"] = [names.get(k, k) for k in labels]
+        result["dice"][m] = {**{names.get(k, k): summary["mean"][k]["Dice"] for k in labels},
                              "mean": summary["foreground_mean"]["Dice"]}
     return result
