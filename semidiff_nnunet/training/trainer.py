@@ -154,8 +154,13 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         return max_weight * ramps.rampup(kind, self.iteration, fraction * self.total_iterations)
 
     def register_network(self, name: str, module: nn.Module, trainable: bool = True,
-                         optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-        """Add a network (moved to the device, checkpointed); trainable ones get nnU-Net's SGD + poly LR."""
+                         optimizer: torch.optim.Optimizer | None = None, poly_lr: bool = True) -> nn.Module:
+        """Add a network (moved to the device, checkpointed).
+
+        Trainable ones get ``optimizer`` (default: nnU-Net's SGD) and, unless ``poly_lr=False``,
+        nnU-Net's poly schedule from the optimizer's initial LR; with ``poly_lr=False`` the LR stays
+        constant.
+        """
         if name == "network" or name in self.extra_networks:
             raise ValueError(f"network name {name!r} is taken")
         module = module.to(self.device)
@@ -168,7 +173,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             if optimizer is None:
                 optimizer = torch.optim.SGD(module.parameters(), self.initial_lr, weight_decay=self.weight_decay,
                                             momentum=0.99, nesterov=True)
-            self.extra_optimizers[name] = (optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs))
+            scheduler = PolyLRScheduler(optimizer, optimizer.param_groups[0]["lr"], self.num_epochs) if poly_lr else None
+            self.extra_optimizers[name] = (optimizer, scheduler)
         return module
 
     def register_state(self, name: str, obj: Any) -> Any:
@@ -295,7 +301,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         for name, module in self.extra_networks.items():
             module.train(name in self.extra_optimizers)
         for _, sched in self.extra_optimizers.values():
-            sched.step(self.current_epoch)
+            if sched is not None:
+                sched.step(self.current_epoch)
 
     def _to_device(self, batch: dict | None) -> dict | None:
         if batch is None:

@@ -1,0 +1,285 @@
+"""``diffrect``: Liu et al., "DiffRect: Latent Diffusion Label Rectification for Semi-supervised
+Medical Image Segmentation", MICCAI 2024 (code: CUHK-AIM-Group/DiffRect).
+
+The segmentation network is nnU-Net's planned network, the only one used at inference (the run
+exports to stock nnU-Net). A separate rectification network (``networks/diffrect.py``) learns to
+turn pseudo labels into better ones; after a warm-up its DDIM samples supervise the segmentation
+network. One training iteration (authors' ``train_diffrect_ACDC.py``):
+
+1. segmentation network on the labeled patch, the unlabeled weak view and its strong view (same
+   geometry): hard pseudo labels y_w (weak, labeled + unlabeled) and y_s (strong) by the authors'
+   confidence rule; L_seg = DC+CE(labeled) + w(t)·[CE+Dice(strong, y_w) + a²·comp];
+2. rectification network (LCC + LFR): branch W2G (eq. 10–11) on the weak views, conditioned on
+   colour(y_w), x_start from colour(GT) (labeled) or colour(y_w) (unlabeled), guidance
+   τ_l = 999·(1 − Dice(y_w, GT)); L = CE+Dice(ref[lab], GT) + L_Lat-L. Branch S2W (eq. 7–9) on the
+   strong views, conditioned on colour(y_s), x_start from colour(y_w), τ_u = 999·(1 − Dice(y_s,
+   y_ref)) where y_ref is the thresholded W2G output; L = CE+Dice(ref_s, y_ref) + a'²·comp' +
+   L_Lat-U, weighted by w(t). Steps 1 and 2 share one backward: their graphs share no parameter
+   and every target is detached, so this equals the authors' two separate optimiser steps;
+3. after ``refine_start`` iterations (eq. 14): DDIM-sample the rectification network on the weak
+   unlabeled views conditioned on colour(y_w), threshold → y_r (no gradient), forward the updated
+   segmentation network again and take a separate optimiser step on ``rect_weight``·CE+Dice(·, y_r).
+
+Defaults and their sources (code = authors' ``train_diffrect_ACDC.py`` / ``networks/unet_de.py``):
+
+* ``conf_thresh = 0.8`` (``--conf_thresh``), normalised-confidence rule, low-confidence → background;
+* ``consistency = 0.1`` with a sigmoid ramp-up over the whole run, ``rampup_fraction = 1.0``
+  (code: ``0.1·sigmoid_rampup(iter // 150, 200)`` = 30 000 iterations = its whole run);
+  ``ref_consistency_weight = -1`` means the rectification's S2W term uses the same w(t) (code);
+* ``refine_start = 1000`` iterations (``--refine_start``; strictly after, 0-based, as the code);
+  ``rect_weight = 1`` (code: weight 1, no ramp);
+* LFR: ``num_timesteps = 10`` (``--ts``), ``beta_schedule = "cosine"`` (``--ldm_beta_sch``),
+  x0-prediction, MSE latent loss, ``sample_steps = 2`` DDIM steps over [9, 0] with η = 0
+  (``--ts_sample``), ``clip_sample = True`` (guided-diffusion ``clip_denoised`` default: the
+  latent is clamped to [−1, 1] at sampling but not in training — a code quirk we keep);
+  ``guidance_scale = 999`` (code: ``t = DiceLoss·999``);
+* rectification widths ``width_factor = 0.5`` of the plans' features, ``rect_stages = 5`` stages
+  (see ``networks/diffrect.py``: nnU-Net's 2D 32…512 → the authors' 16…256); encoder dropout
+  0.05…0.5 (``rect_dropout``; PyMIC UNet); ``denoiser_condition = "skip"`` (code: the
+  condition enters the denoiser only at its last skip connection);
+* rectification optimiser SGD momentum 0.9, weight decay 1e-4 (code), initial LR = nnU-Net's 0.01
+  (code 0.01);
+* strong view (code ``WeakStrongAugment_Ours``): brightness and contrast factors 1 + U(0, 0.1)
+  with p = 0.5 each, Gaussian blur σ ∈ U(0.1, 1) with p = 0.5 (``strong_enhance``, ``strong_blur``).
+
+Where we follow the paper rather than the code, or the code rather than the paper:
+
+* the guidance is (1 − Dice)·999 through the sinusoidal embedding (code); the paper writes
+  τ = Dice. One scalar per branch over the labeled (W2G) or unlabeled (S2W) batch (code);
+* the complementary term and its a² weight are in the code only (the paper cites FixMatch's
+  loss); we keep them (code);
+* the S2W branch and the complementary terms run on the unlabeled patches only, as the paper's
+  eq. 7–9 state ("for each unlabeled data"); the code also feeds labeled images through them.
+  Only unlabeled patches get a strong view in this framework;
+* latent loss = mean squared error (code, guided-diffusion MSE), the paper writes ‖·‖₂;
+* L_Lat-U is weighted by w(t) and L_Lat-L by 1 (code), i.e. λ₁ = w(t), λ₂ = 1 in eq. 13;
+* rectified labels by DDIM (η = 0, code) rather than the ancestral update of eq. 12 (paper).
+
+Deviations forced by nnU-Net: patch-based training with nnU-Net's augmentation (the code resizes
+whole slices to 256² with nearest interpolation); deep supervision for the labeled DC+CE (nnU-Net's
+loss; the code uses CE + SSL4MIS Dice at full resolution) while every pseudo-label term uses the
+full-resolution output; the segmentation optimiser is nnU-Net's SGD (momentum 0.99, Nesterov,
+weight decay 3e-5, poly LR per epoch) instead of momentum 0.9 / 1e-4 with poly per iteration;
+the rectification optimiser keeps a constant LR of 0.01 as in the authors' code (a quirk we keep);
+the run length is epochs × iterations per epoch (code: 30 000 iterations), ramp lengths are
+fractions of it while ``refine_start`` stays an absolute count; nnU-Net's planned normalisation
+(instance norm) replaces BatchNorm in the rectification network; unlabeled batch = labeled batch.
+Region-based and ignore-label datasets are not supported (colours need mutually exclusive labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from semidiff_nnunet import DiffusionHeadSpec, LossSpec, MethodSpec, NetworkSpec, hookimpl
+from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.losses.diffrect import (
+    calibration_guidance,
+    ce_dice,
+    colorize,
+    complementary_loss,
+    confident_pseudo_label,
+)
+from semidiff_nnunet.networks.diffrect import (
+    AUTHORS_DROPOUT,
+    latent_diffusion_head,
+    rectification_net_from_plans,
+)
+from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, ramps
+
+REFERENCE = "Liu et al., MICCAI 2024"
+
+
+@dataclass
+class DiffRectHParams(BaseHParams):
+    conf_thresh: float = 0.8
+    consistency: float = 0.1
+    rampup_fraction: float = 1.0
+    ref_consistency_weight: float = -1.0
+    refine_start: int = 1000
+    rect_weight: float = 1.0
+    num_timesteps: int = 10
+    sample_steps: int = 2
+    beta_schedule: str = "cosine"
+    clip_sample: bool = True
+    guidance_scale: float = 999.0
+    width_factor: float = 0.5
+    rect_stages: int = 5
+    rect_dropout: bool = True
+    denoiser_condition: str = "skip"
+    rect_momentum: float = 0.9
+    rect_weight_decay: float = 1e-4
+    strong_enhance: float = 0.1
+    strong_blur: float = 1.0
+
+
+def diffrect_strong_view(enhance: float = 0.1, blur: float = 1.0, p: float = 0.5) -> ComposeTransforms:
+    """The authors' strong photometric view on (C, *spatial) tensors: brightness and contrast
+    ×(1 + U(0, enhance)) and Gaussian blur σ ∈ U(0.1, blur), each with probability ``p``.
+    (PIL's sharpness enhancement has no batchgeneratorsv2 counterpart and is left out.)"""
+    ops = [
+        RandomTransform(MultiplicativeBrightnessTransform(
+            multiplier_range=BGContrast((1.0, 1.0 + enhance)), synchronize_channels=True, p_per_channel=1), p),
+        RandomTransform(ContrastTransform(
+            contrast_range=BGContrast((1.0, 1.0 + enhance)), preserve_range=True, synchronize_channels=True,
+            p_per_channel=1), p),
+    ]
+    if blur > 0.1:
+        ops.append(RandomTransform(GaussianBlurTransform(
+            blur_sigma=(0.1, blur), synchronize_channels=True, synchronize_axes=True, p_per_channel=1,
+            benchmark=False), p))
+    return ComposeTransforms(ops)
+
+
+def _split(out, n: int):
+    return [o[:n] for o in out] if isinstance(out, (list, tuple)) else out[:n]
+
+
+class DiffRectTrainer(SemiSupervisedTrainer):
+    method_name = "diffrect"
+    hparams_class = DiffRectHParams
+
+    def get_strong_transforms(self):
+        return diffrect_strong_view(self.hp.strong_enhance, self.hp.strong_blur)
+
+    def build_method(self):
+        lm, cm, hp = self.label_manager, self.configuration_manager, self.hp
+        if lm.has_regions or lm.has_ignore_label:
+            raise SemidiffError("diffrect needs mutually exclusive labels: region-based training and ignore "
+                                "labels are not supported (the colouring scheme maps one class per voxel).")
+        self.num_classes = lm.num_segmentation_heads
+        net = rectification_net_from_plans(
+            cm.network_arch_init_kwargs, cm.patch_size, self.num_input_channels, self.num_classes,
+            width_factor=hp.width_factor, num_stages=hp.rect_stages, num_timesteps=hp.num_timesteps,
+            beta_schedule=hp.beta_schedule, sample_steps=hp.sample_steps, clip_sample=hp.clip_sample,
+            dropout=AUTHORS_DROPOUT if hp.rect_dropout else (), condition=hp.denoiser_condition)
+        opt = torch.optim.SGD(net.parameters(), self.initial_lr, momentum=hp.rect_momentum,
+                              weight_decay=hp.rect_weight_decay)
+        self.rectifier = self.register_network("rectifier", net, optimizer=opt, poly_lr=False)
+        self._rect_context = None
+
+    def consistency_weight(self) -> float:
+        return self.hp.consistency * ramps.sigmoid_rampup(self.iteration, self.hp.rampup_fraction * self.total_iterations)
+
+    def _guidance(self, a, b, batch: int, device) -> torch.Tensor:
+        return calibration_guidance(a, b, self.num_classes, self.hp.guidance_scale).to(device).expand(batch)
+
+    def compute_losses(self, labeled, unlabeled):
+        hp, c = self.hp, self.num_classes
+        x_l, x_u, x_s = labeled["data"], unlabeled["data"], unlabeled["data_strong"]
+        n_l, n_u = x_l.shape[0], x_u.shape[0]
+        target = labeled["target"]
+        y_l = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
+
+        # 1. segmentation network: supervised DC+CE + FixMatch-style term with the authors' rules
+        out = self.network(torch.cat([x_l, x_u, x_s]))
+        full = self.highest_resolution(out).float()
+        p_weak, p_strong = torch.softmax(full[:n_l + n_u], 1), torch.softmax(full[n_l + n_u:], 1)
+        pl_w = confident_pseudo_label(p_weak, hp.conf_thresh)  # labeled + unlabeled
+        pl_s = confident_pseudo_label(p_strong, hp.conf_thresh)  # unlabeled
+        pl_wu = pl_w[n_l:]
+        comp, a = complementary_loss(p_weak[n_l:], p_strong)
+        w = self.consistency_weight()
+        w_ref = w if hp.ref_consistency_weight < 0 else hp.ref_consistency_weight
+        unsup = ce_dice(full[n_l + n_u:], pl_wu) + a * comp
+
+        # 2a. W2G on the weak views (eq. 10-11): condition colour(y_w), x_start colour(GT | y_w)
+        x_w = torch.cat([x_l, x_u])
+        cond_w = colorize(pl_w, c)
+        tau_l = self._guidance(pl_w[:n_l], y_l, n_l + n_u, x_l.device)
+        lat_l, ref = self.rectifier(x_w, cond_w, tau_l, torch.cat([colorize(y_l, c), cond_w[n_l:]]))
+        ref_sup = ce_dice(ref[:n_l], y_l) + lat_l
+        p_ref = torch.softmax(ref[n_l:].float(), 1)
+        pl_ref = confident_pseudo_label(p_ref, hp.conf_thresh)
+        # 2b. S2W on the strong views (eq. 7-9): condition colour(y_s), x_start colour(y_w)
+        tau_u = self._guidance(pl_s, pl_ref, n_u, x_l.device)
+        lat_u, ref_s = self.rectifier(x_s, colorize(pl_s, c), tau_u, cond_w[n_l:])
+        comp_r, a_r = complementary_loss(p_ref, torch.softmax(ref_s.float(), 1))
+        ref_unsup = ce_dice(ref_s, pl_ref) + a_r * comp_r + lat_u
+
+        self._rect_context = (x_u, cond_w[n_l:], tau_l[n_l:])
+        return {"supervised": self.supervised_loss(_split(out, n_l), target),
+                "unsupervised": w * unsup,
+                "rect_supervised": ref_sup,
+                "rect_unsupervised": w_ref * ref_unsup,
+                "_latent_l": lat_l.detach(), "_latent_u": lat_u.detach(),
+                "_guidance_l": tau_l[0], "_guidance_u": tau_u[0],
+                "_consistency_weight": torch.tensor(w)}
+
+    def rectified_pseudo_labels(self, x_u, cond_colour, guidance) -> torch.Tensor:
+        """y_r: DDIM sample of the rectification network, thresholded; (B, *spatial), no gradient."""
+        with torch.no_grad():
+            logits = self.rectifier(x_u, cond_colour, guidance)
+            return confident_pseudo_label(torch.softmax(logits.float(), 1), self.hp.conf_thresh)
+
+    def rectification_step(self) -> float:
+        """Step 3 (eq. 14): a separate optimiser step of the segmentation network on y_r."""
+        x_u, cond, tau = self._rect_context
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            y_r = self.rectified_pseudo_labels(x_u, cond, tau)
+            loss = self.hp.rect_weight * ce_dice(self.highest_resolution(self.network(x_u)), y_r)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def train_step(self, batch: dict) -> dict:
+        out = super().train_step(batch)  # steps 1 + 2; self.iteration is now the 1-based count
+        rect = 0.0
+        if self._rect_context is not None and self.iteration - 1 > self.hp.refine_start:
+            rect = self.rectification_step()
+        self._rect_context = None
+        out["term/rectified"] = np.asarray(rect, dtype=np.float32)
+        out["loss"] = out["loss"] + rect
+        return out
+
+
+@hookimpl
+def semidiff_register_methods():
+    return [MethodSpec(name="diffrect", trainer=DiffRectTrainer,
+                       summary="latent-diffusion rectification of colour-coded pseudo labels (LCC + LFR)",
+                       reference=REFERENCE)]
+
+
+@hookimpl
+def semidiff_register_networks():
+    return [NetworkSpec(name="diffrect-rectifier", factory=rectification_net_from_plans,
+                        summary="DiffRect rectification model (B_sem + latent denoiser + decoder) from nnU-Net plans",
+                        reference=REFERENCE)]
+
+
+@hookimpl
+def semidiff_register_diffusion_heads():
+    return [DiffusionHeadSpec(name="diffrect-lfr", factory=latent_diffusion_head,
+                              summary="DiffRect LFR: latent denoising U-Net, T=10 cosine, x0-prediction, DDIM 2 steps",
+                              reference=REFERENCE)]
+
+
+@hookimpl
+def semidiff_register_losses():
+    return [
+        LossSpec(name="diffrect-ce-dice", factory=lambda: ce_dice,
+                 summary="CE + SSL4MIS Dice (background included) on hard (pseudo) labels", reference=REFERENCE),
+        LossSpec(name="diffrect-complementary", factory=lambda: complementary_loss,
+                 summary="complementary CE(1 - p_strong, argmin p_weak) with its entropy weight", reference=REFERENCE),
+        LossSpec(name="diffrect-calibration-guidance", factory=lambda: calibration_guidance,
+                 summary="calibration guidance 999·(1 - Dice) between two label maps (eq. 6)", reference=REFERENCE),
+    ]

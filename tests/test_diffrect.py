@@ -1,0 +1,268 @@
+"""DiffRect: colouring, calibration guidance, rectification network, gradient flow, CLI runs (2D, 3D)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import TINY
+
+from semidiff_nnunet.losses.diffrect import (
+    PAPER_COLORS,
+    calibration_guidance,
+    ce_dice,
+    colorize,
+    complementary_loss,
+    confident_pseudo_label,
+    semantic_colors,
+)
+from semidiff_nnunet.networks.diffrect import (
+    latent_diffusion_head,
+    latent_strides,
+    rectification_net_from_plans,
+)
+
+ARCH_2D = {"n_stages": 4, "features_per_stage": [8, 16, 16, 16], "conv_op": "torch.nn.modules.conv.Conv2d",
+           "kernel_sizes": [[3, 3]] * 4, "strides": [[1, 1], [2, 2], [2, 2], [2, 2]], "conv_bias": True,
+           "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+           "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+           "nonlin_kwargs": {"inplace": True}}
+ARCH_3D = dict(ARCH_2D, conv_op="torch.nn.Conv3d", norm_op="torch.nn.InstanceNorm3d",
+               kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+               strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def diffrect_registered():
+    """Until pyproject.toml has the entry point, register the plugin in-process."""
+    from semidiff_nnunet import registry
+    from semidiff_nnunet.plugins import diffrect
+
+    reg = registry.get_registry()
+    if "diffrect" not in reg.names("method"):
+        reg.register(diffrect, "diffrect")
+    return reg
+
+
+# ----------------------------------------------------------------------------- LCC
+def test_colours_paper_values_injective_and_stable():
+    for c, cols in PAPER_COLORS.items():
+        assert torch.equal(semantic_colors(c), torch.tensor(cols, dtype=torch.float32) / 255)
+    for c in (1, 2, 3, 4, 5, 9, 27, 130):
+        cols = semantic_colors(c)
+        assert cols.shape == (c, 3) and cols.min() >= 0 and cols.max() <= 1
+        assert len({tuple(r.tolist()) for r in cols}) == c, c  # injective
+        assert torch.equal(cols, semantic_colors(c))  # deterministic
+    assert torch.equal(semantic_colors(5)[4], torch.ones(3))  # farthest from black/R/G/B: white
+    assert torch.equal(semantic_colors(12)[:9], semantic_colors(9))  # adding classes keeps colours
+    # colour maps in 2D and 3D: each voxel gets its class colour, and the map is invertible
+    for shape in ((2, 5, 6), (2, 3, 4, 5)):
+        lab = torch.randint(0, 6, shape)
+        m = colorize(lab, 6)
+        assert m.shape == (shape[0], 3, *shape[1:])
+        back = torch.cdist(m.movedim(1, -1).reshape(-1, 3), semantic_colors(6)).argmin(1).reshape(shape)
+        assert torch.equal(back, lab)
+
+
+def test_calibration_guidance_is_hand_computed_dice():
+    a = torch.tensor([[[0, 1, 1], [2, 2, 0]]])
+    b = torch.tensor([[[0, 1, 0], [2, 1, 0]]])
+    # class 0: |A|=2 |B|=3 |A∩B|=2; class 1: 2, 2, 1; class 2: 2, 1, 1
+    dice = [2 * 2 / 5, 2 * 1 / 4, 2 * 1 / 3]
+    expected = 999 * (1 - sum(dice) / 3)
+    assert calibration_guidance(a, b, 3).item() == pytest.approx(expected, rel=1e-5)
+    assert calibration_guidance(a, a, 3).item() == pytest.approx(0, abs=1e-3)
+
+
+def test_confidence_rule_and_complementary_loss():
+    probs = torch.tensor([[0.05, 0.9, 0.05], [0.3, 0.4, 0.3], [0.02, 0.03, 0.95]]).T.reshape(1, 3, 3, 1)
+    # (p - min)/max: pixel 0 → 0.944 (> 0.8, class 1); pixel 1 → 0.25 (< 0.8 → background); pixel 2 → class 2
+    assert confident_pseudo_label(probs, 0.8).flatten().tolist() == [1, 0, 2]
+    weak = torch.softmax(torch.randn(2, 3, 4, 4), 1)
+    strong_logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss, a = complementary_loss(weak, torch.softmax(strong_logits, 1))
+    assert 0 <= a.item() <= 1 and loss.item() > 0
+    loss.backward()
+    assert strong_logits.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- networks
+@pytest.mark.parametrize("arch, patch", [(ARCH_2D, (32, 32)), (ARCH_3D, (8, 24, 24))])
+def test_rectification_net_shapes_2d_3d(arch, patch):
+    torch.manual_seed(0)
+    net = rectification_net_from_plans(arch, patch, 2, 4, width_factor=0.5)
+    assert [s.block.conv0.out_channels for s in net.encoder.stages[1:]] == [8, 8, 8]
+    x = torch.randn(2, 2, *patch)
+    colour = colorize(torch.randint(0, 4, (2, *patch)), 4)
+    lat, logits = net(x, colour, torch.tensor([0.0, 999.0]), colour)
+    assert logits.shape == (2, 4, *patch) and lat.ndim == 0
+    with torch.no_grad():
+        sampled = net(x, colour, torch.tensor([10.0, 10.0]))
+    assert sampled.shape == (2, 4, *patch) and torch.isfinite(sampled).all()
+    assert net.scheduler.timesteps.tolist() == [9, 0]
+
+
+def test_latent_strides_keep_odd_and_small_axes():
+    assert latent_strides([16, 16]) == [[2, 2], [2, 2]]
+    assert latent_strides([4, 6, 3]) == [[2, 2, 1], [1, 1, 1]]
+
+
+def test_latent_denoiser_loss_decreases_on_fixed_batch():
+    torch.manual_seed(0)
+    denoiser, sched = latent_diffusion_head(8, (8, 8))
+    x0 = torch.nn.functional.leaky_relu(torch.randn(4, 8, 8, 8))  # like the encoder's bottleneck features
+    cond = x0 + 0.3 * torch.randn_like(x0)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 3, 6, 9])
+    x_t = sched.q_sample(x0, t, noise)
+    opt = torch.optim.Adam(denoiser.parameters(), 3e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(denoiser(x_t, t, cond), x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- gradient flow in the trainer
+@pytest.fixture(scope="module")
+def trainer2d(demo2d, diffrect_registered):
+    from semidiff_nnunet import planning
+    from semidiff_nnunet.plugins.diffrect import DiffRectTrainer
+    from semidiff_nnunet.training.splits import LabeledSpec
+
+    plans = planning.load_plans(demo2d, "semidiffDemoPlans")
+    plans["continue_training"] = False
+    plans["semidiff"] = {"labeled": LabeledSpec.parse("0.5").to_json(), "seed": 0, "progress": False,
+                         "hparams": {"refine_start": 0}}
+    dataset_json = json.loads((planning.preprocessed_folder(demo2d) / "dataset.json").read_text())
+    t = DiffRectTrainer(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    t.print_to_log_file = lambda *a, **k: None
+    t.initialize()
+    return t
+
+
+def _batches(trainer, n_l=2, n_u=2):
+    g = torch.Generator().manual_seed(0)
+    p = trainer.configuration_manager.patch_size
+    lab = torch.randint(0, 3, (n_l, 1, *p), generator=g).float()
+    labeled = {"data": torch.randn(n_l, 1, *p, generator=g), "target": [lab, lab[:, :, ::2, ::2]]}
+    x_u = torch.randn(n_u, 1, *p, generator=g)
+    return labeled, {"data": x_u, "data_strong": 1.05 * x_u}
+
+
+def _grad_norms(module):
+    return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+
+def test_gradients_reach_rectifier_not_through_rectified_labels(trainer2d):
+    t = trainer2d
+    t.network.train()
+    t.rectifier.train()
+    labeled, unlabeled = _batches(t)
+    t.network.zero_grad(set_to_none=True)
+    t.rectifier.zero_grad(set_to_none=True)
+    terms = t.compute_losses(labeled, unlabeled)
+    assert {"supervised", "unsupervised", "rect_supervised", "rect_unsupervised"} <= set(terms)
+    # the rectification losses train the rectifier and nothing else (pseudo labels are constants)
+    (terms["rect_supervised"] + terms["rect_unsupervised"]).backward(retain_graph=True)
+    assert _grad_norms(t.rectifier) > 0 and _grad_norms(t.network) == 0
+    t.rectifier.zero_grad(set_to_none=True)
+    (terms["supervised"] + terms["unsupervised"]).backward()
+    assert _grad_norms(t.network) > 0 and _grad_norms(t.rectifier) == 0
+    # step 3: the rectified labels come from the rectifier without a graph; the loss trains only the segmenter
+    x_u, cond, tau = t._rect_context
+    y_r = t.rectified_pseudo_labels(x_u, cond, tau)
+    assert not y_r.requires_grad and y_r.shape == (2, *t.configuration_manager.patch_size)
+    t.network.zero_grad(set_to_none=True)
+    ce_dice(t.highest_resolution(t.network(x_u)), y_r).backward()
+    assert _grad_norms(t.network) > 0 and _grad_norms(t.rectifier) == 0
+
+
+def test_train_step_takes_the_rectification_step(trainer2d):
+    t = trainer2d
+    labeled, unlabeled = _batches(t)
+    t.dataloader_unlabeled = iter(lambda: unlabeled, None)
+    before = [p.detach().clone() for p in t.network.parameters()]
+    t.iteration = 5  # past refine_start = 0
+    out = t.train_step(labeled)
+    assert out["term/rectified"] > 0 and t.iteration == 6
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.network.parameters()))
+    t.iteration = 0  # not yet past refine_start: no third step
+    assert t.train_step(labeled)["term/rectified"] == 0
+    t.dataloader_unlabeled = None
+
+
+# ----------------------------------------------------------------------------- end to end
+def _raw(name: str) -> Path:
+    return Path(os.environ["nnUNet_raw"]) / name
+
+
+def _load(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+SHORT = ["--epochs", "2", "--iters-per-epoch", "2", "--no-val", "--set", "refine_start=1"]
+
+
+@pytest.mark.slow
+def test_2d_cli_train_and_stock_predict(demo2d, run_cli, tmp_path):
+    code, _, err = run_cli("plan-and-train", demo2d, "-m", "diffrect", "--labeled", "0.2", "-c", "2d", *SHORT, *TINY)
+    assert code == 0, err
+    from semidiff_nnunet import api
+
+    info = api.run_info(demo2d, "diffrect", "0.2", 0, "2d", 0, "semidiffDemoPlans")
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert set(ck["semidiff"]["networks"]) == {"network", "rectifier"} and "rectifier" in ck["semidiff"]["optimizers"]
+    assert ck["semidiff"]["iteration"] == 4
+    assert ck["logging"]["term/rectified"][0] == 0 and ck["logging"]["term/rectified"][1] > 0  # from iteration 3
+    assert ck["network_weights"].keys() == ck["semidiff"]["networks"]["network"].keys()
+    run = json.loads((info.fold_folder / "semidiff_run.json").read_text())
+    assert run["hparams"]["refine_start"] == 1 and run["hparams"]["num_timesteps"] == 10
+
+    pred = tmp_path / "pred"
+    code, _, err = run_cli("predict", "-d", demo2d, "-m", "diffrect", "--labeled", "0.2", "-c", "2d",
+                           "-i", _raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "--device", "cpu", "--disable-tta")
+    assert code == 0, err
+    files = sorted(pred.glob("*.nii.gz"))
+    assert len(files) == 3
+
+    # stock nnUNetv2_predict in a clean interpreter, through the printed environment
+    code, env_out, _ = run_cli("env", "-m", "diffrect", "--labeled", "0.2")
+    env = dict(os.environ)
+    for line in env_out.strip().splitlines():
+        key, value = line[len("export "):].split("=", 1)
+        env[key] = value.strip("'")
+    stock = tmp_path / "stock"
+    proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"),
+                           "-o", str(stock), "-d", demo2d, "-tr", "DiffRectTrainer", "-p", "semidiffDemoPlans",
+                           "-c", "2d", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in files:
+        assert np.array_equal(_load(f), _load(stock / f.name)), f.name
+
+
+@pytest.mark.slow
+def test_3d_cli_train_and_predict(demo3d, run_cli, tmp_path):
+    code, _, err = run_cli("plan-and-train", demo3d, "-m", "diffrect", "--labeled", "2", "-c", "3d_fullres",
+                           *SHORT, *TINY)
+    assert code == 0, err
+    pred = tmp_path / "pred3d"
+    code, _, err = run_cli("predict", "-d", demo3d, "-m", "diffrect", "--labeled", "2", "-c", "3d_fullres",
+                           "-i", _raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "--device", "cpu", "--disable-tta")
+    assert code == 0, err
+    ref = _load(_raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
+    seg = _load(pred / "demots_000.nii.gz")
+    assert seg.shape == ref.shape and set(np.unique(seg)) <= {0, 1, 2}
