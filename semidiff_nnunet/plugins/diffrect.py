@@ -229,16 +229,7 @@ class DiffRectTrainer(SemiSupervisedTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             y_r = self.rectified_pseudo_labels(x_u, cond, tau)
             loss = self.hp.rect_weight * ce_dice(self.highest_resolution(self.network(x_u)), y_r)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.backward_and_step(loss, [self.optimizer], [self.network])
         return float(loss.detach())
 
     def train_step(self, batch: dict) -> dict:

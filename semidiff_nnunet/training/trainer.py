@@ -327,21 +327,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             terms = self.compute_losses(labeled, unlabeled)
             summed = [v for k, v in terms.items() if not k.startswith("_")]
             total = summed[0] if len(summed) == 1 else torch.stack([v.float() for v in summed]).sum()
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            for opt in optimizers:
-                self.grad_scaler.unscale_(opt)
-            for module in self._trainable_modules():
-                torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
-            for opt in optimizers:
-                self.grad_scaler.step(opt)
-            self.grad_scaler.update()
-        else:
-            total.backward()
-            for module in self._trainable_modules():
-                torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
-            for opt in optimizers:
-                opt.step()
+        self.backward_and_step(total, optimizers, self._trainable_modules())
         self.iteration += 1
         self.after_step()
         out = {"loss": total.detach().cpu().numpy()}
@@ -350,6 +336,25 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 out["term/" + k] = (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor)
                                                 else np.asarray(v, dtype=np.float32))
         return out
+
+    def backward_and_step(self, loss: torch.Tensor, optimizers: list, modules: list[nn.Module]) -> None:
+        """nnU-Net's update: backward (through the AMP grad scaler on CUDA), clip each module's
+        gradient norm at 12, step every optimizer. For methods with an extra optimisation step."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            for opt in optimizers:
+                self.grad_scaler.unscale_(opt)
+            for module in modules:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
+            for opt in optimizers:
+                self.grad_scaler.step(opt)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            for module in modules:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 12)
+            for opt in optimizers:
+                opt.step()
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
