@@ -114,6 +114,18 @@ def builtin_converters() -> list[ConverterSpec]:
               layout="MICCAI_BraTS_2019_Data_Training/{HGG,LGG}/BraTS19_*/BraTS19_*_{t1,t1ce,t2,flair,seg}.nii.gz",
               hint="https://www.med.upenn.edu/cbica/brats2019/data.html (registration required)",
               options={"setting": "ssl (default) | regions", "split": "ssl4mis (default) | none", **_NP}),
+        _spec("pancreas-ct", "pancreas_ct:convert",
+              summary="NIH Pancreas-CT: TCIA DICOM + NIfTI labels (orientation checked) or MC-Net/BCP h5 "
+                      "(1 mm assumed); MC-Net 62/20 split, cases 25/70 dropped.",
+              reference="Roth et al., MICCAI 2015 (TCIA Pancreas-CT); Wu et al. (MC-Net) MICCAI 2021",
+              default_id=504, default_name="PancreasCT",
+              layout="Pancreas-CT/PANCREAS_XXXX/<study>/<series>/*.dcm + TCIA_pancreas_labels-*/labelXXXX.nii.gz  "
+                     "or  Pancreas_h5/imageXXXX_norm.h5 [+ train.list, test.list]",
+              hint="https://www.cancerimagingarchive.net/collection/pancreas-ct/ (NBIA Data Retriever; labels as "
+                   "a separate zip) ; h5 form: github.com/ycwu1997/MC-Net (data/Pancreas)",
+              options={"split": "mcnet (default) | coranet | none",
+                       "keep_duplicates": "keep the reported duplicate cases 25 and 70 (default true: the papers' 62/20)",
+                       "spacing": "h5 form: x,y,z mm (default 1,1,1, assumed)", **_NP}),
         _spec("msd-prostate", "volumes:convert_msd_prostate",
               summary="MSD Task05 Prostate: 4D (T2, ADC) split into two channels; PZ/TZ.",
               reference="Antonelli et al., Nat. Commun. 2022", default_id=506, default_name="Prostate",
