@@ -1,13 +1,13 @@
 """Real-data check on the PH2 subset (60 dermoscopy cases) on a CPU: supervised vs the SSL baselines.
 
 Converts ``$SEMIDIFF_TEST_DATA/ph2`` with the ``ph2`` converter, plans it with nnU-Net, then
-derives CPU plans (``ph2CPUPlans``: target spacing 3 px so images are about 255x191, patch
-192x256, features <= 32, batch 4; preprocessed under its own data identifier) and runs
+derives CPU plans (``ph2CPUPlans``: target spacing 4 px so images are about 191x143, patch
+128x160, features <= 32, batch 4; preprocessed under its own data identifier) and runs
 ``semidiff benchmark`` with every method at one labeled fraction and the same iteration budget.
 Held out: the validation cases of fold 0 (the subset has no test split).
 
     OMP_WAIT_POLICY=PASSIVE SEMIDIFF_TEST_DATA=../shared/data python benchmarks/ph2_cpu.py \\
-        --methods supervised,mean-teacher,uamt,cps,fixmatch,urpc,cct,entropy-min --labeled 0.1 --epochs 6
+        --methods supervised,mean-teacher,uamt,cps,fixmatch,urpc,cct,entropy-min --labeled 0.1 --epochs 4
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ if __name__ == "__main__":
     p.add_argument("--methods", default="supervised,mean-teacher,uamt,cps,fixmatch,urpc,cct,entropy-min")
     p.add_argument("--labeled", default="0.1")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--iters-per-epoch", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--iters-per-epoch", type=int, default=40)
+    p.add_argument("--val-iters", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None)
     args = p.parse_args()
@@ -49,13 +50,13 @@ if __name__ == "__main__":
     cpu = "ph2CPUPlans"
     if not (planning.preprocessed_folder(name) / f"{cpu}.json").is_file():
         c = plans["configurations"]["2d"]
-        c["spacing"] = [3.0, 3.0]
-        c["patch_size"] = [192, 256]
+        c["spacing"] = [4.0, 4.0]
+        c["patch_size"] = [128, 160]
         c["batch_size"] = 4
         c["data_identifier"] = f"{cpu}_2d"
-        c["median_image_size_in_voxels"] = [191.0, 255.0]
+        c["median_image_size_in_voxels"] = [143.0, 191.0]
         kw = c["architecture"]["arch_kwargs"]
-        n = 6  # 192/32 = 6: five poolings
+        n = 6  # 128/32: five poolings
         kw["n_stages"] = n
         kw["features_per_stage"] = [min(32 * 2 ** i, 32) for i in range(n)]
         kw["kernel_sizes"] = [[3, 3]] * n
@@ -72,6 +73,7 @@ if __name__ == "__main__":
     result = bench.run_benchmark(name, methods, bench.parse_list(args.labeled, "--labeled"),
                                  [int(s) for s in bench.parse_list(args.seeds, "--seeds")], "2d", 0, args.device,
                                  cpu, args.epochs, args.iters_per_epoch, None,
-                                 Path(args.output) if args.output else None, show_progress=False)
+                                 Path(args.output) if args.output else None, show_progress=False,
+                                 val_iters_per_epoch=args.val_iters)
     print(result["markdown"])
     print(f"benchmark wall time: {time.time() - t0:.0f} s; output in {result['output']}")
