@@ -55,21 +55,29 @@ def test_ph2_real(ph2_raw):
     verify_dataset(ph2_raw, num_processes=2)
 
 
-def test_ph2_real_plans_with_nnunet(ph2_raw, tmp_path):
-    """nnU-Net's fingerprint extractor and default planner accept the converted dataset."""
-    env = dict(os.environ, nnUNet_raw=str(ph2_raw.parent), nnUNet_preprocessed=str(tmp_path / "pre"),
+def plan_with_nnunet(dataset: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """Run nnU-Net's fingerprint extractor and default planner on a converted dataset (subprocess)."""
+    env = dict(os.environ, nnUNet_raw=str(dataset.parent), nnUNet_preprocessed=str(tmp_path / "pre"),
                nnUNet_results=str(tmp_path / "res"), OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    env.pop("nnUNet_n_proc_DA", None)
+    dataset_id = int(dataset.name[7:10])
     code = (
         "from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments\n"
-        "extract_fingerprints([912], num_processes=2, check_dataset_integrity=False, clean=True, verbose=False)\n"
-        "plan_experiments([912])\n"
+        f"extract_fingerprints([{dataset_id}], num_processes=2, check_dataset_integrity=False, clean=True, "
+        "verbose=False)\n"
+        f"plan_experiments([{dataset_id}])\n"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    plans = json.loads((tmp_path / "pre" / ph2_raw.name / "nnUNetPlans.json").read_text())
-    cfg = plans["configurations"]["2d"]
-    assert len(cfg["patch_size"]) == 2
-    fp = json.loads((tmp_path / "pre" / ph2_raw.name / "dataset_fingerprint.json").read_text())
+    plans = json.loads((tmp_path / "pre" / dataset.name / "nnUNetPlans.json").read_text())
+    fp = json.loads((tmp_path / "pre" / dataset.name / "dataset_fingerprint.json").read_text())
+    return plans, fp
+
+
+def test_ph2_real_plans_with_nnunet(ph2_raw, tmp_path):
+    """nnU-Net's fingerprint extractor and default planner accept the converted dataset."""
+    plans, fp = plan_with_nnunet(ph2_raw, tmp_path)
+    assert len(plans["configurations"]["2d"]["patch_size"]) == 2
     assert len(fp["foreground_intensity_properties_per_channel"]) == 3
 
 
@@ -94,6 +102,8 @@ def test_la_uamt_real(tmp_path):
         assert img.GetSize()[2] == 88
         assert (sitk.GetArrayFromImage(lab) == f["label"][()].transpose(2, 1, 0)).all()
     verify_dataset(out, num_processes=1)
+    plans, _ = plan_with_nnunet(out, tmp_path)
+    assert plans["configurations"]["3d_fullres"]["spacing"] == pytest.approx([0.625, 0.625, 0.625])
 
 
 def test_kvasir_seg_real(tmp_path):
@@ -110,3 +120,6 @@ def test_kvasir_seg_real(tmp_path):
         img = np.asarray(Image.open(out / "imagesTr" / (m.stem + "_0000.png")))
         assert img.shape == lab.shape + (3,)
     verify_dataset(out, num_processes=1)
+    plans, fp = plan_with_nnunet(out, tmp_path)
+    assert len(plans["configurations"]["2d"]["patch_size"]) == 2
+    assert len(fp["foreground_intensity_properties_per_channel"]) == 3
