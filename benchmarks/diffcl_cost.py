@@ -80,7 +80,7 @@ def main() -> dict:
     from semidiff_nnunet.training.hparams import hparams_to_dict, parse_overrides, resolve_hparams
     from semidiff_nnunet.training.splits import LabeledSpec
 
-    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text())
+    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text(encoding="utf-8"))
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="diffcl_cost_")
     plans = planning.load_plans(name, args.plans)
     plans["continue_training"] = False
@@ -168,7 +168,7 @@ def main() -> dict:
         print(f"scan {label:18s} {'skipped (needs CUDA + mamba-ssm)' if v is None else ms(v)}   "
               f"(B={b}, D={d_inner}, N={n}, L={length})")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     return result
 

@@ -30,7 +30,7 @@ import time
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -55,7 +55,7 @@ def worker(args) -> dict:
     name = api.prepare_demo_dataset(dim=args.dim, show_progress=False)
     device = api.resolve_device(args.device)
     configuration = "2d" if args.dim == 2 else "3d_fullres"
-    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text())
+    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text(encoding="utf-8"))
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="diffrect_cost_")
     plans = planning.load_plans(name, args.plans)
     plans["continue_training"] = False
@@ -158,7 +158,7 @@ def main():
     for method in ("supervised", "diffrect"):
         cmd = [sys.executable, __file__, "--worker", method, "--device", args.device, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--dim", str(args.dim), "--plans", args.plans]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
@@ -173,7 +173,7 @@ def main():
         for k, v in r["parts_s"].items():
             print(f"{'':>12}{k}: {v * 1000:.1f} ms")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
 
 

@@ -42,7 +42,7 @@ if __name__ == "__main__":
     from semidiff_nnunet.plugins.supervised import SupervisedTrainer
     from semidiff_nnunet.training.splits import LabeledSpec
 
-    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text())
+    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text(encoding="utf-8"))
     results_tmp = tempfile.mkdtemp(prefix="overhead_")
     os.environ["nnUNet_results"] = results_tmp
     trainers = {}
@@ -85,6 +85,6 @@ if __name__ == "__main__":
     for t in trainers.values():
         t.on_train_end = None
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"medians_s": medians, "ratio": ratio, "device": str(device), "configuration": configuration,
                        "plans": args.plans, "batch_size": batch, "patch_size": list(patch)}, f, indent=2)

@@ -65,7 +65,7 @@ if __name__ == "__main__":
         kw["n_conv_per_stage_decoder"] = [2] * (n - 1)
         plans["configurations"] = {"2d": c}
         plans["plans_name"] = cpu
-        (planning.preprocessed_folder(name) / f"{cpu}.json").write_text(json.dumps(plans, indent=2))
+        (planning.preprocessed_folder(name) / f"{cpu}.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
         planning.preprocess(name, cpu, ["2d"], num_processes=2)
     print(f"planning and preprocessing: {time.time() - t0:.0f} s")
     methods = bench.parse_list(args.methods, "--methods")

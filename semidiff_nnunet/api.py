@@ -57,10 +57,10 @@ def write_trainer_shim() -> Path:
         lines.append("except Exception:  # noqa: BLE001\n    pass")
     text = "\n".join(lines) + "\n"
     target = folder / SHIM_MODULE
-    if not target.is_file() or target.read_text() != text:
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (SHIM_MODULE + ".tmp")
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
     return folder
 
@@ -161,7 +161,7 @@ def _preprocessed_complete(name: str, folder: Path) -> bool:
     if not folder.is_dir():
         return False
     raw = planning.raw_folder(name)
-    ds = json.loads((raw / "dataset.json").read_text())
+    ds = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     ids = {f.name[: -len(ds["file_ending"])] for f in (raw / "labelsTr").iterdir() if f.name.endswith(ds["file_ending"])}
     have = {f.name[:-4] for f in folder.iterdir() if f.name.endswith(".pkl")}
     unl_ok = True
@@ -289,7 +289,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
 
     torch_device = resolve_device(device)
     activate_trainer_shim()
-    dataset_json = json.loads((planning.preprocessed_folder(info.dataset) / "dataset.json").read_text())
+    dataset_json = json.loads((planning.preprocessed_folder(info.dataset) / "dataset.json").read_text(encoding="utf-8"))
     plans["semidiff"] = {
         "method": method,
         "labeled": spec.to_json(),
@@ -329,7 +329,7 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
     input, output = Path(input), Path(output)
     if not input.is_dir():
         raise SemidiffError(f"Input folder {input} does not exist.")
-    dataset_json = json.loads((info.model_folder / "dataset.json").read_text())
+    dataset_json = json.loads((info.model_folder / "dataset.json").read_text(encoding="utf-8"))
     fe = dataset_json["file_ending"]
     n_ch = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     cases: dict[str, list[str]] = {}
@@ -383,7 +383,7 @@ def evaluate(dataset: str | int | None, pred: str | Path, ref: str | Path, outpu
         name = planning.dataset_name(dataset)
         for candidate in (planning.raw_folder(name) / "dataset.json", planning.preprocessed_folder(name) / "dataset.json"):
             if candidate.is_file():
-                dataset_json = json.loads(candidate.read_text())
+                dataset_json = json.loads(candidate.read_text(encoding="utf-8"))
                 break
     output_file = Path(output_file) if output_file else pred / "summary.json"
     return evaluate_folder(str(pred), str(ref), dataset_json=dataset_json, output_file=str(output_file),
@@ -404,8 +404,8 @@ def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, 
     spec = LabeledSpec.parse(labeled)
     raw = planning.raw_folder(name)
     pre = planning.preprocessed_folder(name)
-    ds = json.loads((raw / "dataset.json").read_text()) if (raw / "dataset.json").is_file() else \
-        json.loads((pre / "dataset.json").read_text())
+    ds = json.loads((raw / "dataset.json").read_text(encoding="utf-8")) if (raw / "dataset.json").is_file() else \
+        json.loads((pre / "dataset.json").read_text(encoding="utf-8"))
     fe = ds["file_ending"]
     ids = sorted(f.name[: -len(fe)] for f in (raw / "labelsTr").iterdir() if f.name.endswith(fe))
     splits_file = pre / "splits_final.json"
@@ -477,7 +477,7 @@ def run_demo(dim: int = 2, device: str = "cpu", methods: list[str] | None = None
         predict(name, m, raw / "imagesTs", pred, labeled=labeled, seed=seed, configuration=configuration,
                 device=device, plans_name=DEMO_PLANS)
         summary = evaluate(name, pred, raw / "labelsTs")
-        names = {str(v): k for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items()}
+        names = {str(v): k for k, v in json.loads((raw / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
         labels = sorted(summary["mean"])
         result["labels"] = [names.get(k, k) for k in labels]
         result["dice"][m] = {**{names.get(k, k): summary["mean"][k]["Dice"] for k in labels},

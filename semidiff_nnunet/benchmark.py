@@ -52,7 +52,7 @@ def held_out(name: str, fold, seed_for_split: int = 0) -> tuple[Path, Path, str]
     if (raw / "imagesTs").is_dir() and (raw / "labelsTs").is_dir() and any((raw / "labelsTs").iterdir()):
         return raw / "imagesTs", raw / "labelsTs", "imagesTs/labelsTs"
     split = api.split(name, "1.0", seed_for_split, fold)
-    ds = json.loads((raw / "dataset.json").read_text())
+    ds = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     fe = ds["file_ending"]
     folder = paths.runs_root() / "heldout" / name / f"fold_{fold}"
     images, labels = folder / "images", folder / "labels"
@@ -64,7 +64,7 @@ def held_out(name: str, fold, seed_for_split: int = 0) -> tuple[Path, Path, str]
             for f in (raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{fe}"):
                 os.symlink(f, images / f.name)
             os.symlink(raw / "labelsTr" / f"{case}{fe}", labels / f"{case}{fe}")
-        (folder / "done").write_text("")
+        (folder / "done").write_text("", encoding="utf-8")
     return images, labels, f"validation cases of fold {fold}"
 
 
@@ -96,7 +96,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
             api.predict(name, r.method, images, pred, labeled=r.labeled, seed=r.seed, configuration=configuration,
                         folds=(fold,), device=device, plans_name=plans_name, show_progress=show_progress)
             api.evaluate(name, pred, labels, summary_file)
-        summary = json.loads(summary_file.read_text())
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
         row = {"method": r.method, "labeled": r.labeled, "seed": r.seed, "n_cases": len(summary["metric_per_case"])}
         for metric in METRICS:
             row[metric] = summary["foreground_mean"].get(metric, float("nan"))
@@ -107,7 +107,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "benchmark.csv")
     md = markdown_table(rows, methods, labeled, title=f"{name}, {configuration}, fold {fold}, held out: {held_desc}")
-    (out / "benchmark.md").write_text(md)
+    (out / "benchmark.md").write_text(md, encoding="utf-8")
     plot(rows, methods, labeled, out / "benchmark.png", title=f"{name} ({configuration})")
     return {"runs": runs, "rows": rows, "output": out, "markdown": md, "held_out": held_desc}
 
@@ -115,7 +115,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
 def write_csv(rows: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)

@@ -66,7 +66,7 @@ def load_plans(name: str, plans_name: str) -> dict:
     if not path.is_file():
         raise SemidiffError(f"No plans {plans_name!r} for {name} ({path} is missing); run "
                             f"`semidiff plan-and-train` (or nnUNetv2_plan_and_preprocess) first.")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def verify_raw_dataset(name: str, num_processes: int = 2) -> None:
@@ -164,7 +164,7 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
     pseudo = raw / "labelsPseudo"
     if not unl.is_dir() and not pseudo.is_dir():
         return 0
-    dataset_json = json.loads((raw / "dataset.json").read_text())
+    dataset_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     file_ending = dataset_json["file_ending"]
     n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     plans_manager = PlansManager(str(preprocessed_folder(name) / f"{plans_name}.json"))
@@ -251,5 +251,5 @@ def shrink_plans(name: str, plans_name: str, new_plans_name: str, max_features: 
         if patch_size and cname in patch_size:
             c["patch_size"] = list(patch_size[cname])
     path = preprocessed_folder(name) / f"{new_plans_name}.json"
-    path.write_text(json.dumps(plans, indent=2))
+    path.write_text(json.dumps(plans, indent=2), encoding="utf-8")
     return new_plans_name

@@ -64,7 +64,7 @@ def generate_demo_dataset(raw_root: Path | str, dim: int = 2, num_train: int | N
             "shape": list(shape), "seed": seed}
     stamp = target / ".semidiff_synthetic.json"
     if target.exists():
-        if stamp.is_file() and json.loads(stamp.read_text()) == meta and not overwrite:
+        if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == meta and not overwrite:
             return target
         if not overwrite and not stamp.is_file():
             raise FileExistsError(f"{target} exists and was not made by the demo generator")
@@ -93,7 +93,7 @@ def generate_demo_dataset(raw_root: Path | str, dim: int = 2, num_train: int | N
         "name": name,
         "description": f"semidiff synthetic {dim}D demo dataset (seed {seed})",
     }
-    (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    (tmp / ".semidiff_synthetic.json").write_text(json.dumps(meta))
+    (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
+    (tmp / ".semidiff_synthetic.json").write_text(json.dumps(meta), encoding="utf-8")
     tmp.rename(target)
     return target

@@ -39,12 +39,12 @@ def test_benchmark_cli(demo2d, run_cli, tmp_path):
     assert out.count("train") >= 4 and "4 run(s)" in out
     code, out, err = run_cli(*args)
     assert code == 0, err
-    with open(tmp_path / "benchmark.csv") as f:
+    with open(tmp_path / "benchmark.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert {(r["method"], r["labeled"]) for r in rows} == {
         ("supervised", "0.3"), ("supervised", "3"), ("mean-teacher", "0.3"), ("mean-teacher", "3")}
     assert all(r["n_cases"] == "3" and 0 <= float(r["Dice"]) <= 1 for r in rows)  # the 3 imagesTs cases
-    md = (tmp_path / "benchmark.md").read_text()
+    md = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
     assert "Dice @ 0.3" in md and "HD95 @ 3" in md and md.count("**") >= 4
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
     code, out, err = run_cli(*args, "--dry-run")

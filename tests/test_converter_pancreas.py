@@ -145,8 +145,8 @@ def make_h5(root: Path, nums=(1, 2, 25, 70), train=(2, 70), test=(1, 25), lists=
             f.create_dataset("image", data=img, compression="gzip")
             f.create_dataset("label", data=lab, compression="gzip")
     if lists:
-        (root / "Pancreas" / "train.list").write_text("".join(f"image{n:04d}\n" for n in train))
-        (root / "Pancreas" / "test.list").write_text("".join(f"image{n:04d}\n" for n in test))
+        (root / "Pancreas" / "train.list").write_text("".join(f"image{n:04d}\n" for n in train), encoding="utf-8")
+        (root / "Pancreas" / "test.list").write_text("".join(f"image{n:04d}\n" for n in test), encoding="utf-8")
     return root
 
 
@@ -164,7 +164,7 @@ def test_tcia_dicom_orientation_split_and_rerun(tmp_path):
 
     src = make_tcia(tmp_path / "tcia", {1: "grid", 2: "reversed_header", 3: "flipped", 25: "grid"})
     out = convert(src, tmp_path, dataset_id=904, keep_duplicates=False)
-    ds = json.loads((out / "dataset.json").read_text())
+    ds = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert ds["channel_names"] == {"0": "CT"} and ds["labels"] == {"background": 0, "pancreas": 1}
     assert ds["file_ending"] == ".nii.gz" and ds["numTraining"] == 2
     # MC-Net's lists: case 1 is a test case, 2 and 3 train; 25 is a duplicate, dropped
@@ -173,7 +173,7 @@ def test_tcia_dicom_orientation_split_and_rerun(tmp_path):
     assert names(out / "imagesTs") == ["pancreas_0001_0000.nii.gz"]
     assert names(out / "labelsTs") == ["pancreas_0001.nii.gz"]
     assert not (out / "splits_final.json").exists()
-    assert json.loads((out / "test_sets.json").read_text()) == {"mcnet_test": ["pancreas_0001"]}
+    assert json.loads((out / "test_sets.json").read_text(encoding="utf-8")) == {"mcnet_test": ["pancreas_0001"]}
     info = ds["semidiff"]
     assert info["source_form"].startswith("TCIA DICOM")
     assert info["label_placement"] == {"pancreas_0001": "physical", "pancreas_0002": "physical",
@@ -208,7 +208,7 @@ def test_tcia_split_none_and_keep_duplicates(tmp_path):
     out = convert(src, tmp_path, dataset_id=904, split="none", keep_duplicates="true")
     assert names(out / "labelsTr") == ["pancreas_0002.nii.gz", "pancreas_0025.nii.gz"]
     assert not (out / "imagesTs").exists() and not (out / "test_sets.json").exists()
-    info = json.loads((out / "dataset.json").read_text())["semidiff"]
+    info = json.loads((out / "dataset.json").read_text(encoding="utf-8"))["semidiff"]
     assert info["dropped_duplicates"] == [] and info["split_assumed"] is None
 
 
@@ -236,7 +236,7 @@ def test_h5_form_with_shipped_lists(tmp_path):
 
     src = make_h5(tmp_path / "mcnet")
     out = convert(src, tmp_path, dataset_id=904, keep_duplicates=False)
-    ds = json.loads((out / "dataset.json").read_text())
+    ds = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     info = ds["semidiff"]
     assert info["source_form"].startswith("MC-Net/BCP h5")
     assert info["spacing_assumed"] == [1.0, 1.0, 1.0] and "ASSUMED 1.0 x 1.0 x 1.0 mm" in " ".join(info["notes"])
@@ -264,7 +264,7 @@ def test_h5_without_lists_uses_mcnet_split_and_checks_labels(tmp_path):
 
     src = make_h5(tmp_path / "mcnet", nums=(1, 3), lists=False)
     out = convert(src / "Pancreas" / "Pancreas_h5", tmp_path, dataset_id=904)
-    info = json.loads((out / "dataset.json").read_text())["semidiff"]
+    info = json.loads((out / "dataset.json").read_text(encoding="utf-8"))["semidiff"]
     assert "MC-Net's published" in info["split_source"] and info["split_assumed"]
     assert names(out / "labelsTr") == ["pancreas_0003.nii.gz"] and names(out / "labelsTs") == ["pancreas_0001.nii.gz"]
 

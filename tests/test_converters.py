@@ -63,7 +63,7 @@ def convert(name, source, tmp_path, **kw):
 
 
 def dataset_json(folder: Path) -> dict:
-    return json.loads((folder / "dataset.json").read_text())
+    return json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
 
 
 def names(folder: Path) -> list[str]:
@@ -113,7 +113,7 @@ def test_plugin_module_is_light():
 
     code = ("import sys, semidiff_nnunet.plugins.converters as c; c.semidiff_register_converters(); "
             "bad=[m for m in ('numpy','SimpleITK','PIL','h5py','nnunetv2','torch') if m in sys.modules]; print(bad)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=True)
     assert res.stdout.strip() == "[]"
 
 
@@ -143,7 +143,7 @@ def test_generic_split_layout_and_process_pool(tmp_path):
             save(blob(), src / split / "mask" / f"{split}{i}.png")
     out = convert("generic", src, tmp_path, num_processes=2)
     check(out, 5, n_test=2)
-    splits = json.loads((out / "splits_final.json").read_text())
+    splits = json.loads((out / "splits_final.json").read_text(encoding="utf-8"))
     assert splits == [{"train": ["train0", "train1", "train2"], "val": ["val0", "val1"]}]
 
 
@@ -230,7 +230,7 @@ def test_hmeps_ciampi_layout(tmp_path):
             save(blob(), src / split / "mask" / f"{i:03d}.png")
     out = convert("hmeps", src, tmp_path)
     check(out, 4, channels=3)
-    assert json.loads((out / "splits_final.json").read_text())[0]["val"] == ["val_000"]  # names repeat across splits
+    assert json.loads((out / "splits_final.json").read_text(encoding="utf-8"))[0]["val"] == ["val_000"]  # names repeat across splits
 
 
 # ----------------------------------------------------------------------------- PH2
@@ -246,7 +246,7 @@ def make_ph2(root: Path, ids=(2, 3, 4)) -> Path:
             save(m, base / c / f"{c}_lesion" / f"{c}_lesion.bmp", mode="1")
         save(m, base / c / f"{c}_lesion" / f"{c}_lesion.jpg")  # distractor copy
         save(blob(18, 22, x=0), base / c / f"{c}_roi" / f"{c}_R1_Label4.bmp", mode="1")
-    (root / "PH2Dataset" / "PH2_dataset.txt").write_text("Name\tClinical Diagnosis\nIMD003\t0\n")
+    (root / "PH2Dataset" / "PH2_dataset.txt").write_text("Name\tClinical Diagnosis\nIMD003\t0\n", encoding="utf-8")
     return root
 
 
@@ -282,8 +282,8 @@ def make_la_h5(root: Path, train=("A1", "A2"), test=("B1",), lists=True) -> Path
             f.create_dataset("image", data=img, compression="gzip")
             f.create_dataset("label", data=lab, compression="gzip")
     if lists:
-        (root / "train.list").write_text("".join(f"{c}\n" for c in train))
-        (root / "test.list").write_text("".join(f"{c}\n" for c in test))
+        (root / "train.list").write_text("".join(f"{c}\n" for c in train), encoding="utf-8")
+        (root / "test.list").write_text("".join(f"{c}\n" for c in test), encoding="utf-8")
     return root
 
 
@@ -300,7 +300,7 @@ def test_la2018_uamt_h5(tmp_path):
     assert img.GetSize() == (12, 10, 6)  # x, y, z as in the h5
     with h5py.File(src / "2018LA_Seg_Training Set" / "A1" / "mri_norm2.h5") as f:
         assert np.allclose(sitk.GetArrayFromImage(img), f["image"][()].transpose(2, 1, 0))
-    assert json.loads((out / "test_sets.json").read_text()) == {"uamt_test": ["B1"]}
+    assert json.loads((out / "test_sets.json").read_text(encoding="utf-8")) == {"uamt_test": ["B1"]}
 
 
 def test_la2018_h5_without_lists_uses_uamt_split(tmp_path):
@@ -358,7 +358,7 @@ def make_kvasir(root: Path, ids=("cju0qkwl35piu0993l0dewei2", "cju0qoxqj9q6s0835
     for i, c in enumerate(ids):
         save(rgb(24, 30, seed=i), root / "Kvasir-SEG" / "images" / f"{c}.jpg")
         noisy_jpeg_mask(root / "Kvasir-SEG" / "masks" / f"{c}.jpg", seed=i)
-    (root / "Kvasir-SEG" / "kavsir_bboxes.json").write_text("{}")
+    (root / "Kvasir-SEG" / "kavsir_bboxes.json").write_text("{}", encoding="utf-8")
     return root
 
 
@@ -394,7 +394,7 @@ def test_polyp_pranet(tmp_path):
     out = convert("polyp-pranet", src, tmp_path)
     check(out, 3, n_test=9)
     assert names(out / "labelsTr") == ["clinicdb_1.png", "clinicdb_2.png", "kvasir_cju0qkwl35piu0993l0dewei2.png"]
-    sets = json.loads((out / "test_sets.json").read_text())
+    sets = json.loads((out / "test_sets.json").read_text(encoding="utf-8"))
     assert sets["CVC-300"] == ["cvc300_1", "cvc300_2"] and sets["ETIS-LaribPolypDB"] == ["etis_1"]
     assert set(sets) == set(PRANET_SETS)
     assert png_values(out / "labelsTs" / "etis_1.png") == {0, 1}
@@ -438,7 +438,7 @@ def test_busi_multi_masks_and_normal(tmp_path):
     merged = np.asarray(Image.open(out / "labelsTr" / "benign_001.png"))
     assert (merged == ((blob(x=0, size=4) | blob(x=12, size=4)) > 0)).all()
     assert png_values(out / "labelsTr" / "normal_001.png") == {0}
-    assert json.loads((out / "busi_classes.json").read_text())["malignant_001"] == "malignant"
+    assert json.loads((out / "busi_classes.json").read_text(encoding="utf-8"))["malignant_001"] == "malignant"
     assert "OR-merged" in " ".join(dataset_json(out)["semidiff"]["notes"])
 
 
@@ -450,10 +450,10 @@ def test_isic2018(tmp_path):
             save(rgb(seed=i), src / f"ISIC2018_Task1-2_{split}_Input" / f"{c}.jpg")
             if gt:
                 save(blob(), src / f"ISIC2018_Task1_{split}_GroundTruth" / f"{c}_segmentation.png")
-        (src / f"ISIC2018_Task1-2_{split}_Input" / "LICENSE.txt").write_text("x")
+        (src / f"ISIC2018_Task1-2_{split}_Input" / "LICENSE.txt").write_text("x", encoding="utf-8")
     out = convert("isic2018", src, tmp_path)
     check(out, 4, n_test=2, n_test_labels=0)
-    split = json.loads((out / "splits_final.json").read_text())[0]
+    split = json.loads((out / "splits_final.json").read_text(encoding="utf-8"))[0]
     assert len(split["train"]) == 3 and split["val"] == ["ISIC_Va00000"]
 
 
@@ -466,11 +466,11 @@ def test_glas(tmp_path):
             inst[1:5, 1:5] = 1
             inst[8:12, 10:15] = 2 + i  # several gland instance ids
             save(inst, src / f"{part}_{i}_anno.bmp")
-    (src / "Grade.csv").write_text("name, grade\n")
+    (src / "Grade.csv").write_text("name, grade\n", encoding="utf-8")
     out = convert("glas", tmp_path / "src", tmp_path)
     check(out, 2, n_test=3, labels={"background": 0, "gland": 1})
     assert png_values(out / "labelsTr" / "train_1.png") == {0, 1}
-    assert json.loads((out / "test_sets.json").read_text()) == {"testA": ["testA_1", "testA_2"], "testB": ["testB_1"]}
+    assert json.loads((out / "test_sets.json").read_text(encoding="utf-8")) == {"testA": ["testA_1", "testA_2"], "testB": ["testB_1"]}
 
 
 def make_bcss(root: Path) -> Path:
@@ -520,11 +520,11 @@ def make_mosxav(root: Path, rgb_masks=False) -> Path:
                         im.save(p)
     sets = base / "trainval" / "ImageSets"
     sets.mkdir(parents=True)
-    (sets / "train.txt").write_text("v01\nv02\n")
-    (sets / "val.txt").write_text("v03\n")
-    (sets / "val_first_mask.json").write_text('{"videos": {}}')
+    (sets / "train.txt").write_text("v01\nv02\n", encoding="utf-8")
+    (sets / "val.txt").write_text("v03\n", encoding="utf-8")
+    (sets / "val_first_mask.json").write_text('{"videos": {}}', encoding="utf-8")
     (base / "test" / "ImageSets").mkdir(parents=True)
-    (base / "test" / "ImageSets" / "test.txt").write_text("v01\n")
+    (base / "test" / "ImageSets" / "test.txt").write_text("v01\n", encoding="utf-8")
     return root
 
 
@@ -537,7 +537,7 @@ def test_mosxav(tmp_path, rgb_masks):
     assert names(out / "imagesUnlabeled")[0] == "v01_00001_0000.png"
     assert png_values(out / "labelsTr" / "v01_00000.png") == {0, 1, 4}
     assert png_values(out / "labelsTs" / "test_v01_00003.png") == {0, 1, 5}
-    assert json.loads((out / "splits_final.json").read_text())[0]["val"] == ["v03_00000", "v03_00005"]
+    assert json.loads((out / "splits_final.json").read_text(encoding="utf-8"))[0]["val"] == ["v03_00000", "v03_00005"]
 
 
 def make_endoscapes(root: Path) -> Path:
@@ -551,10 +551,10 @@ def make_endoscapes(root: Path) -> Path:
             m[3, 3] = 7  # the stray value
             m[10:12, 0:4] = 6
             save(np.stack([m] * 3, -1), base / "semseg" / f"{k}.png")
-        (base / f"{split}_seg" / "annotation_coco.json").write_text("{}")
+        (base / f"{split}_seg" / "annotation_coco.json").write_text("{}", encoding="utf-8")
     for k in ("1_100", "1_125", "1_150", "1_175", "4_25"):  # 1 fps frames; two of them are Seg50 frames
         save(rgb(seed=3), base / "train" / f"{k}.jpg")
-    (base / "seg_label_map.txt").write_text("0 background\n")
+    (base / "seg_label_map.txt").write_text("0 background\n", encoding="utf-8")
     return root
 
 
@@ -564,7 +564,7 @@ def test_endoscapes2023(tmp_path):
     ds = check(out, 3, n_test=1, n_unlabeled=3, channels=3)
     assert ds["labels"]["ignore"] == 7
     assert png_values(out / "labelsTr" / "1_100.png") == {0, 5, 6, 7}
-    assert json.loads((out / "splits_final.json").read_text()) == [{"train": ["1_100", "1_125"], "val": ["2_50"]}]
+    assert json.loads((out / "splits_final.json").read_text(encoding="utf-8")) == [{"train": ["1_100", "1_125"], "val": ["2_50"]}]
     assert names(out / "imagesUnlabeled") == ["1_150_0000.png", "1_175_0000.png", "4_25_0000.png"]
     out2 = convert_dataset("endoscapes2023", src, raw_root=tmp_path / "raw2", unlabeled="false", num_processes=1)
     assert not (out2 / "imagesUnlabeled").exists()
@@ -597,7 +597,7 @@ def make_acdc_nifti(root: Path) -> Path:
             d = root / "database" / folder / p
             ed, es = 1, 7 + int(p[-1])  # ES frame numbers vary per patient
             d.mkdir(parents=True)
-            (d / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: NOR\nHeight: 180.0\nNbFrame: 30\nWeight: 70.0\n")
+            (d / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: NOR\nHeight: 180.0\nNbFrame: 30\nWeight: 70.0\n", encoding="utf-8")
             write_nii(np.zeros((2, 4, 8, 9), np.int16), d / f"{p}_4d.nii.gz")
             for fr in (ed, es):
                 write_nii(RNG.integers(0, 300, (4, 8, 9)).astype(np.int16), d / f"{p}_frame{fr:02d}.nii.gz",
@@ -615,10 +615,10 @@ def test_acdc_nifti(tmp_path):
     tr = known.ACDC_SSL4MIS_TRAIN_PATIENTS[0]
     es = 7 + int(tr[-1])
     assert f"{tr}_frame{es:02d}.nii.gz" in names(out / "labelsTr")
-    split = json.loads((out / "splits_final.json").read_text())[0]
+    split = json.loads((out / "splits_final.json").read_text(encoding="utf-8"))[0]
     assert split["train"] == sorted([f"{tr}_frame01", f"{tr}_frame{es:02d}"])
     assert all(c.startswith(known.ACDC_SSL4MIS_VAL_PATIENTS[0]) for c in split["val"])
-    sets = json.loads((out / "test_sets.json").read_text())
+    sets = json.loads((out / "test_sets.json").read_text(encoding="utf-8"))
     assert len(sets["ssl4mis_test"]) == 2 and len(sets["official_test"]) == 2
     img = sitk.ReadImage(str(out / "imagesTr" / f"{tr}_frame01_0000.nii.gz"))
     assert img.GetSpacing() == pytest.approx((1.5, 1.5, 10.0))
@@ -647,7 +647,7 @@ def test_acdc_ssl4mis_h5_with_slices(tmp_path):
                 f.create_dataset("image", data=np.full((8, 9), k, np.float32), compression="gzip")
                 f.create_dataset("label", data=vol_lab[k], compression="gzip")
     for name, ids in (("train", [tr]), ("val", [va]), ("test", [te])):
-        (src / f"{name}.list").write_text("".join(f"{p}_frame{fr}\n" for p in ids for fr in ("01", "02")))
+        (src / f"{name}.list").write_text("".join(f"{p}_frame{fr}\n" for p in ids for fr in ("01", "02")), encoding="utf-8")
     out = convert("acdc", src, tmp_path)
     ds = check(out, 4, n_test=2)
     assert ds["semidiff"]["spacing_assumed"] == [1.0, 1.0, 10.0]
@@ -689,7 +689,7 @@ def test_brats2019_ssl_and_regions(tmp_path):
     src = make_brats(tmp_path / "brats", cases)
     out = convert("brats2019", src, tmp_path)
     check(out, 2, n_test=1, labels={"background": 0, "whole_tumor": 1}, channels=1)
-    assert json.loads((out / "splits_final.json").read_text()) == [{"train": [cases[0]], "val": [cases[1]]}]
+    assert json.loads((out / "splits_final.json").read_text(encoding="utf-8")) == [{"train": [cases[0]], "val": [cases[1]]}]
     out2 = convert_dataset("brats2019", src, raw_root=tmp_path / "raw2", setting="regions", num_processes=1)
     ds = check(out2, 2, n_test=1, channels=4)
     assert ds["regions_class_order"] == [1, 2, 3]
@@ -715,7 +715,7 @@ def test_msd_prostate_4d(tmp_path):
     (root / "imagesTr" / "._prostate_00.nii.gz").write_bytes(b"mac fork")
     (root / "imagesTs").mkdir()
     sitk.WriteImage(img, str(root / "imagesTs" / "prostate_09.nii.gz"))
-    (root / "dataset.json").write_text('{"modality": {"0": "T2", "1": "ADC"}}')
+    (root / "dataset.json").write_text('{"modality": {"0": "T2", "1": "ADC"}}', encoding="utf-8")
     out = convert("msd-prostate", tmp_path / "src", tmp_path)
     check(out, 2, n_test=1, n_test_labels=0, labels={"background": 0, "PZ": 1, "TZ": 2}, channels=2)
     t2 = sitk.ReadImage(str(out / "imagesTr" / "prostate_00_0000.nii.gz"))

@@ -40,7 +40,7 @@ def ph2_raw(tmp_path_factory):
 
 def test_ph2_real(ph2_raw):
     src = data_dir("ph2") / "PH2Dataset" / "PH2 Dataset images"
-    ds = json.loads((ph2_raw / "dataset.json").read_text())
+    ds = json.loads((ph2_raw / "dataset.json").read_text(encoding="utf-8"))
     n = len([p for p in src.iterdir() if p.is_dir()])
     assert ds["numTraining"] == n == 60
     assert ds["channel_names"] == {"0": "R", "1": "G", "2": "B"}
@@ -67,10 +67,10 @@ def plan_with_nnunet(dataset: Path, tmp_path: Path) -> tuple[dict, dict]:
         "verbose=False)\n"
         f"plan_experiments([{dataset_id}])\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    plans = json.loads((tmp_path / "pre" / dataset.name / "nnUNetPlans.json").read_text())
-    fp = json.loads((tmp_path / "pre" / dataset.name / "dataset_fingerprint.json").read_text())
+    plans = json.loads((tmp_path / "pre" / dataset.name / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    fp = json.loads((tmp_path / "pre" / dataset.name / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     return plans, fp
 
 
@@ -87,9 +87,9 @@ def test_la_uamt_real(tmp_path):
 
     src = data_dir("la_uamt")
     out = convert_dataset("la2018", src, dataset_id=902, raw_root=tmp_path, num_processes=1)
-    ds = json.loads((out / "dataset.json").read_text())
-    train = (src / "train.list").read_text().split()
-    test = (src / "test.list").read_text().split()
+    ds = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    train = (src / "train.list").read_text(encoding="utf-8").split()
+    test = (src / "test.list").read_text(encoding="utf-8").split()
     assert ds["numTraining"] == len(train) == 8
     assert sorted(p.name for p in (out / "labelsTs").iterdir()) == sorted(f"{c}.nii.gz" for c in test)
     assert ds["semidiff"]["spacing_assumed"] == [0.625, 0.625, 0.625]
@@ -109,7 +109,7 @@ def test_la_uamt_real(tmp_path):
 def test_kvasir_seg_real(tmp_path):
     src = data_dir("kvasir_seg")
     out = convert_dataset("kvasir-seg", src, dataset_id=914, raw_root=tmp_path, num_processes=1)
-    ds = json.loads((out / "dataset.json").read_text())
+    ds = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert ds["numTraining"] == 5
     for m in sorted((src / "Kvasir-SEG" / "masks").iterdir()):
         raw = np.asarray(Image.open(m).convert("L"))

@@ -378,12 +378,12 @@ def test_2d_diffcl_cli_train_predict_and_stock_nnunet(demo2d, run_cli, tmp_path)
         key, value = line[len("export "):].split("=", 1)
         env[key] = value.strip("'")
     shim = Path(env["nnUNet_extTrainer"])
-    assert "DiffCLTrainer" in "".join(p.read_text() for p in shim.glob("*.py"))
+    assert "DiffCLTrainer" in "".join(p.read_text(encoding="utf-8") for p in shim.glob("*.py"))
     stock = tmp_path / "stock"
     proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"),
                            "-o", str(stock), "-d", demo2d, "-tr", "DiffCLTrainer", "-p", "semidiffDemoPlans",
                            "-c", "2d", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(pred.glob("*.nii.gz"))
     assert len(files) == 3
@@ -428,10 +428,10 @@ dist.destroy_process_group()
 def test_memory_bank_identical_on_two_gloo_ranks(tmp_path):
     """Real torch.distributed (gloo, 2 CPU processes): every rank ends with the same bank."""
     script = tmp_path / "ddp_bank.py"
-    script.write_text(_DDP_SCRIPT)
+    script.write_text(_DDP_SCRIPT, encoding="utf-8")
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "rendezvous"), str(tmp_path)],
                               env={**os.environ, "RANK": str(r), "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace") for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]

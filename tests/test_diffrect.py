@@ -144,7 +144,7 @@ def trainer2d(demo2d, diffrect_registered):
     plans["continue_training"] = False
     plans["semidiff"] = {"labeled": LabeledSpec.parse("0.5").to_json(), "seed": 0, "progress": False,
                          "hparams": {"refine_start": 0}}
-    dataset_json = json.loads((planning.preprocessed_folder(demo2d) / "dataset.json").read_text())
+    dataset_json = json.loads((planning.preprocessed_folder(demo2d) / "dataset.json").read_text(encoding="utf-8"))
     t = DiffRectTrainer(plans, "2d", 0, dataset_json, torch.device("cpu"))
     t.print_to_log_file = lambda *a, **k: None
     t.initialize()
@@ -226,7 +226,7 @@ def test_2d_cli_train_and_stock_predict(demo2d, run_cli, tmp_path):
     assert ck["semidiff"]["iteration"] == 4
     assert ck["logging"]["term/rectified"][0] == 0 and ck["logging"]["term/rectified"][1] > 0  # from iteration 3
     assert ck["network_weights"].keys() == ck["semidiff"]["networks"]["network"].keys()
-    run = json.loads((info.fold_folder / "semidiff_run.json").read_text())
+    run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
     assert run["hparams"]["refine_start"] == 1 and run["hparams"]["num_timesteps"] == 10
 
     pred = tmp_path / "pred"
@@ -247,7 +247,7 @@ def test_2d_cli_train_and_stock_predict(demo2d, run_cli, tmp_path):
     proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"),
                            "-o", str(stock), "-d", demo2d, "-tr", "DiffRectTrainer", "-p", "semidiffDemoPlans",
                            "-c", "2d", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for f in files:
         assert np.array_equal(_load(f), _load(stock / f.name)), f.name

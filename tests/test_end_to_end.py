@@ -39,13 +39,13 @@ def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
         assert (info.fold_folder / f).is_file(), f
     for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         assert (info.model_folder / f).is_file(), f
-    run = json.loads((info.fold_folder / "semidiff_run.json").read_text())
+    run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
     assert run["method"] == "mean-teacher" and run["hparams"]["consistency"] == 0.1
     split = run["split"]
     assert len(split["labeled"]) == 2 and len(split["unlabeled"]) == 7 and len(split["validation"]) == 3
     assert split["extra_unlabeled"] == ["demoun_000", "demoun_001", "demoun_002"]
     assert not set(split["validation"]) & (set(split["labeled"]) | set(split["unlabeled"]))
-    plans = json.loads((info.model_folder / "plans.json").read_text())
+    plans = json.loads((info.model_folder / "plans.json").read_text(encoding="utf-8"))
     assert plans["semidiff"]["labeled"]["fraction"] == 0.2
     ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert set(ck["semidiff"]["states"]) == {"teacher"} and ck["current_epoch"] == 2
@@ -69,7 +69,7 @@ def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["demots_000.nii.gz", "demots_001.nii.gz", "demots_002.nii.gz"]
     code, out, err = run_cli("evaluate", "-d", "980", "--pred", pred, "--ref", _raw(demo2d) / "labelsTs")
     assert code == 0, err
-    summary = json.loads((pred / "summary.json").read_text())
+    summary = json.loads((pred / "summary.json").read_text(encoding="utf-8"))
     assert {"1", "2"} <= set(summary["mean"]) and "Dice" in summary["foreground_mean"]
     assert "Dice" in out
 
@@ -85,7 +85,7 @@ def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
     proc = subprocess.run([str(bin_dir / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"), "-o", str(stock),
                            "-d", "980", "-tr", "MeanTeacherTrainer", "-p", "semidiffDemoPlans", "-c", "2d", "-f", "0",
                            "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for f in sorted(pred.glob("*.nii.gz")):
         assert np.array_equal(_load(f), _load(stock / f.name)), f.name
@@ -140,7 +140,7 @@ def test_gpu_memory_target_plans_under_their_own_name(demo2d, run_cli):
                            "--device", "cpu")
     assert code == 0, err
     pre = Path(os.environ["nnUNet_preprocessed"]) / demo2d
-    plans = json.loads((pre / "nnUNetPlans_2GB.json").read_text())
+    plans = json.loads((pre / "nnUNetPlans_2GB.json").read_text(encoding="utf-8"))
     assert plans["plans_name"] == "nnUNetPlans_2GB"
     from semidiff_nnunet import api
 
@@ -167,7 +167,7 @@ def test_pseudo_labels_are_preprocessed_for_unlabeled_cases_only(workspace):
     assert not list((pre / "nnUNetPlans_2d__unlabeled").glob("*_seg.b2nd"))  # image only, no fake label
     assert sorted(p.name for p in (pre / "nnUNetPlans_2d__pseudo").glob("*_seg.b2nd")) == [
         "demotr_003_seg.b2nd", "demoun_000_seg.b2nd"]
-    fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text())
+    fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     assert len(fingerprint["shapes_after_crop"]) == 5  # unlabeled images are not in the fingerprint
     split = api.split(984, "1", seed=0, fold=0)
     from semidiff_nnunet.training.splits import LabeledSpec, make_semi_split

@@ -17,7 +17,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "semidiff-example-p
 def installed(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                           "--target", str(target), str(EXAMPLE)], capture_output=True, text=True, timeout=300)
+                           "--target", str(target), str(EXAMPLE)], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")])
@@ -27,7 +27,7 @@ def installed(tmp_path_factory):
 
 def _semidiff(env, *args):
     return subprocess.run([sys.executable, "-m", "semidiff_nnunet.cli.main", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=600)
 
 
 def test_example_plugin_is_listed_and_trains(installed, demo2d, tmp_path):

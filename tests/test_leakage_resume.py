@@ -86,7 +86,7 @@ def test_scrambled_hidden_labels_give_a_bit_identical_run(leak2d):
     assert split.unlabeled and split.labeled
     first = _train(leak2d)
     reference = _state(first)
-    run = json.loads((first.fold_folder / "semidiff_run.json").read_text())
+    run = json.loads((first.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
     assert run["split"]["unlabeled"] == split.unlabeled
 
     shutil.rmtree(first.run_root)

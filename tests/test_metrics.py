@@ -334,7 +334,7 @@ def test_evaluate_folder_3d_hand_values_and_nnunet_fields(tmp_path):
     summary = evaluate_folder(str(pred_dir), str(ref_dir), labels=[1, 2], output_file=str(out))
 
     # the file holds exactly what was returned (NaN included)
-    with open(out) as f:
+    with open(out, encoding="utf-8") as f:
         on_disk = json.load(f)
     assert json.dumps(on_disk, sort_keys=True) == json.dumps(summary, sort_keys=True)
     assert {"metric_per_case", "mean", "foreground_mean", "nan_count", "n_cases"} <= set(summary)
@@ -436,7 +436,7 @@ def test_evaluate_folder_dataset_json_ignore_label(tmp_path):
         "channel_names": {},
     }
     ds_path = tmp_path / "dataset.json"
-    ds_path.write_text(json.dumps(ds))
+    ds_path.write_text(json.dumps(ds), encoding="utf-8")
     summary = evaluate_folder(str(pred_dir), str(ref_dir), dataset_json=str(ds_path))
     assert summary["config"]["ignore_label"] == 2
     assert summary["config"]["labels"] == ["1"]
@@ -499,7 +499,7 @@ def test_unreadable_or_empty_reference_folder(tmp_path):
     pred_dir.mkdir()
     with pytest.raises(SemidiffError, match="known ending"):
         evaluate_folder(str(pred_dir), str(ref_dir), labels=[1])
-    (ref_dir / "bad.nii.gz").write_text("not an image")
-    (pred_dir / "bad.nii.gz").write_text("not an image")
+    (ref_dir / "bad.nii.gz").write_text("not an image", encoding="utf-8")
+    (pred_dir / "bad.nii.gz").write_text("not an image", encoding="utf-8")
     with pytest.raises(SemidiffError, match="No nnU-Net reader can open"):
         evaluate_folder(str(pred_dir), str(ref_dir), labels=[1])

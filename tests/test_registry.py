@@ -50,8 +50,8 @@ def test_broken_plugin_is_reported_and_others_still_load(monkeypatch, tmp_path):
         "from semidiff_nnunet import MethodSpec, hookimpl\n"
         "@hookimpl\n"
         "def semidiff_register_methods():\n"
-        "    return [MethodSpec(name='good-method', trainer=object)]\n")
-    (tmp_path / "bad_semidiff_plugin.py").write_text("raise ImportError('needs a missing CUDA library')\n")
+        "    return [MethodSpec(name='good-method', trainer=object)]\n", encoding="utf-8")
+    (tmp_path / "bad_semidiff_plugin.py").write_text("raise ImportError('needs a missing CUDA library')\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     fake = [md.EntryPoint(name="good", value="good_semidiff_plugin", group="semidiff"),
             md.EntryPoint(name="bad", value="bad_semidiff_plugin", group="semidiff")]
@@ -82,3 +82,25 @@ def test_hook_that_raises_is_reported():
     reg.register(_plugin("ok", ["fine"]), "ok")
     assert reg.names("method") == ["fine"]
     assert "boom" in reg.failures[0].error
+
+
+@pytest.mark.parametrize("command", [["methods"], ["plugins"], ["split", "-d", "424242", "--labeled", "0.1"]])
+def test_cli_under_a_non_utf8_locale(command, tmp_path):
+    """With LANG unset (an ASCII locale, as on some CI runners) the CLI prints its tables and errors
+    without a UnicodeEncodeError traceback."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", SEMIDIFF_HOME=str(tmp_path))
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env.pop(k, None)
+    res = subprocess.run([sys.executable, "-m", "semidiff_nnunet.cli.main", *command], env=env,
+                         capture_output=True, timeout=120)
+    err = res.stderr.decode("ascii", "replace")
+    assert "Traceback" not in err and "UnicodeEncodeError" not in err, err
+    if command[0] == "split":
+        assert res.returncode == 1 and "Error:" in err and "not found" in err
+    else:
+        assert res.returncode == 0, err
+        assert b"supervised" in res.stdout

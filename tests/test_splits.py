@@ -15,7 +15,7 @@ def test_parse_fraction_count_file(tmp_path):
     assert LabeledSpec.parse("8").count == 8
     assert LabeledSpec.parse("1").count == 1
     f = tmp_path / "ids.txt"
-    f.write_text("case_03\ncase_01, case_02\n\n")
+    f.write_text("case_03\ncase_01, case_02\n\n", encoding="utf-8")
     spec = LabeledSpec.parse(str(f))
     assert spec.ids == ("case_01", "case_02", "case_03")
     assert spec.tag.startswith("labfile3-")
@@ -58,13 +58,13 @@ def test_counts_and_rounding():
 
 def test_id_file_checked_against_fold(tmp_path):
     f = tmp_path / "ids.json"
-    f.write_text(json.dumps({"labeled": ["case_00", "val_1"]}))
+    f.write_text(json.dumps({"labeled": ["case_00", "val_1"]}), encoding="utf-8")
     with pytest.raises(SemidiffError, match="validation"):
         make_semi_split(TRAIN, VAL, LabeledSpec.parse(str(f)), 0)
-    f.write_text(json.dumps(["case_00", "nope"]))
+    f.write_text(json.dumps(["case_00", "nope"]), encoding="utf-8")
     with pytest.raises(SemidiffError, match="not training cases"):
         make_semi_split(TRAIN, VAL, LabeledSpec.parse(str(f)), 0)
-    f.write_text(json.dumps(["case_00", "case_05"]))
+    f.write_text(json.dumps(["case_00", "case_05"]), encoding="utf-8")
     s = make_semi_split(TRAIN, VAL, LabeledSpec.parse(str(f)), 0, extra_unlabeled=["u1"], pseudo_available=["u1", "val_1"])
     assert s.labeled == ["case_00", "case_05"] and s.extra_unlabeled == ["u1"]
     assert s.pseudo == ["u1"]  # a validation case's pseudo label is never used

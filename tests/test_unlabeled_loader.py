@@ -39,7 +39,7 @@ def test_split_transforms_of_nnunets_pipeline():
 def loader_parts(demo2d):
     pre = Path(os.environ["nnUNet_preprocessed"]) / demo2d
     pm = PlansManager(str(pre / "semidiffDemoPlans.json"))
-    lm = pm.get_label_manager(json.loads((pre / "dataset.json").read_text()))
+    lm = pm.get_label_manager(json.loads((pre / "dataset.json").read_text(encoding="utf-8")))
     folder = str(pre / "nnUNetPlans_2d")
     ids = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".pkl"))[:4]
     return UnlabeledDataset({k: folder for k in ids}), lm, folder, ids

@@ -129,7 +129,7 @@ def _train(dataset, method, labeled, seed, configuration, fold, device, epochs, 
     console.print(f"[green]Done[/green] ({time.time() - t0:.0f} s): {info.fold_folder}")
     summary = info.fold_folder / "validation" / "summary.json"
     if summary.is_file():
-        fg = json.loads(summary.read_text())["foreground_mean"]["Dice"]
+        fg = json.loads(summary.read_text(encoding="utf-8"))["foreground_mean"]["Dice"]
         console.print(f"validation mean foreground Dice: {fg:.4f}")
 
 
@@ -364,7 +364,17 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
+def _tolerant_streams() -> None:
+    """Under a non-UTF-8 locale (LANG unset, ``C`` without coercion), print "?" for characters the
+    terminal cannot encode (rich's ellipsis, progress bars) instead of failing with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def main() -> None:
+    _tolerant_streams()
     try:
         app(standalone_mode=False)
     except SemidiffError as e:

@@ -43,7 +43,7 @@ _SLICE_RE = re.compile(r"^(patient\d{3})_frame(\d{2})_slice_(\d+)$")
 
 def read_info_cfg(path: Path) -> dict[str, str]:
     info = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if ":" in line:
             k, v = line.split(":", 1)
             info[k.strip()] = v.strip()

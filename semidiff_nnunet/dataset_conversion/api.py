@@ -131,9 +131,9 @@ def convert_dataset(name: str, source: Path, *, dataset_id: int | None = None, d
         spec.convert(source, tmp, **options)
         if not (tmp / "dataset.json").is_file():
             raise SemidiffError(f"Converter {name!r} wrote no dataset.json; the converter is broken.")
-        ds = json.loads((tmp / "dataset.json").read_text())
+        ds = json.loads((tmp / "dataset.json").read_text(encoding="utf-8"))
         ds["name"] = dataset_name
-        (tmp / "dataset.json").write_text(json.dumps(ds, indent=4, sort_keys=False))
+        (tmp / "dataset.json").write_text(json.dumps(ds, indent=4, sort_keys=False), encoding="utf-8")
         if verify:
             from semidiff_nnunet.dataset_conversion.common import verify_dataset
 
@@ -153,7 +153,7 @@ def convert_dataset(name: str, source: Path, *, dataset_id: int | None = None, d
 
 def summary(folder: Path) -> dict:
     """Counts and notes of a converted dataset (for printing)."""
-    ds = json.loads((Path(folder) / "dataset.json").read_text())
+    ds = json.loads((Path(folder) / "dataset.json").read_text(encoding="utf-8"))
     info = dict(ds.get("semidiff", {}))
     info["numTraining"] = ds["numTraining"]
     info["labels"] = ds["labels"]

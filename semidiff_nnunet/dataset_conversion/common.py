@@ -139,7 +139,7 @@ def find_dir(root: Path, name: str, max_depth: int = 3, *, case_insensitive: boo
 def read_list(path: Path) -> list[str]:
     """Case ids of a ``.list``/``.txt`` file: one per line; paths and ``.h5`` suffixes reduced to the id."""
     ids = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -439,7 +439,7 @@ class DatasetWriter:
 
 def save_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def labels_with_ignore(classes: Sequence[str]) -> dict[str, int]:
@@ -563,7 +563,7 @@ def verify_dataset(folder: Path, num_processes: int = 1) -> None:
 
 def check_extra_folders(folder: Path) -> None:
     """``imagesTs``/``labelsTs``/``imagesUnlabeled`` follow nnU-Net naming and have the training channels."""
-    ds = json.loads((folder / "dataset.json").read_text())
+    ds = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     fe = ds["file_ending"]
     nch_files = None
     tr = folder / "imagesTr"
@@ -595,7 +595,7 @@ def check_extra_folders(folder: Path) -> None:
     splits = folder / "splits_final.json"
     if splits.is_file():
         labelled = {p.name[: -len(fe)] for p in (folder / "labelsTr").iterdir()}
-        for fold in json.loads(splits.read_text()):
+        for fold in json.loads(splits.read_text(encoding="utf-8")):
             unknown = (set(fold["train"]) | set(fold["val"])) - labelled
             if unknown:
                 raise SemidiffError(f"splits_final.json names cases {sorted(unknown)[:5]} that are not in labelsTr.")

@@ -10,7 +10,7 @@ label; ``foreground_mean``), with nnU-Net's values, and adds per label ``Jaccard
 * ``spacing`` in each case (the reference's ``properties['spacing']``, in array order, used for distances).
 
 Label keys are strings as in nnU-Net's file (``'1'``, or ``'(1, 2)'`` for a region); the returned dict is the
-same structure that is written, so ``evaluate_folder(...)`` equals ``json.load(open(output_file))`` (NaN
+same structure that is written, so ``evaluate_folder(...)`` equals ``json.load(open(output_file, encoding="utf-8"))`` (NaN
 included: like nnU-Net, the file holds bare ``NaN`` tokens, which Python's json reads back).
 nnU-Net's ``load_summary_json`` reads the file too.
 
@@ -94,7 +94,7 @@ def _load_dataset_json(dataset_json: dict | str | None) -> dict | None:
     if os.path.isdir(path):
         path = os.path.join(path, "dataset.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise SemidiffError(f"dataset.json not found: {path}; pass the path of an existing file.") from None
@@ -309,7 +309,7 @@ def evaluate_folder(
     if output_file is not None:
         parent = os.path.dirname(os.path.abspath(output_file))
         os.makedirs(parent, exist_ok=True)
-        with open(output_file, "w") as f:
+        with open(output_file, "w", encoding="utf-8") as f:
             json.dump(summary, f, sort_keys=True, indent=4)  # nnU-Net: sort_keys, NaN as NaN
     return summary
 

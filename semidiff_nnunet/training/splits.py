@@ -38,11 +38,11 @@ class LabeledSpec:
             if path.suffix == ".json":
                 import json
 
-                ids = json.loads(path.read_text())
+                ids = json.loads(path.read_text(encoding="utf-8"))
                 if isinstance(ids, dict):
                     ids = ids.get("labeled", [])
             else:
-                ids = [t.strip() for line in path.read_text().splitlines() for t in line.replace(",", " ").split()]
+                ids = [t.strip() for line in path.read_text(encoding="utf-8").splitlines() for t in line.replace(",", " ").split()]
             ids = tuple(sorted(set(i for i in ids if i)))
             if not ids:
                 raise SemidiffError(f"--labeled {text}: the file lists no case ids; put one case id per line.")

@@ -291,7 +291,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             "split": self.semi_split.to_json(),
         }
         tmp = os.path.join(self.output_folder, "semidiff_run.json.tmp")
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
         os.replace(tmp, os.path.join(self.output_folder, "semidiff_run.json"))
 
