@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
-import tempfile
 import time
 
 
@@ -62,14 +60,9 @@ def main() -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    os.environ.setdefault("SEMIDIFF_HOME", os.path.join(tempfile.gettempdir(), "semidiff_bench"))
-    os.environ["nnUNet_compile"] = "false"
-    from semidiff_nnunet import api, paths, planning
+    from _demo_trainer import demo_dataset, started_trainer
 
-    paths.ensure_nnunet_env()
-    name = api.prepare_demo_dataset(dim=args.dim, show_progress=False)
-    device = api.resolve_device(args.device)
-    configuration = "2d" if args.dim == 2 else "3d_fullres"
+    name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "diffcl_cost_")
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -80,17 +73,9 @@ def main() -> dict:
     from semidiff_nnunet.training.hparams import hparams_to_dict, parse_overrides, resolve_hparams
     from semidiff_nnunet.training.splits import LabeledSpec
 
-    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text(encoding="utf-8"))
-    os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="diffcl_cost_")
-    plans = planning.load_plans(name, args.plans)
-    plans["continue_training"] = False
     hp = resolve_hparams(DiffCLTrainer.hparams_class, parse_overrides(args.set))
-    plans["semidiff"] = {"labeled": LabeledSpec(fraction=0.5).to_json(), "seed": 0, "progress": False,
-                         "hparams": hparams_to_dict(hp)}
-    t = DiffCLTrainer(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json, device=device)
-    t.print_to_log_file = lambda *a, **k: None
-    t.on_train_start()
-    t.on_train_epoch_start()
+    t = started_trainer(DiffCLTrainer, name, args.plans, configuration, dataset_json, device,
+                        {"labeled": LabeledSpec(fraction=0.5).to_json(), "hparams": hparams_to_dict(hp)})
     labeled = next(t.dataloader_train)
     unlabeled = next(t.dataloader_unlabeled)
     t._shutdown_unlabeled_loader()

@@ -42,8 +42,9 @@ def worker(args) -> dict:
     os.environ["nnUNet_compile"] = "false"
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     import torch
+    from _demo_trainer import demo_dataset, started_trainer
 
-    from semidiff_nnunet import api, paths, planning, registry
+    from semidiff_nnunet import api, registry
     from semidiff_nnunet.losses.diffrect import colorize
     from semidiff_nnunet.plugins import diffrect
     from semidiff_nnunet.training.splits import LabeledSpec
@@ -51,21 +52,10 @@ def worker(args) -> dict:
     reg = registry.get_registry()
     if "diffrect" not in reg.names("method"):
         reg.register(diffrect, "diffrect")
-    paths.ensure_nnunet_env()
-    name = api.prepare_demo_dataset(dim=args.dim, show_progress=False)
-    device = api.resolve_device(args.device)
-    configuration = "2d" if args.dim == 2 else "3d_fullres"
-    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text(encoding="utf-8"))
-    os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="diffrect_cost_")
-    plans = planning.load_plans(name, args.plans)
-    plans["continue_training"] = False
-    plans["semidiff"] = {"labeled": LabeledSpec(fraction=0.5).to_json(), "seed": 0, "progress": False,
-                         "hparams": {"refine_start": 0} if args.worker == "diffrect" else {}}
-    t = api.method_trainer(args.worker)(plans=plans, configuration=configuration, fold=0,
-                                        dataset_json=dataset_json, device=device)
-    t.print_to_log_file = lambda *a, **k: None
-    t.on_train_start()
-    t.on_train_epoch_start()
+    name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "diffrect_cost_")
+    t = started_trainer(api.method_trainer(args.worker), name, args.plans, configuration, dataset_json, device,
+                        {"labeled": LabeledSpec(fraction=0.5).to_json(),
+                         "hparams": {"refine_start": 0} if args.worker == "diffrect" else {}})
     batch = next(t.dataloader_train)
     if t.dataloader_unlabeled is not None:
         unl = next(t.dataloader_unlabeled)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
 
 if __name__ == "__main__":
@@ -27,14 +25,9 @@ if __name__ == "__main__":
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args()
 
-    os.environ.setdefault("SEMIDIFF_HOME", os.path.join(tempfile.gettempdir(), "semidiff_bench"))
-    os.environ["nnUNet_compile"] = "false"
-    from semidiff_nnunet import api, paths, planning
+    from _demo_trainer import demo_dataset, started_trainer
 
-    paths.ensure_nnunet_env()
-    name = api.prepare_demo_dataset(dim=args.dim, show_progress=False)
-    device = api.resolve_device(args.device)
-    configuration = "2d" if args.dim == 2 else "3d_fullres"
+    name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "overhead_")
     import numpy as np
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -42,20 +35,11 @@ if __name__ == "__main__":
     from semidiff_nnunet.plugins.supervised import SupervisedTrainer
     from semidiff_nnunet.training.splits import LabeledSpec
 
-    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text(encoding="utf-8"))
-    results_tmp = tempfile.mkdtemp(prefix="overhead_")
-    os.environ["nnUNet_results"] = results_tmp
-    trainers = {}
-    for label, cls in (("stock nnUNetTrainer", nnUNetTrainer), ("semidiff supervised", SupervisedTrainer)):
-        plans = planning.load_plans(name, args.plans)
-        plans["continue_training"] = False
-        if cls is SupervisedTrainer:
-            plans["semidiff"] = {"labeled": LabeledSpec(fraction=1.0).to_json(), "seed": 0, "progress": False}
-        t = cls(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json, device=device)
-        t.print_to_log_file = lambda *a, **k: None
-        t.on_train_start()
-        t.on_train_epoch_start()
-        trainers[label] = t
+    trainers = {
+        "stock nnUNetTrainer": started_trainer(nnUNetTrainer, name, args.plans, configuration, dataset_json, device),
+        "semidiff supervised": started_trainer(SupervisedTrainer, name, args.plans, configuration, dataset_json,
+                                               device, {"labeled": LabeledSpec(fraction=1.0).to_json()}),
+    }
 
     def step(t):
         if device.type == "cuda":

@@ -1,0 +1,44 @@
+"""Shared set-up of the cost benchmarks: a demo dataset in a scratch workspace and trainers started on it.
+
+The benchmark scripts run as ``python benchmarks/NAME.py`` (this folder is then on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def demo_dataset(dim: int, device: str, results_prefix: str):
+    """Prepare the built-in demo dataset; return ``(dataset name, configuration, torch device, dataset_json)``.
+
+    Uses ``$SEMIDIFF_HOME`` (default: a ``semidiff_bench`` folder in the temp dir), disables
+    ``torch.compile`` and points ``nnUNet_results`` at a fresh scratch folder so no run is touched.
+    """
+    os.environ.setdefault("SEMIDIFF_HOME", os.path.join(tempfile.gettempdir(), "semidiff_bench"))
+    os.environ["nnUNet_compile"] = "false"
+    from semidiff_nnunet import api, paths, planning
+
+    paths.ensure_nnunet_env()
+    name = api.prepare_demo_dataset(dim=dim, show_progress=False)
+    dataset_json = json.loads((planning.preprocessed_folder(name) / "dataset.json").read_text(encoding="utf-8"))
+    os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix=results_prefix)
+    return name, "2d" if dim == 2 else "3d_fullres", api.resolve_device(device), dataset_json
+
+
+def started_trainer(cls, name: str, plans_name: str, configuration: str, dataset_json: dict, device,
+                    semidiff: dict | None = None):
+    """Build ``cls`` on the dataset's plans (``semidiff`` = the run config, None for stock trainers) and run
+    nnU-Net's start-of-training and start-of-epoch hooks, with its log file silenced."""
+    from semidiff_nnunet import planning
+
+    plans = planning.load_plans(name, plans_name)
+    plans["continue_training"] = False
+    if semidiff is not None:
+        plans["semidiff"] = {"seed": 0, "progress": False, **semidiff}
+    t = cls(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json, device=device)
+    t.print_to_log_file = lambda *a, **k: None
+    t.on_train_start()
+    t.on_train_epoch_start()
+    return t
