@@ -34,6 +34,12 @@ Config = Annotated[str, typer.Option("-c", "--configuration", help="nnU-Net conf
 Fold = Annotated[str, typer.Option("-f", "--fold", help="Fold of splits_final.json (0-4 or all).")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")]
 Plans = Annotated[str | None, typer.Option("--plans", help="Plans name (default nnUNetPlans, or the --gpu-memory-target plans).")]
+Epochs = Annotated[int | None, typer.Option("--epochs", help="Training epochs (nnU-Net: 1000).")]
+Iters = Annotated[int | None, typer.Option("--iters-per-epoch", help="Iterations per epoch (nnU-Net: 250).")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a hyperparameter: key=value (repeatable).")]
+Continue = Annotated[bool, typer.Option("--continue", help="Resume an interrupted run.")]
+SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Write checkpoint_latest every N epochs (nnU-Net: 50).")]
+NoVal = Annotated[bool, typer.Option("--no-val", help="Skip the final validation of the fold.")]
 
 
 def _fold(value: str):
@@ -68,14 +74,14 @@ def plan_and_train(
     configuration: Config = "2d",
     fold: Fold = "0",
     device: Device = "auto",
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs (nnU-Net: 1000).")] = None,
-    iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch", help="Iterations per epoch (nnU-Net: 250).")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a hyperparameter: key=value (repeatable).")] = None,
-    cont: Annotated[bool, typer.Option("--continue", help="Resume an interrupted run.")] = False,
+    epochs: Epochs = None,
+    iters_per_epoch: Iters = None,
+    sets: Sets = None,
+    cont: Continue = False,
     plans: Plans = None,
     gpu_memory_target: Annotated[float | None, typer.Option("--gpu-memory-target", help="GB; plan for a smaller GPU/CPU (own plans name).")] = None,
-    save_every: Annotated[int | None, typer.Option("--save-every", help="Write checkpoint_latest every N epochs (nnU-Net: 50).")] = None,
-    no_val: Annotated[bool, typer.Option("--no-val", help="Skip the final validation of the fold.")] = False,
+    save_every: SaveEvery = None,
+    no_val: NoVal = False,
     num_processes: Annotated[int, typer.Option("-np", "--num-processes", help="Processes for planning/preprocessing.")] = 2,
 ):
     """Plan and preprocess DATASET with nnU-Net (once), then train METHOD on a labeled fraction.
@@ -102,13 +108,13 @@ def train(
     configuration: Config = "2d",
     fold: Fold = "0",
     device: Device = "auto",
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="key=value (repeatable).")] = None,
-    cont: Annotated[bool, typer.Option("--continue", help="Resume an interrupted run.")] = False,
+    epochs: Epochs = None,
+    iters_per_epoch: Iters = None,
+    sets: Sets = None,
+    cont: Continue = False,
     plans: Plans = None,
-    save_every: Annotated[int | None, typer.Option("--save-every")] = None,
-    no_val: Annotated[bool, typer.Option("--no-val", help="Skip the final validation of the fold.")] = False,
+    save_every: SaveEvery = None,
+    no_val: NoVal = False,
 ):
     """Train METHOD on an already preprocessed dataset."""
     _announce_workspace()
@@ -293,8 +299,8 @@ def benchmark(
     configuration: Config = "2d",
     fold: Fold = "0",
     device: Device = "auto",
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    iters_per_epoch: Annotated[int | None, typer.Option("--iters-per-epoch")] = None,
+    epochs: Epochs = None,
+    iters_per_epoch: Iters = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="key=value, applied to every method that has the key.")] = None,
     plans: Plans = None,
     gpu_memory_target: Annotated[float | None, typer.Option("--gpu-memory-target")] = None,

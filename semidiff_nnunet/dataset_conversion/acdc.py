@@ -30,6 +30,7 @@ from semidiff_nnunet.dataset_conversion.common import (
     check_values,
     convert_case_3d,
     log,
+    read_h5_volume,
     read_list,
     run_jobs,
     write_volume,
@@ -54,27 +55,11 @@ def _patient_of(case: str) -> str:
     return case[: len("patient000")]
 
 
-def _h5_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f:
-                raise ConversionError(f"{path} has no 'image' dataset; expected the SSL4MIS h5 form.")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            label = np.asarray(f["label"][()]) if "label" in f else None
-    except OSError as e:
-        raise ConversionError(f"{path} could not be read as HDF5 ({e}).") from None
-    return image, label
-
-
 def convert_h5_case(*, files: list[str], out_image: str, out_label: str | None, spacing) -> list[int]:
     """One volume from a volume h5 (one file) or from its slice files (in slice order)."""
     images, labels = [], []
     for f in files:
-        img, lab = _h5_arrays(Path(f))
-        if lab is None:
-            raise ConversionError(f"{f} has no 'label' dataset; expected image and label.")
+        img, lab = read_h5_volume(f, "SSL4MIS", dims=None)
         if img.shape != lab.shape:
             raise ConversionError(f"{f}: image {img.shape} and label {lab.shape} differ in shape.")
         images.append(img)

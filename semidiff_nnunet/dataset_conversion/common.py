@@ -254,6 +254,32 @@ def read_binary_mask_2d(path: Path, threshold: int | None = None) -> np.ndarray:
     return (arr != 0).astype(np.uint8)
 
 
+def read_h5_volume(path: Path | str, form: str, *, need_label: bool = True,
+                   dims: int | None = 3) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read the ``image`` (as float32) and ``label`` datasets of an SSL-literature h5 file.
+
+    ``form`` names the expected layout in the error ("UA-MT", "SSL4MIS", ...). With ``need_label``
+    False a missing ``label`` gives None. With ``dims`` set, both arrays must have that many
+    dimensions and, when the label is there, the same shape.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in (("image", "label") if need_label else ("image",)) if k not in f]
+            if missing:
+                raise ConversionError(f"{path} lacks the dataset(s) {', '.join(repr(k) for k in missing)} of the "
+                                      f"{form} h5 form (has: {', '.join(f.keys())}).")
+            image = np.asarray(f["image"][()], dtype=np.float32)
+            label = np.asarray(f["label"][()]) if "label" in f else None
+    except OSError as e:
+        raise ConversionError(f"{path} could not be read as HDF5 ({e}).") from None
+    if dims is not None and (image.ndim != dims or (label is not None and image.shape != label.shape)):
+        shapes = f"image {image.shape}" + (f" and label {label.shape}" if label is not None else "")
+        raise ConversionError(f"{path}: {shapes} must be {dims}D arrays of the same shape.")
+    return image, label
+
+
 def check_values(arr: np.ndarray, allowed: Iterable[int], path: Path | str) -> None:
     allowed = set(int(a) for a in allowed)
     values = set(np.unique(arr).tolist())

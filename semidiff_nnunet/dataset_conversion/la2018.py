@@ -28,6 +28,7 @@ from semidiff_nnunet.dataset_conversion.common import (
     check_values,
     convert_case_3d,
     log,
+    read_h5_volume,
     read_list,
     run_jobs,
     write_volume,
@@ -38,19 +39,7 @@ LABELS = {"background": 0, "left_atrium": 1}
 
 
 def convert_h5_case(*, h5: str, out_image: str, out_label: str, spacing: tuple[float, float, float]) -> list[int]:
-    import h5py
-
-    try:
-        with h5py.File(h5, "r") as f:
-            if "image" not in f or "label" not in f:
-                raise ConversionError(f"{h5} lacks the datasets 'image' and 'label' of the UA-MT form "
-                                      f"(has: {', '.join(f.keys())}).")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            label = np.asarray(f["label"][()])
-    except OSError as e:
-        raise ConversionError(f"{h5} could not be read as HDF5 ({e}).") from None
-    if image.ndim != 3 or image.shape != label.shape:
-        raise ConversionError(f"{h5}: image {image.shape} and label {label.shape} must be 3D arrays of the same shape.")
+    image, label = read_h5_volume(h5, "UA-MT")
     check_values(label, (0, 1), h5)
     # (x, y, z) as pynrrd reads it -> SimpleITK array order (z, y, x)
     write_volume(image.transpose(2, 1, 0), Path(out_image), spacing_xyz=spacing)

@@ -65,6 +65,7 @@ from semidiff_nnunet.dataset_conversion.common import (
     as_floats,
     check_values,
     log,
+    read_h5_volume,
     read_list,
     read_volume,
     run_jobs,
@@ -222,19 +223,7 @@ def _find_labels(source: Path) -> dict[int, Path]:
 
 # ----------------------------------------------------------------------------- h5 form
 def convert_h5_case(*, h5: str, out_image: str, out_label: str, spacing: tuple[float, float, float]) -> dict:
-    import h5py
-
-    try:
-        with h5py.File(h5, "r") as f:
-            if "image" not in f or "label" not in f:
-                raise ConversionError(f"{h5} lacks the datasets 'image' and 'label' of the MC-Net/BCP form "
-                                      f"(has: {', '.join(f.keys())}).")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            label = np.asarray(f["label"][()])
-    except OSError as e:
-        raise ConversionError(f"{h5} could not be read as HDF5 ({e}).") from None
-    if image.ndim != 3 or image.shape != label.shape:
-        raise ConversionError(f"{h5}: image {image.shape} and label {label.shape} must be 3D arrays of the same shape.")
+    image, label = read_h5_volume(h5, "MC-Net/BCP")
     if np.issubdtype(label.dtype, np.floating):  # MC-Net stores the label as float32
         if not np.allclose(label, np.round(label)):
             raise ConversionError(f"{h5} holds a non-integer label; expected 0/1.")
