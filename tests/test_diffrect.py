@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,6 +92,27 @@ def test_confidence_rule_and_complementary_loss():
     assert 0 <= a.item() <= 1 and loss.item() > 0
     loss.backward()
     assert strong_logits.grad.abs().sum() > 0
+
+
+
+def test_complementary_loss_is_finite_when_probabilities_underflow():
+    """A confident network's float32 softmax holds exact zeros; the entropy weight a must keep a finite
+    gradient there (an xlogy(p, p) entropy gives 0/0 = NaN, which diverged a PH2 run)."""
+    logits = torch.zeros(2, 3, 4, 4)  # each class wins some rows with p = 1.0, elsewhere p = 0.0 exactly
+    logits[:, 0, 0] = 200.0
+    logits[:, 1, 1:3] = 200.0
+    logits[:, 2, 3] = 200.0
+    logits[1, 2, 3, :2] = 5.0
+    logits.requires_grad_(True)
+    probs = torch.softmax(logits, 1)
+    assert (probs == 0).any()
+    loss, a = complementary_loss(probs.detach(), probs)
+    (a * loss).backward()
+    assert torch.isfinite(loss) and torch.isfinite(a) and torch.isfinite(logits.grad).all()
+    # the weight is Categorical's entropy of each class map over the voxels, as in the authors' code
+    flat = probs.detach().reshape(2, 3, -1)
+    expected = 1 - torch.distributions.Categorical(probs=flat).entropy() / math.log(16)
+    assert a.item() == pytest.approx(expected.mean().item(), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- networks

@@ -119,14 +119,18 @@ def complementary_loss(weak_probs: Tensor, strong_probs: Tensor) -> tuple[Tensor
 
     a = mean over (b, c) of 1 − H(p_s[b, c, :] / Σ p_s[b, c, :]) / log N, the entropy of each
     class map taken as a distribution over the N voxels (``Categorical(probs=...)`` on the
-    reshaped (B, C, N) tensor; a keeps its gradient, as in the code). ``1 − p_s`` is passed to CE as logits, as in the code. The caller adds
+    reshaped (B, C, N) tensor, whose log clamps p to [eps, 1 − eps]; a keeps its gradient, as in the
+    code). ``1 − p_s`` is passed to CE as logits, as in the code. The caller adds
     ``a · loss``, i.e. a² overall (authors' code). Shapes (B, C, *spatial); ``weak_probs`` detached.
     """
     b, c = strong_probs.shape[:2]
     flat = strong_probs.float().reshape(b, c, -1)
     n = flat.shape[-1]
     dist = flat / flat.sum(-1, keepdim=True).clamp_min(1e-12)
-    entropy = -torch.special.xlogy(dist, dist).sum(-1)
+    # Categorical's entropy: p·log(clamp(p, eps, 1 - eps)). Not xlogy(p, p): its gradient is 0/0 = NaN
+    # where a softmax probability underflows to exactly 0, which a confident network reaches in float32.
+    eps = torch.finfo(dist.dtype).eps
+    entropy = -(dist * torch.log(dist.clamp(eps, 1 - eps))).sum(-1)
     a = (1 - entropy / math.log(n)).mean() if n > 1 else flat.new_tensor(1.0)
     comp_labels = torch.argmin(weak_probs.detach(), dim=1)
     return a * F.cross_entropy(1 - strong_probs.float(), comp_labels), a
