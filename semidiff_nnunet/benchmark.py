@@ -127,7 +127,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
     if not v:
         return float("nan"), float("nan")
     mean = sum(v) / len(v)
-    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else float("nan")
     return mean, std
 
 
@@ -137,7 +137,9 @@ def aggregate(rows, methods, labeled, metric):
 
 
 def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD95")) -> str:
-    """Mean ± sample std over seeds; best mean per column in bold (highest Dice, lowest distance)."""
+    """Mean ± sample std over seeds (the mean alone for one seed); best mean per column in bold (highest
+    Dice, lowest distance). A cell whose metric is undefined for some runs (HD95 of an empty prediction)
+    says over how many runs it is taken, e.g. ``3.50 (1/2)``."""
     lines = [f"**{title}**", ""] if title else []
     header = ["method"] + [f"{metric} @ {lab}" for lab in labeled for metric in metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -153,8 +155,12 @@ def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD
         for lab in labeled:
             for metric in metrics:
                 mean, std = agg[metric][(m, lab)]
-                text = "n/a" if math.isnan(mean) else (f"{mean:.4f} ± {std:.4f}" if metric in ("Dice", "Jaccard")
-                                                       else f"{mean:.2f} ± {std:.2f}")
+                values = [r[metric] for r in rows if r["method"] == m and r["labeled"] == lab]
+                n = sum(not math.isnan(x) for x in values)
+                fmt = ".4f" if metric in ("Dice", "Jaccard") else ".2f"
+                text = "n/a" if math.isnan(mean) else f"{mean:{fmt}}" + ("" if math.isnan(std) else f" ± {std:{fmt}}")
+                if 0 < n < len(values):
+                    text += f" ({n}/{len(values)})"
                 cells.append(f"**{text}**" if best.get((metric, lab)) == m else text)
         lines.append("| " + " | ".join(cells) + " |")
     n_seeds = sorted({r["seed"] for r in rows})
@@ -180,7 +186,7 @@ def plot(rows, methods, labeled, path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for m in methods:
         means = [agg[(m, lab)][0] for lab in labeled]
-        stds = [agg[(m, lab)][1] for lab in labeled]
+        stds = [0.0 if math.isnan(agg[(m, lab)][1]) else agg[(m, lab)][1] for lab in labeled]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=m)
     ax.set_xticks(xs)
     ax.set_xticklabels(labeled)

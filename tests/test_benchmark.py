@@ -22,11 +22,14 @@ def test_aggregate_and_markdown():
     assert agg[("a", "0.1")][0] == pytest.approx(0.6)
     assert agg[("a", "0.1")][1] == pytest.approx(math.sqrt(0.02))  # sample std
     hd = aggregate(ROWS, ["a", "b"], ["0.1"], "HD95")
-    assert hd[("b", "0.1")] == (3.5, 0.0)  # NaN skipped
+    assert hd[("b", "0.1")][0] == 3.5 and math.isnan(hd[("b", "0.1")][1])  # NaN skipped; one value: no std
     md = markdown_table(ROWS, ["a", "b"], ["0.1"])
     lines = [ln for ln in md.splitlines() if ln.startswith("| a") or ln.startswith("| b")]
     assert "**0.8000 ± 0.0000**" in lines[1] and "**" not in lines[0].split("|")[2]  # best Dice: b
     assert "**3.00 ± 1.41**" in lines[0]  # best (lowest) HD95: a
+    assert lines[1].endswith("| 3.50 (1/2) |")  # HD95 of b is defined for one of its two runs
+    single = markdown_table(ROWS[:1], ["a"], ["0.1"])
+    assert "| a | **0.5000** | **4.00** |" in single  # one seed: the mean alone, no "± 0"
 
 
 @pytest.mark.slow
