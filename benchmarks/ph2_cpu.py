@@ -29,6 +29,8 @@ if __name__ == "__main__":
     p.add_argument("--val-iters", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="a hyperparameter of one method, e.g. diffrect:refine_start=40 (repeatable)")
     args = p.parse_args()
 
     data = os.environ.get("SEMIDIFF_TEST_DATA")
@@ -69,10 +71,17 @@ if __name__ == "__main__":
         planning.preprocess(name, cpu, ["2d"], num_processes=2)
     print(f"planning and preprocessing: {time.time() - t0:.0f} s")
     methods = bench.parse_list(args.methods, "--methods")
+    per_method: dict[str, dict[str, str]] = {}
+    for item in args.set:
+        method, _, kv = item.partition(":")
+        key, _, value = kv.partition("=")
+        if not key or not value or method not in methods:
+            raise SystemExit(f"--set {item!r}: write METHOD:KEY=VALUE for one of {', '.join(methods)}.")
+        per_method.setdefault(method, {})[key] = value
     t0 = time.time()
     result = bench.run_benchmark(name, methods, bench.parse_list(args.labeled, "--labeled"),
                                  [int(s) for s in bench.parse_list(args.seeds, "--seeds")], "2d", 0, args.device,
-                                 cpu, args.epochs, args.iters_per_epoch, None,
+                                 cpu, args.epochs, args.iters_per_epoch, per_method or None,
                                  Path(args.output) if args.output else None, show_progress=False,
                                  val_iters_per_epoch=args.val_iters)
     print(result["markdown"])

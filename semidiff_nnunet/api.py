@@ -286,6 +286,8 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
         raise SemidiffError(f"A run already exists in {info.fold_folder}; pass --continue to resume it.")
     if info.fold_folder.is_dir() and checkpoint is None and not continue_training:
         shutil.rmtree(info.fold_folder)  # an attempt that died before its first checkpoint
+    if continue_training and checkpoint is not None:
+        hp = _resumed_hparams(info, trainer_cls, hp, overrides or {})
 
     torch_device = resolve_device(device)
     activate_trainer_shim()
@@ -312,6 +314,24 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
         if final_validation:
             trainer.perform_actual_validation(False)
     return info
+
+
+def _resumed_hparams(info: RunInfo, trainer_cls, hp, overrides: dict):
+    """A resumed run keeps the hyperparameters it started with (also defaults changed since); a --set that
+    contradicts them is a mistake, not a silent change half-way through a run."""
+    from semidiff_nnunet.training.hparams import hparams_to_dict, resolve_hparams
+
+    run_json = info.fold_folder / "semidiff_run.json"
+    if not run_json.is_file():
+        return hp
+    stored = json.loads(run_json.read_text(encoding="utf-8")).get("hparams") or {}
+    given = json.loads(json.dumps(hparams_to_dict(hp)))
+    for key in sorted(overrides):
+        if key in stored and given.get(key) != stored[key]:
+            raise SemidiffError(f"This run was started with {key}={stored[key]!r}; resume it without "
+                                f"--set {key}={overrides[key]} (or start a new run with another --seed).")
+    known = set(hparams_to_dict(hp))
+    return resolve_hparams(trainer_cls.hparams_class, {k: v for k, v in stored.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------- predict

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from semidiff_nnunet.errors import SemidiffError
+
 pytestmark = pytest.mark.slow
 PLANS = "semidiffDemoPlans"
 
@@ -106,7 +108,8 @@ def test_interrupted_run_resumes_exactly(leak2d, monkeypatch):
     from semidiff_nnunet import api
     from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
 
-    straight = _train(leak2d, labeled="4", epochs=3, save_every=1)
+    ema = {"ema_decay": "0.95"}  # not the default: the resumed run must take it from the run, not from --set
+    straight = _train(leak2d, labeled="4", epochs=3, save_every=1, overrides=ema)
     reference = _state(straight)
     shutil.rmtree(straight.run_root)
 
@@ -119,13 +122,15 @@ def test_interrupted_run_resumes_exactly(leak2d, monkeypatch):
 
     monkeypatch.setattr(MeanTeacherTrainer, "on_epoch_end", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        _train(leak2d, labeled="4", epochs=3, save_every=1)
+        _train(leak2d, labeled="4", epochs=3, save_every=1, overrides=ema)
     monkeypatch.setattr(MeanTeacherTrainer, "on_epoch_end", original)
     info = api.run_info(leak2d, "mean-teacher", "4", 0, "2d", 0, PLANS)
     assert (info.fold_folder / "checkpoint_latest.pth").is_file()
     assert not (info.fold_folder / "checkpoint_final.pth").is_file()
     with pytest.raises(Exception, match="--continue"):
         _train(leak2d, labeled="4", epochs=3, save_every=1)
+    with pytest.raises(SemidiffError, match="started with ema_decay=0.95"):
+        _train(leak2d, labeled="4", epochs=3, save_every=1, continue_training=True, overrides={"ema_decay": "0.9"})
     resumed = _state(_train(leak2d, labeled="4", epochs=3, save_every=1, continue_training=True))
     _assert_same(_weights(reference), _weights(resumed))
     _assert_same(reference["optimizer_state"], resumed["optimizer_state"])
