@@ -176,3 +176,21 @@ def test_pseudo_labels_are_preprocessed_for_unlabeled_cases_only(workspace):
                         split.extra_unlabeled, ["demoun_000", "demotr_003"])
     assert "demoun_000" in s.pseudo
     assert ("demotr_003" in s.pseudo) == ("demotr_003" in s.unlabeled)
+
+
+def test_diverged_run_stops_with_one_sentence(demo2d, run_cli, monkeypatch):
+    """A loss that stays NaN ends the run with an error naming the terms, not a NaN-trained model."""
+    from semidiff_nnunet.plugins.supervised import SupervisedTrainer
+
+    original = SupervisedTrainer.compute_losses
+
+    def diverging(self, labeled, unlabeled):
+        terms = original(self, labeled, unlabeled)
+        return {k: v * float("nan") for k, v in terms.items()}
+
+    monkeypatch.setattr(SupervisedTrainer, "compute_losses", diverging)
+    monkeypatch.setattr(SupervisedTrainer, "max_nonfinite_steps", 3)
+    code, _, err = run_cli("train", demo2d, "-m", "supervised", "--labeled", "3", "--seed", "7", "-c", "2d",
+                           "--epochs", "2", "--iters-per-epoch", "2", "--no-val", *TINY)
+    assert code == 1 and "Traceback" not in err
+    assert "Training diverged" in err and "3 steps in a row" in err and "non-finite terms: loss" in err

@@ -32,6 +32,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
+from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.training import ramps
 from semidiff_nnunet.training.curves import SemiLocalLogger
 from semidiff_nnunet.training.ema import _unwrap
@@ -74,6 +75,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     hparams_class: ClassVar[type] = BaseHParams
     #: False for methods that never look at unlabeled data (``supervised``): no loader is built
     uses_unlabeled: ClassVar[bool] = True
+    #: stop with a clear error after this many consecutive steps whose loss is NaN or infinite (a
+    #: diverged run; a single overflowing AMP step does not count as divergence)
+    max_nonfinite_steps: ClassVar[int] = 20
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -331,11 +335,27 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.iteration += 1
         self.after_step()
         out = {"loss": total.detach().cpu().numpy()}
+        self._check_finite(out["loss"], terms)
         if len(terms) > 1 or next(iter(terms)) != "loss":
             for k, v in terms.items():
                 out["term/" + k] = (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor)
                                                 else np.asarray(v, dtype=np.float32))
         return out
+
+    def _check_finite(self, loss: np.ndarray, terms: dict) -> None:
+        """Count consecutive non-finite losses; past ``max_nonfinite_steps`` end the run with one sentence
+        naming the terms, instead of training on NaN weights until the last epoch."""
+        if np.isfinite(loss).all():
+            self._nonfinite_steps = 0
+            return
+        self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
+        if self._nonfinite_steps >= self.max_nonfinite_steps:
+            bad = [k for k, v in terms.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
+            raise SemidiffError(
+                f"Training diverged: the loss was NaN or infinite for {self._nonfinite_steps} steps in a row (up "
+                f"to iteration {self.iteration}; non-finite terms: {', '.join(bad) or 'the total'}). Lower the "
+                f"learning rate or the method's loss weights with --set, or check the data; the last saved "
+                f"checkpoint is in {self.output_folder}.")
 
     def backward_and_step(self, loss: torch.Tensor, optimizers: list, modules: list[nn.Module]) -> None:
         """nnU-Net's update: backward (through the AMP grad scaler on CUDA), clip each module's
