@@ -254,29 +254,27 @@ def read_binary_mask_2d(path: Path, threshold: int | None = None) -> np.ndarray:
     return (arr != 0).astype(np.uint8)
 
 
-def read_h5_volume(path: Path | str, form: str, *, need_label: bool = True,
-                   dims: int | None = 3) -> tuple[np.ndarray, np.ndarray | None]:
+def read_h5_volume(path: Path | str, form: str, *, dims: int | None = 3) -> tuple[np.ndarray, np.ndarray]:
     """Read the ``image`` (as float32) and ``label`` datasets of an SSL-literature h5 file.
 
-    ``form`` names the expected layout in the error ("UA-MT", "SSL4MIS", ...). With ``need_label``
-    False a missing ``label`` gives None. With ``dims`` set, both arrays must have that many
-    dimensions and, when the label is there, the same shape.
+    ``form`` names the expected layout in the error ("UA-MT", "SSL4MIS", ...). With ``dims`` set,
+    both arrays must have that many dimensions and the same shape.
     """
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in (("image", "label") if need_label else ("image",)) if k not in f]
+            missing = [k for k in ("image", "label") if k not in f]
             if missing:
                 raise ConversionError(f"{path} lacks the dataset(s) {', '.join(repr(k) for k in missing)} of the "
                                       f"{form} h5 form (has: {', '.join(f.keys())}).")
             image = np.asarray(f["image"][()], dtype=np.float32)
-            label = np.asarray(f["label"][()]) if "label" in f else None
+            label = np.asarray(f["label"][()])
     except OSError as e:
         raise ConversionError(f"{path} could not be read as HDF5 ({e}).") from None
-    if dims is not None and (image.ndim != dims or (label is not None and image.shape != label.shape)):
-        shapes = f"image {image.shape}" + (f" and label {label.shape}" if label is not None else "")
-        raise ConversionError(f"{path}: {shapes} must be {dims}D arrays of the same shape.")
+    if dims is not None and (image.ndim != dims or image.shape != label.shape):
+        raise ConversionError(f"{path}: image {image.shape} and label {label.shape} must be {dims}D arrays of the "
+                              f"same shape.")
     return image, label
 
 

@@ -78,8 +78,6 @@ from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, Contrast
 from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 
 from semidiff_nnunet import DiffusionHeadSpec, LossSpec, MethodSpec, NetworkSpec, hookimpl
 from semidiff_nnunet.errors import SemidiffError
@@ -226,7 +224,7 @@ class DiffRectTrainer(SemiSupervisedTrainer):
         """Step 3 (eq. 14): a separate optimiser step of the segmentation network on y_r."""
         x_u, cond, tau = self._rect_context
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.autocast():
             y_r = self.rectified_pseudo_labels(x_u, cond, tau)
             loss = self.hp.rect_weight * ce_dice(self.highest_resolution(self.network(x_u)), y_r)
         self.backward_and_step(loss, [self.optimizer], [self.network])

@@ -101,6 +101,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.extra_optimizers: dict[str, tuple[torch.optim.Optimizer, Any]] = {}
         self.method_states: dict[str, Any] = {}
         self.iteration = 0
+        self._nonfinite_steps = 0
         self.semi_split: SemiSplit | None = None
         self.dataloader_unlabeled = None
         self._pending_rng: dict | None = None
@@ -327,7 +328,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         optimizers = self._all_optimizers()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.autocast():
             terms = self.compute_losses(labeled, unlabeled)
             summed = [v for k, v in terms.items() if not k.startswith("_")]
             total = summed[0] if len(summed) == 1 else torch.stack([v.float() for v in summed]).sum()
@@ -348,7 +349,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if np.isfinite(loss).all():
             self._nonfinite_steps = 0
             return
-        self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
+        self._nonfinite_steps += 1
         if self._nonfinite_steps >= self.max_nonfinite_steps:
             bad = [k for k, v in terms.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
             raise SemidiffError(
@@ -356,6 +357,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 f"to iteration {self.iteration}; non-finite terms: {', '.join(bad) or 'the total'}). Lower the "
                 f"learning rate or the method's loss weights with --set, or check the data; the last saved "
                 f"checkpoint is in {self.output_folder}.")
+
+    def autocast(self):
+        """nnU-Net's mixed-precision rule as a context: autocast on CUDA, nothing elsewhere. For methods
+        with an extra forward pass outside ``compute_losses``."""
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
     def backward_and_step(self, loss: torch.Tensor, optimizers: list, modules: list[nn.Module]) -> None:
         """nnU-Net's update: backward (through the AMP grad scaler on CUDA), clip each module's
