@@ -9,12 +9,12 @@ physical place, different array order), and z-flipped with the image's header (t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import convert_untouched, names, tree_digest
 
 from semidiff_nnunet.dataset_conversion.api import convert_dataset, list_converters
 from semidiff_nnunet.dataset_conversion.common import verify_dataset
@@ -27,26 +27,8 @@ UID_ROOT = "1.2.826.0.1.3680043.2.1125.7"
 
 
 # ----------------------------------------------------------------------------- helpers
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
 def convert(source: Path, tmp_path: Path, **kw) -> Path:
-    raw = tmp_path / "raw"
-    digest = tree_digest(source)
-    out = convert_dataset("pancreas-ct", source, raw_root=raw, num_processes=1, **kw)
-    assert tree_digest(source) == digest, "the source was modified"
-    assert [p.name for p in raw.iterdir()] == [out.name], "temporary folders were left behind"
-    return out
+    return convert_untouched("pancreas-ct", source, tmp_path / "raw", **kw)
 
 
 def ct_volume(num: int) -> np.ndarray:

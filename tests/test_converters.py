@@ -7,12 +7,15 @@ by file, then runs nnU-Net's integrity check (in-process, see ``common.verify_da
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import convert_untouched, names, tree_digest
 from PIL import Image
 
 from semidiff_nnunet.dataset_conversion import _known_splits as known
@@ -43,31 +46,13 @@ def save(arr, path: Path, mode=None, **kw):
     return path
 
 
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def convert(name, source, tmp_path, **kw):
-    raw = tmp_path / "raw"
-    digest = tree_digest(source)
     kw.setdefault("dataset_id", 900)
-    out = convert_dataset(name, source, raw_root=raw, num_processes=kw.pop("num_processes", 1), **kw)
-    assert tree_digest(source) == digest, "the source was modified"
-    assert [p.name for p in raw.iterdir()] == [out.name], "temporary folders were left behind"
-    return out
+    return convert_untouched(name, source, tmp_path / "raw", **kw)
 
 
 def dataset_json(folder: Path) -> dict:
     return json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-
-
-def names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def png_values(path: Path) -> set[int]:
@@ -115,6 +100,53 @@ def test_plugin_module_is_light():
             "bad=[m for m in ('numpy','SimpleITK','PIL','h5py','nnunetv2','torch') if m in sys.modules]; print(bad)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=True)
     assert res.stdout.strip() == "[]"
+
+
+def test_conversion_api_reaches_converters_through_the_registry_only(tmp_path, monkeypatch):
+    """convert_dataset runs whatever the registry holds under the name, and nothing else: no
+    built-in converter is registered behind the registry's back."""
+    import types
+
+    from semidiff_nnunet import registry
+    from semidiff_nnunet.hookspecs import hookimpl
+    from semidiff_nnunet.specs import ConverterSpec
+
+    def toy(source, target, *, flavour="plain"):
+        (Path(target) / "dataset.json").write_text(json.dumps({"flavour": flavour}), encoding="utf-8")
+
+    plugin = types.ModuleType("toy_plugin")
+    plugin.semidiff_register_converters = hookimpl(lambda: [ConverterSpec(name="toy", convert=toy, default_id=950)])
+    reg = registry.Registry(load_entry_points=False)
+    reg.register(plugin, "toy-plugin", "toy-dist")
+    monkeypatch.setattr(registry, "_REGISTRY", reg)
+    (tmp_path / "src").mkdir()
+    out = convert_dataset("toy", tmp_path / "src", raw_root=tmp_path / "raw", flavour="spicy")
+    assert out.name == "Dataset950_toy" and dataset_json(out) == {"flavour": "spicy", "name": "toy"}
+    assert [c["name"] for c in list_converters()] == ["toy"]
+    with pytest.raises(SemidiffError, match="Unknown converter 'ph2'"):
+        convert_dataset("ph2", tmp_path / "src", raw_root=tmp_path / "raw")
+
+
+def test_dataset_conversion_never_imports_plugins():
+    """One direction: plugins/converters.py imports dataset_conversion (lazily), never the reverse."""
+    import ast
+
+    import semidiff_nnunet.dataset_conversion as pkg
+
+    offending = []
+    for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # also "from ..plugins import x" (level 2)
+                mods = [("." * node.level) + (node.module or "") + "." + a.name for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):  # importlib.import_module("...")
+                mods = [node.value]
+            else:
+                continue
+            offending += [f"{path.name}:{node.lineno}: {m}" for m in mods
+                          if m.startswith(("semidiff_nnunet.plugins", "..plugins"))]
+    assert not offending, offending
 
 
 # ----------------------------------------------------------------------------- generic
@@ -323,6 +355,30 @@ def test_la2018_bad_h5_label(tmp_path):
         convert_dataset("la2018", src, raw_root=tmp_path / "raw", num_processes=1)
 
 
+@pytest.mark.parametrize("value, error", [(1.0, None), (0.5, "holds non-integer label values")])
+def test_h5_float_labels_must_be_whole_numbers(tmp_path, value, error):
+    """All h5 forms share one reader: a float32 label (as MC-Net stores it) is fine when it holds
+    whole numbers and an error otherwise, for LA as for Pancreas."""
+    import h5py
+
+    src = make_la_h5(tmp_path / "la", train=("A1",), test=())
+    with h5py.File(src / "2018LA_Seg_Training Set" / "A1" / "mri_norm2.h5", "a") as f:
+        lab = f["label"][()].astype(np.float32)
+        lab[lab == 1] = value
+        del f["label"]
+        f.create_dataset("label", data=lab)
+    if error:
+        with pytest.raises(SemidiffError, match=rf"mri_norm2\.h5 {error}"):
+            convert_dataset("la2018", src, raw_root=tmp_path / "raw", num_processes=1)
+        return
+    out = convert("la2018", src, tmp_path)
+    assert names(out / "labelsTr") == ["A1.nii.gz"]
+    import SimpleITK as sitk
+
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "A1.nii.gz")))
+    assert written.dtype == np.uint8 and written.sum() == (lab == 1).sum()
+
+
 def test_la2018_original_nrrd(tmp_path):
     import nrrd
     import SimpleITK as sitk
@@ -407,6 +463,22 @@ def test_kvasir_and_clinicdb_from_pranet(tmp_path):
     assert dataset_json(kv)["semidiff"]["source_form"] == "PraNet package (Kvasir part)"
     cl = convert_dataset("cvc-clinicdb", src, raw_root=tmp_path / "raw2", num_processes=1)
     check(cl, 2, n_test=2)
+
+
+def test_polyp_case_ids_are_the_same_in_all_three_converters(tmp_path):
+    """kvasir-seg, cvc-clinicdb and polyp-pranet name a package's images by one rule (sanitised stems)."""
+    src = make_pranet(tmp_path / "pranet", nested=False)
+    save(rgb(24, 30, seed=7), src / "TrainDataset" / "image" / "cju1 odd(2).png")
+    save(blob(24, 30), src / "TrainDataset" / "mask" / "cju1 odd(2).png")
+    pranet = convert("polyp-pranet", src, tmp_path / "p")
+    kvasir = convert("kvasir-seg", src, tmp_path / "k")
+    clinicdb = convert("cvc-clinicdb", src, tmp_path / "c")
+    train = names(pranet / "labelsTr")
+    assert "kvasir_cju1_odd_2.png" in train
+    assert names(kvasir / "labelsTr") == sorted(n[len("kvasir_"):] for n in train if n.startswith("kvasir_"))
+    assert names(clinicdb / "labelsTr") == [n for n in train if n.startswith("clinicdb_")]
+    assert names(kvasir / "labelsTs") == [n for n in names(pranet / "labelsTs") if n.startswith("kvasir_")]
+    assert names(clinicdb / "labelsTs") == [n for n in names(pranet / "labelsTs") if n.startswith("clinicdb_")]
 
 
 def test_cvc_clinicdb_original_tif(tmp_path):
@@ -748,24 +820,50 @@ def test_mscmrseg2019(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_convert_command(tmp_path, monkeypatch):
-    import typer
-    from typer.testing import CliRunner
-
-    from semidiff_nnunet.cli.convert import convert_command
-
-    app = typer.Typer()
-    app.command("convert")(convert_command)
-    app.command("noop")(lambda: None)  # keeps "convert" a subcommand
-    runner = CliRunner()
-    res = runner.invoke(app, ["convert", "--list"])
-    assert res.exit_code == 0 and "endoscapes2023" in res.output and "kvasir-seg" in res.output
+def test_convert_command_of_the_real_cli(tmp_path, monkeypatch, run_cli):
+    """``semidiff convert`` as the application the console script runs (in-process: fast)."""
+    code, out, err = run_cli("convert", "--list")
+    assert code == 0, err
+    assert "endoscapes2023" in out and "kvasir-seg" in out
     src = make_generic(tmp_path / "src", n=2)
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    res = runner.invoke(app, ["convert", "generic", str(src), "--id", "901", "--name", "Cli", "-p", "1",
-                              "-o", "channels=gray", "--verify"])
-    assert res.exit_code == 0, res.output
+    code, out, err = run_cli("convert", "generic", src, "--id", "901", "--name", "Cli", "-p", "1",
+                             "-o", "channels=gray", "--verify")
+    assert code == 0, err
     ds = dataset_json(tmp_path / "raw" / "Dataset901_Cli")
-    assert ds["channel_names"] == {"0": "gray"} and ds["name"] == "Cli"
-    res = runner.invoke(app, ["convert", "generic", str(src), "--id", "901", "--name", "Cli"])
-    assert res.exit_code != 0 and isinstance(res.exception, SemidiffError)
+    assert ds["channel_names"] == {"0": "gray"} and ds["name"] == "Cli" and ds["numTraining"] == 2
+    code, out, err = run_cli("convert", "generic", src, "--id", "901", "--name", "Cli")
+    assert code == 1 and "already exists; pass --overwrite" in err and "Traceback" not in err + out
+
+
+@pytest.mark.slow
+def test_installed_semidiff_convert_in_a_subprocess(tmp_path):
+    """The installed ``semidiff`` script converts a dataset in a fresh interpreter, under an ASCII
+    locale as on CI (output decoded as UTF-8: the CLI replaces what the locale cannot encode)."""
+    exe = Path(sys.executable).parent / "semidiff"
+    assert exe.is_file(), f"{exe} is missing; install the package (pip install -e .)"
+    src = make_generic(tmp_path / "src", n=3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0", nnUNet_raw=str(tmp_path / "raw"), SEMIDIFF_HOME=str(tmp_path / "home"))
+
+    def semidiff_convert(*args):
+        return subprocess.run([str(exe), "convert", *map(str, args)], env=env, capture_output=True,
+                              encoding="utf-8", errors="replace", timeout=300)
+
+    res = semidiff_convert("generic", src, "--id", "903", "--name", "Sub", "-o", "channels=gray", "-p", "1",
+                           "--verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Converted generic" in res.stderr and "3 training cases" in res.stderr
+    assert "integrity check passed" in res.stderr
+    out = tmp_path / "raw" / "Dataset903_Sub"
+    ds = check(out, 3, labels={"background": 0, "foreground": 1}, channels=1)
+    assert ds["name"] == "Sub" and ds["channel_names"] == {"0": "gray"}
+    assert names(out / "labelsTr") == ["case_0.png", "case_1.png", "case_2.png"]
+    lab = np.asarray(Image.open(out / "labelsTr" / "case_2.png"))
+    assert (lab == (blob(x=2) > 0)).all()
+    img = np.asarray(Image.open(out / "imagesTr" / "case_2_0000.png"))
+    assert img.shape == (16, 20) and img.dtype == np.uint8
+
+    res = semidiff_convert("generic", src, "--id", "903", "--name", "Sub")
+    assert res.returncode == 1 and "already exists; pass --overwrite" in res.stderr
+    assert "Traceback" not in res.stdout + res.stderr

@@ -16,33 +16,24 @@ import tempfile
 from pathlib import Path
 
 from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.registry import get_registry
+from semidiff_nnunet.specs import ConverterSpec
 
 log = logging.getLogger("semidiff_nnunet.convert")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
-def _registry():
-    from semidiff_nnunet.registry import get_registry
-
-    reg = get_registry()
-    if "converters" not in reg.plugins and not any(f.name == "converters" for f in reg.failures):
-        # running from a source tree that is not installed: register the built-in converters by hand
-        from semidiff_nnunet.plugins import converters
-
-        reg.register(converters, "converters", "semidiff-nnunet")
-    return reg
-
-
-def get_converter(name: str):
-    return _registry().get("converter", name)
+def get_converter(name: str) -> ConverterSpec:
+    """The converter registered under ``name``: the registry is the only way to one (the built-in
+    converters come through the ``converters`` entry point, others through their plugins)."""
+    return get_registry().converter(name)
 
 
 def list_converters() -> list[dict]:
     """Every registered converter: name, summary, default id/name, source layout, download hint, provider."""
-    reg = _registry()
     out = []
-    for name, entry in reg.entries("converter").items():
+    for name, entry in get_registry().entries("converter").items():
         spec = entry.spec
         out.append({
             "name": name,

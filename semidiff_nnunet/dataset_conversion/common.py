@@ -255,7 +255,7 @@ def read_binary_mask_2d(path: Path, threshold: int | None = None) -> np.ndarray:
 
 
 def read_h5_volume(path: Path | str, form: str, *, dims: int | None = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Read the ``image`` (as float32) and ``label`` datasets of an SSL-literature h5 file.
+    """Read the ``image`` (as float32) and ``label`` (as int32) datasets of an SSL-literature h5 file.
 
     ``form`` names the expected layout in the error ("UA-MT", "SSL4MIS", ...). With ``dims`` set,
     both arrays must have that many dimensions and the same shape.
@@ -269,13 +269,35 @@ def read_h5_volume(path: Path | str, form: str, *, dims: int | None = 3) -> tupl
                 raise ConversionError(f"{path} lacks the dataset(s) {', '.join(repr(k) for k in missing)} of the "
                                       f"{form} h5 form (has: {', '.join(f.keys())}).")
             image = np.asarray(f["image"][()], dtype=np.float32)
-            label = np.asarray(f["label"][()])
+            label = integer_labels(np.asarray(f["label"][()]), path)
     except OSError as e:
         raise ConversionError(f"{path} could not be read as HDF5 ({e}).") from None
     if dims is not None and (image.ndim != dims or image.shape != label.shape):
         raise ConversionError(f"{path}: image {image.shape} and label {label.shape} must be {dims}D arrays of the "
                               f"same shape.")
     return image, label
+
+
+def convert_case_h5_xyz(*, h5: str, out_image: str, out_label: str, spacing: Sequence[float], form: str,
+                        allowed: Sequence[int] = (0, 1)) -> list[int]:
+    """Convert one (x, y, z) h5 volume (job function; UA-MT's LA, MC-Net/BCP's pancreas): image and
+    label written as NIfTI with ``spacing`` (x, y, z; the h5 stores none), origin and direction identity.
+    Returns the label values written."""
+    image, label = read_h5_volume(h5, form)
+    check_values(label, allowed, h5)
+    # (x, y, z) as the h5 stores it -> SimpleITK array order (z, y, x)
+    write_volume(image.transpose(2, 1, 0), Path(out_image), spacing_xyz=spacing)
+    write_volume(label.astype(np.uint8).transpose(2, 1, 0), Path(out_label), spacing_xyz=spacing)
+    return sorted(np.unique(label).tolist())
+
+
+def integer_labels(arr: np.ndarray, path: Path | str) -> np.ndarray:
+    """A label map as int32; float labels (MC-Net stores float32) must hold whole numbers."""
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.allclose(arr, np.round(arr)):
+            raise ConversionError(f"{path} holds non-integer label values; expected a label map.")
+        arr = np.round(arr)
+    return arr.astype(np.int32)
 
 
 def check_values(arr: np.ndarray, allowed: Iterable[int], path: Path | str) -> None:
@@ -691,12 +713,7 @@ def convert_case_3d(*, images: Sequence[str], out_images: Sequence[str], label: 
     ref = read_volume(Path(images[0]))
     lab_img = read_volume(Path(label))
     ref = label_volume_like(lab_img, ref, Path(label), Path(images[0]))
-    arr = sitk.GetArrayFromImage(lab_img)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.allclose(arr, np.round(arr)):
-            raise ConversionError(f"{label} holds non-integer values; expected a label map.")
-        arr = np.round(arr)
-    arr = arr.astype(np.int32)
+    arr = integer_labels(sitk.GetArrayFromImage(lab_img), label)
     if binary:
         arr = (arr > 0).astype(np.int32)
     arr = apply_value_map(arr, value_map, label, strict_map)

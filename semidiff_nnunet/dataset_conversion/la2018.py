@@ -18,33 +18,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from semidiff_nnunet.dataset_conversion import _known_splits as known
 from semidiff_nnunet.dataset_conversion.common import (
     ConversionError,
     DatasetWriter,
     as_floats,
-    check_values,
     convert_case_3d,
+    convert_case_h5_xyz,
     log,
-    read_h5_volume,
     read_list,
     run_jobs,
-    write_volume,
 )
 
 LA_SPACING = (0.625, 0.625, 0.625)
 LABELS = {"background": 0, "left_atrium": 1}
-
-
-def convert_h5_case(*, h5: str, out_image: str, out_label: str, spacing: tuple[float, float, float]) -> list[int]:
-    image, label = read_h5_volume(h5, "UA-MT")
-    check_values(label, (0, 1), h5)
-    # (x, y, z) as pynrrd reads it -> SimpleITK array order (z, y, x)
-    write_volume(image.transpose(2, 1, 0), Path(out_image), spacing_xyz=spacing)
-    write_volume(label.astype(np.uint8).transpose(2, 1, 0), Path(out_label), spacing_xyz=spacing)
-    return sorted(np.unique(label).tolist())
 
 
 def _lists(source: Path) -> tuple[list[str], list[str], str]:
@@ -86,7 +73,7 @@ def convert(source: Path, target: Path, *, split: str = "uamt", spacing: str | N
                 unlisted.append(case)
         if h5s:
             jobs.append(("h5", dict(h5=str(f), out_image=str(w.image(dst, case)), out_label=str(w.label(dst, case)),
-                                    spacing=spacing_xyz)))
+                                    spacing=spacing_xyz, form="UA-MT")))
         else:
             lab = f.parent / "laendo.nrrd"
             if not lab.is_file():
@@ -102,7 +89,7 @@ def convert(source: Path, target: Path, *, split: str = "uamt", spacing: str | N
     if in_test or challenge_test:
         w.make_dirs("test")
     if h5s:
-        run_jobs(convert_h5_case, [j for _, j in jobs], num_processes=num_processes, description="la2018: converting")
+        run_jobs(convert_case_h5_xyz, [j for _, j in jobs], num_processes=num_processes, description="la2018: converting")
         w.note(f"UA-MT h5 stores no spacing; restored {spacing_xyz[0]} x {spacing_xyz[1]} x {spacing_xyz[2]} mm "
                f"(the challenge's 0.625 mm isotropic){' (from the spacing option)' if spacing else ''}; "
                f"origin and direction are identity.")

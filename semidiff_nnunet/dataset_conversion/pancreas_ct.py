@@ -64,8 +64,9 @@ from semidiff_nnunet.dataset_conversion.common import (
     as_bool,
     as_floats,
     check_values,
+    convert_case_h5_xyz,
+    integer_labels,
     log,
-    read_h5_volume,
     read_list,
     read_volume,
     run_jobs,
@@ -162,12 +163,7 @@ def convert_dicom_case(*, case_dir: str, case: str, out_image: str, label: str |
     if lab_img.GetDimension() != 3 or tuple(lab_img.GetSize()) != tuple(image.GetSize()):
         raise ConversionError(f"{lab_path} has size {lab_img.GetSize()} but the CT series of {case} has "
                               f"{image.GetSize()}; expected a label with the image's size.")
-    lab_arr = sitk.GetArrayFromImage(lab_img)
-    if np.issubdtype(lab_arr.dtype, np.floating):
-        if not np.allclose(lab_arr, np.round(lab_arr)):
-            raise ConversionError(f"{lab_path} holds non-integer values; expected a label map.")
-        lab_arr = np.round(lab_arr)
-    lab_arr = lab_arr.astype(np.int32)
+    lab_arr = integer_labels(sitk.GetArrayFromImage(lab_img), lab_path)
     check_values(lab_arr, (0, 1), lab_path)
     if not lab_arr.any():
         raise ConversionError(f"{lab_path} is empty; expected the pancreas of {case}.")
@@ -222,20 +218,6 @@ def _find_labels(source: Path) -> dict[int, Path]:
 
 
 # ----------------------------------------------------------------------------- h5 form
-def convert_h5_case(*, h5: str, out_image: str, out_label: str, spacing: tuple[float, float, float]) -> dict:
-    image, label = read_h5_volume(h5, "MC-Net/BCP")
-    if np.issubdtype(label.dtype, np.floating):  # MC-Net stores the label as float32
-        if not np.allclose(label, np.round(label)):
-            raise ConversionError(f"{h5} holds a non-integer label; expected 0/1.")
-        label = np.round(label)
-    label = label.astype(np.int32)
-    check_values(label, (0, 1), h5)
-    # (x, y, z) -> SimpleITK array order (z, y, x)
-    write_volume(image.transpose(2, 1, 0), Path(out_image), spacing_xyz=spacing)
-    write_volume(label.astype(np.uint8).transpose(2, 1, 0), Path(out_label), spacing_xyz=spacing)
-    return {"case": Path(h5).name, "placement": None}
-
-
 def _ids(path: Path) -> list[int]:
     out = []
     for item in read_list(path):
@@ -319,7 +301,7 @@ def convert(source: Path, target: Path, *, split: str = "mcnet", keep_duplicates
         groups[dst].append(case)
         if is_h5:
             jobs.append(dict(h5=str(h5s[n]), out_image=str(w.image(dst, case)), out_label=str(w.label(dst, case)),
-                             spacing=spacing_xyz))
+                             spacing=spacing_xyz, form="MC-Net/BCP"))
             continue
         lab = labels.get(n)
         if lab is None and dst == "train":
@@ -336,13 +318,13 @@ def convert(source: Path, target: Path, *, split: str = "mcnet", keep_duplicates
     if groups["test"]:
         w.make_dirs("test")
     log.info("pancreas-ct: %d cases (%d train, %d test)", len(nums), len(groups["train"]), len(groups["test"]))
-    fn = convert_h5_case if is_h5 else convert_dicom_case
+    fn = convert_case_h5_xyz if is_h5 else convert_dicom_case
     results = run_jobs(fn, jobs, num_processes=num_processes, description="pancreas-ct: converting")
 
-    placement = {r["case"]: r["placement"] for r in results if r.get("placement")}
-    for r in results:
-        if r.get("placement"):
-            log.info("pancreas-ct: %s: label placed by %s (mean %.0f HU)", r["case"], r["placement"], r["mean_hu"])
+    placed = [] if is_h5 else [r for r in results if r["placement"]]
+    placement = {r["case"]: r["placement"] for r in placed}
+    for r in placed:
+        log.info("pancreas-ct: %s: label placed by %s (mean %.0f HU)", r["case"], r["placement"], r["mean_hu"])
     if is_h5:
         w.note(f"the h5 form stores no spacing; ASSUMED {spacing_xyz[0]} x {spacing_xyz[1]} x {spacing_xyz[2]} mm"
                f"{' (from the spacing option)' if spacing else ' (MC-Net resamples to 1 mm isotropic)'}; origin and "

@@ -18,6 +18,8 @@ All polyp masks are thresholded at 127 (JPEG noise, also inside the package's PN
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from semidiff_nnunet.dataset_conversion.common import (
@@ -98,6 +100,11 @@ def _find_clinicdb_original(source: Path) -> Path | None:
     return None
 
 
+def _case(prefix: str, img: Path) -> str:
+    """The case id of ``img``: ``prefix`` + its sanitised stem (the one naming rule of all three converters)."""
+    return f"{prefix}{safe_case_id(strip_ext(img.name))}"
+
+
 def _job(w: DatasetWriter, split: str, case: str, img: Path, msk: Path) -> dict:
     return dict(image=str(img), out_image=str(w.image(split, case)), masks=[str(msk)],
                 out_label=str(w.label(split, case)), channels="rgb", mode="binary", threshold=THRESHOLD,
@@ -106,11 +113,6 @@ def _job(w: DatasetWriter, split: str, case: str, img: Path, msk: Path) -> dict:
 
 def _is_clinicdb_name(p: Path) -> bool:
     return strip_ext(p.name).isdigit()
-
-
-def _finish(w: DatasetWriter, converter: str, name: str, form: str) -> dict:
-    return w.finish(converter=converter, channel_names=RGB_CHANNELS, labels=LABELS, dataset_name=name,
-                    source_form=form, description=f"{name} polyp segmentation (binary); masks thresholded at {THRESHOLD}")
 
 
 def _pranet_test_jobs(w: DatasetWriter, test: Path | None, only: tuple[str, ...] | None) -> tuple[list, dict]:
@@ -125,66 +127,72 @@ def _pranet_test_jobs(w: DatasetWriter, test: Path | None, only: tuple[str, ...]
             log.warning("PraNet TestDataset has no %s folder; that test set is skipped.", folder)
             continue
         for img, msk in _pairs(d):
-            case = f"{prefix}_{safe_case_id(strip_ext(img.name))}"
+            case = _case(f"{prefix}_", img)
             jobs.append(_job(w, "test", case, img, msk))
             sets.setdefault(folder, []).append(case)
     return jobs, sets
 
 
-def convert_kvasir(source: Path, target: Path, *, num_processes: int | None = None) -> dict:
+def _run(w: DatasetWriter, jobs: list, sets: dict, *, converter: str, name: str, form: str,
+         num_processes: int | None) -> dict:
+    w.make_dirs("train")
+    run_jobs(convert_case_2d, jobs, num_processes=num_processes, description=f"{converter}: converting")
+    w.write_test_sets(sets)
+    return w.finish(converter=converter, channel_names=RGB_CHANNELS, labels=LABELS, dataset_name=name,
+                    source_form=form, description=f"{name} polyp segmentation (binary); masks thresholded at {THRESHOLD}")
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A dataset with a download of its own that is also a part of the PraNet package."""
+
+    converter: str
+    dataset_name: str
+    test_set: str  # its folder in TestDataset
+    prefix: str  # case-id prefix of its training cases
+    download: str  # its own download, as detected (source_form)
+    expected: str  # its own download's layout (error message)
+    find_download: Callable[[Path], Path | None]
+    in_train: Callable[[Path], bool]  # which TrainDataset images are its own
+
+
+KVASIR = _Part("kvasir-seg", "KvasirSEG", "Kvasir", "", "Kvasir-SEG download (JPEG images and masks)",
+               "Kvasir-SEG download (Kvasir-SEG/images + masks)", _find_kvasir_original,
+               lambda img: not _is_clinicdb_name(img))
+CLINICDB = _Part("cvc-clinicdb", "CVCClinicDB", "CVC-ClinicDB", "clinicdb_",
+                 "CVC-ClinicDB download (Original/ + Ground Truth/)",
+                 "CVC-ClinicDB download (Original/ + Ground Truth/)", _find_clinicdb_original, _is_clinicdb_name)
+
+
+def _convert_part(part: _Part, source: Path, target: Path, num_processes: int | None) -> dict:
+    """Convert ``part`` from its own download or, failing that, from its share of the PraNet package."""
     source = Path(source)
     w = DatasetWriter(target, ".png")
-    orig = _find_kvasir_original(source)
-    jobs, sets = [], {}
-    if orig is not None:
-        form = "Kvasir-SEG download (JPEG images and masks)"
-        for img, msk in _pairs(orig):
-            jobs.append(_job(w, "train", safe_case_id(strip_ext(img.name)), img, msk))
+    own = part.find_download(source)
+    if own is not None:
+        form = part.download
+        jobs, sets = [_job(w, "train", _case(part.prefix, img), img, msk) for img, msk in _pairs(own)], {}
     else:
         train, test = find_pranet(source)
         if train is None:
-            raise ConversionError(f"{source} is neither a Kvasir-SEG download (Kvasir-SEG/images + masks) nor the "
-                                  f"PraNet package (TrainDataset/ + TestDataset/).")
-        form = "PraNet package (Kvasir part)"
-        for img, msk in _pairs(train):
-            if not _is_clinicdb_name(img):
-                jobs.append(_job(w, "train", safe_case_id(strip_ext(img.name)), img, msk))
-        test_jobs, sets = _pranet_test_jobs(w, test, ("Kvasir",))
+            raise ConversionError(f"{source} is neither a {part.expected} nor the PraNet package "
+                                  f"(TrainDataset/ + TestDataset/).")
+        form = f"PraNet package ({part.test_set} part)"
+        jobs = [_job(w, "train", _case(part.prefix, img), img, msk) for img, msk in _pairs(train) if part.in_train(img)]
+        test_jobs, sets = _pranet_test_jobs(w, test, (part.test_set,))
         jobs += test_jobs
         w.make_dirs("test")
-    log.info("kvasir-seg: detected %s", form)
-    w.make_dirs("train")
-    run_jobs(convert_case_2d, jobs, num_processes=num_processes, description="kvasir-seg: converting")
-    w.write_test_sets(sets)
-    return _finish(w, "kvasir-seg", "KvasirSEG", form)
+    log.info("%s: detected %s", part.converter, form)
+    return _run(w, jobs, sets, converter=part.converter, name=part.dataset_name, form=form,
+                num_processes=num_processes)
+
+
+def convert_kvasir(source: Path, target: Path, *, num_processes: int | None = None) -> dict:
+    return _convert_part(KVASIR, source, target, num_processes)
 
 
 def convert_clinicdb(source: Path, target: Path, *, num_processes: int | None = None) -> dict:
-    source = Path(source)
-    w = DatasetWriter(target, ".png")
-    orig = _find_clinicdb_original(source)
-    jobs, sets = [], {}
-    if orig is not None:
-        form = "CVC-ClinicDB download (Original/ + Ground Truth/)"
-        for img, msk in _pairs(orig):
-            jobs.append(_job(w, "train", f"clinicdb_{safe_case_id(strip_ext(img.name))}", img, msk))
-    else:
-        train, test = find_pranet(source)
-        if train is None:
-            raise ConversionError(f"{source} is neither a CVC-ClinicDB download (Original/ + Ground Truth/) nor the "
-                                  f"PraNet package (TrainDataset/ + TestDataset/).")
-        form = "PraNet package (CVC-ClinicDB part)"
-        for img, msk in _pairs(train):
-            if _is_clinicdb_name(img):
-                jobs.append(_job(w, "train", f"clinicdb_{strip_ext(img.name)}", img, msk))
-        test_jobs, sets = _pranet_test_jobs(w, test, ("CVC-ClinicDB",))
-        jobs += test_jobs
-        w.make_dirs("test")
-    log.info("cvc-clinicdb: detected %s", form)
-    w.make_dirs("train")
-    run_jobs(convert_case_2d, jobs, num_processes=num_processes, description="cvc-clinicdb: converting")
-    w.write_test_sets(sets)
-    return _finish(w, "cvc-clinicdb", "CVCClinicDB", form)
+    return _convert_part(CLINICDB, source, target, num_processes)
 
 
 def convert_pranet(source: Path, target: Path, *, num_processes: int | None = None) -> dict:
@@ -194,15 +202,10 @@ def convert_pranet(source: Path, target: Path, *, num_processes: int | None = No
         raise ConversionError(f"{source} is not the PraNet polyp package; expected TrainDataset/ and TestDataset/ "
                               f"folders.")
     w = DatasetWriter(target, ".png")
-    jobs = []
-    for img, msk in _pairs(train):
-        stem = safe_case_id(strip_ext(img.name))
-        case = f"clinicdb_{stem}" if _is_clinicdb_name(img) else f"kvasir_{stem}"
-        jobs.append(_job(w, "train", case, img, msk))
+    jobs = [_job(w, "train", _case("clinicdb_" if _is_clinicdb_name(img) else "kvasir_", img), img, msk)
+            for img, msk in _pairs(train)]
     test_jobs, sets = _pranet_test_jobs(w, test, None)
-    jobs += test_jobs
-    w.make_dirs("train", "test")
-    run_jobs(convert_case_2d, jobs, num_processes=num_processes, description="polyp-pranet: converting")
-    w.write_test_sets(sets)
+    w.make_dirs("test")
     w.note(f"test sets: {', '.join(f'{k} ({len(v)})' for k, v in sets.items())}")
-    return _finish(w, "polyp-pranet", "PolypPraNet", "PraNet package (TrainDataset + TestDataset)")
+    return _run(w, jobs + test_jobs, sets, converter="polyp-pranet", name="PolypPraNet",
+                form="PraNet package (TrainDataset + TestDataset)", num_processes=num_processes)
