@@ -66,8 +66,8 @@ def main() -> dict:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from semidiff_nnunet.networks.hf_mamba import find_hf_mamba
-    from semidiff_nnunet.networks.mamba import fused_scan_available, selective_scan
+    from semidiff_nnunet.plugins.diffcl.hf_mamba import find_hf_mamba
+    from semidiff_nnunet.plugins.diffcl.mamba import fused_scan_available, selective_scan
     from semidiff_nnunet.plugins.diffcl import DiffCLTrainer
     from semidiff_nnunet.training import unwrap
     from semidiff_nnunet.training.hparams import hparams_to_dict, parse_overrides, resolve_hparams

@@ -45,7 +45,7 @@ def worker(args) -> dict:
     from _demo_trainer import demo_dataset, started_trainer
 
     from semidiff_nnunet import api, registry
-    from semidiff_nnunet.losses.diffrect import colorize
+    from semidiff_nnunet.plugins.diffrect.losses import colorize
     from semidiff_nnunet.plugins import diffrect
     from semidiff_nnunet.training.splits import LabeledSpec
 

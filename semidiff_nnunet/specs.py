@@ -6,22 +6,60 @@ Every spec has a unique ``name`` within its kind, a one-line ``summary`` and a `
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 
+def load_object(ref: Any) -> Any:
+    """``"package.module:attr"`` → the object (imported now); anything else is returned as it is.
+
+    Specs may name their classes and factories this way so that listing what is installed
+    (``semidiff methods``) imports neither torch nor nnU-Net.
+    """
+    if not isinstance(ref, str):
+        return ref
+    module, sep, attr = ref.partition(":")
+    if not sep or not attr:
+        raise ValueError(f"{ref!r}: expected 'package.module:attribute'.")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def lazy_module_getattr(package: str, submodule: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that serves missing names from ``submodule``, imported on
+    first use: a plugin package's ``__init__`` registers its specs cheaply and still re-exports its
+    trainer (``from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer``)."""
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(importlib.import_module(submodule, package), name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
-    """A named factory for a building block (network, loss, diffusion head)."""
+    """A named factory for a building block (network, loss, diffusion head); ``factory`` may be a
+    ``"module:attr"`` string, imported when the component is created."""
 
     name: str
     factory: Callable[..., Any]
     summary: str = ""
     reference: str = ""
 
+    def load(self) -> Callable[..., Any]:
+        return load_object(self.factory)
+
     def create(self, *args, **kwargs):
-        return self.factory(*args, **kwargs)
+        return self.load()(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -54,12 +92,7 @@ class MethodSpec:
     reference: str = ""
 
     def load_trainer(self) -> type:
-        if isinstance(self.trainer, str):
-            import importlib
-
-            module, _, attr = self.trainer.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        return self.trainer
+        return load_object(self.trainer)
 
 
 @dataclass(frozen=True)

@@ -15,27 +15,15 @@ import torch
 from conftest import TINY
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from semidiff_nnunet.losses import diffcl as L
-from semidiff_nnunet.networks.hf_mamba import HFMamba, find_hf_mamba, high_pass_filter, insert_hf_mamba
-from semidiff_nnunet.networks.mamba import (
+from semidiff_nnunet.plugins.diffcl import losses as L
+from semidiff_nnunet.plugins.diffcl.hf_mamba import HFMamba, find_hf_mamba, high_pass_filter, insert_hf_mamba
+from semidiff_nnunet.plugins.diffcl.mamba import (
     MambaScanBranch,
     TriOrientedMamba,
     fused_scan_available,
     selective_scan,
     selective_scan_torch,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def diffcl_registered():
-    """Until pyproject.toml has the entry point, register the plugin in-process."""
-    from semidiff_nnunet import registry
-    from semidiff_nnunet.plugins import diffcl
-
-    reg = registry.get_registry()
-    if "diffcl" not in reg.names("method"):
-        reg.register(diffcl, "diffcl")
-    return reg
 
 
 def _unet(dim: int, in_ch: int = 1, classes: int = 3) -> PlainConvUNet:
@@ -389,7 +377,37 @@ def test_2d_diffcl_cli_train_predict_and_stock_nnunet(demo2d, run_cli, tmp_path)
     assert len(files) == 3
     for f in files:
         assert np.array_equal(_load(f), _load(stock / f.name)), f.name
-    assert info.fold_folder.is_dir()
+    # the network that trained and the one stock nnU-Net rebuilds from the run folder use --set's 0.6
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from semidiff_nnunet.plugins.diffcl import DiffCLTrainer
+
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    pm = PlansManager(str(info.model_folder / "plans.json"))
+    net = DiffCLTrainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, False)
+    assert [m.hf_threshold for m in find_hf_mamba(net)] == [0.6]
+    net.load_state_dict(ck["network_weights"])
+
+
+def test_cs_network_takes_its_hyperparameters_from_the_run(demo2d):
+    """build_network_architecture (what stock nnU-Net calls with the plans only) builds the CS network
+    with the run's --set values, and with the paper's defaults when the plans hold no run."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from semidiff_nnunet import planning
+    from semidiff_nnunet.plugins.diffcl import DiffCLTrainer
+    from semidiff_nnunet.training import RunConfig
+
+    plans = planning.load_plans(demo2d, "semidiffDemoPlans")
+    stock = PlansManager(dict(plans))
+    assert [m.hf_threshold for m in find_hf_mamba(DiffCLTrainer.build_network_architecture(
+        stock, stock.get_configuration("2d"), 1, 3, False))] == [0.5]
+    RunConfig(method="diffcl", hparams={"hf_threshold": 0.6, "d_state": 8}).write(plans)
+    pm = PlansManager(plans)
+    net = DiffCLTrainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, False)
+    (hfm,) = find_hf_mamba(net)
+    assert hfm.hf_threshold == 0.6
+    assert {b.d_state for b in hfm.mamba.branches.values()} == {8}
 
 
 @pytest.mark.slow
@@ -410,7 +428,7 @@ def test_3d_diffcl_cli_train_and_predict(demo3d, run_cli, tmp_path):
 
 _DDP_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist
-from semidiff_nnunet.losses.diffcl import MemoryBank
+from semidiff_nnunet.plugins.diffcl.losses import MemoryBank
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
 bank = MemoryBank(2, 2, size=4, per_step=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from conftest import TINY
 
-from semidiff_nnunet.losses.diffrect import (
+from semidiff_nnunet.plugins.diffrect.losses import (
     PAPER_COLORS,
     calibration_guidance,
     ce_dice,
@@ -24,11 +25,8 @@ from semidiff_nnunet.losses.diffrect import (
     confident_pseudo_label,
     semantic_colors,
 )
-from semidiff_nnunet.networks.diffrect import (
-    latent_diffusion_head,
-    latent_strides,
-    rectification_net_from_plans,
-)
+from semidiff_nnunet.plugins.diffrect.networks import latent_strides, rectification_net_from_plans
+from semidiff_nnunet.plugins.diffrect.rectification import LatentRectification, latent_diffusion_head
 
 ARCH_2D = {"n_stages": 4, "features_per_stage": [8, 16, 16, 16], "conv_op": "torch.nn.modules.conv.Conv2d",
            "kernel_sizes": [[3, 3]] * 4, "strides": [[1, 1], [2, 2], [2, 2], [2, 2]], "conv_bias": True,
@@ -38,18 +36,6 @@ ARCH_2D = {"n_stages": 4, "features_per_stage": [8, 16, 16, 16], "conv_op": "tor
 ARCH_3D = dict(ARCH_2D, conv_op="torch.nn.Conv3d", norm_op="torch.nn.InstanceNorm3d",
                kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
                strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def diffrect_registered():
-    """Until pyproject.toml has the entry point, register the plugin in-process."""
-    from semidiff_nnunet import registry
-    from semidiff_nnunet.plugins import diffrect
-
-    reg = registry.get_registry()
-    if "diffrect" not in reg.names("method"):
-        reg.register(diffrect, "diffrect")
-    return reg
 
 
 # ----------------------------------------------------------------------------- LCC
@@ -123,12 +109,12 @@ def test_rectification_net_shapes_2d_3d(arch, patch):
     assert [s.block.conv0.out_channels for s in net.encoder.stages[1:]] == [8, 8, 8]
     x = torch.randn(2, 2, *patch)
     colour = colorize(torch.randint(0, 4, (2, *patch)), 4)
-    lat, logits = net(x, colour, torch.tensor([0.0, 999.0]), colour)
+    lfr = LatentRectification()  # the authors' T = 10, cosine, DDIM [9, 0]
+    lat, logits = lfr.loss_and_logits(net, x, colour, torch.tensor([0.0, 999.0]), colour)
     assert logits.shape == (2, 4, *patch) and lat.ndim == 0
-    with torch.no_grad():
-        sampled = net(x, colour, torch.tensor([10.0, 10.0]))
-    assert sampled.shape == (2, 4, *patch) and torch.isfinite(sampled).all()
-    assert net.scheduler.timesteps.tolist() == [9, 0]
+    sampled = lfr.sample(net, x, colour, torch.tensor([10.0, 10.0]))
+    assert sampled.shape == (2, 4, *patch) and torch.isfinite(sampled).all() and not sampled.requires_grad
+    assert lfr.scheduler.timesteps.tolist() == [9, 0]
 
 
 def test_latent_strides_keep_odd_and_small_axes():
@@ -157,15 +143,15 @@ def test_latent_denoiser_loss_decreases_on_fixed_batch():
 
 # ----------------------------------------------------------------------------- gradient flow in the trainer
 @pytest.fixture(scope="module")
-def trainer2d(demo2d, diffrect_registered):
+def trainer2d(demo2d):
     from semidiff_nnunet import planning
     from semidiff_nnunet.plugins.diffrect import DiffRectTrainer
+    from semidiff_nnunet.training import RunConfig
     from semidiff_nnunet.training.splits import LabeledSpec
 
     plans = planning.load_plans(demo2d, "semidiffDemoPlans")
     plans["continue_training"] = False
-    plans["semidiff"] = {"labeled": LabeledSpec.parse("0.5").to_json(), "seed": 0, "progress": False,
-                         "hparams": {"refine_start": 0}}
+    RunConfig(labeled=LabeledSpec.parse("0.5"), hparams={"refine_start": 0}).write(plans)
     dataset_json = json.loads((planning.preprocessed_folder(demo2d) / "dataset.json").read_text(encoding="utf-8"))
     t = DiffRectTrainer(plans, "2d", 0, dataset_json, torch.device("cpu"))
     t.print_to_log_file = lambda *a, **k: None
@@ -193,7 +179,8 @@ def test_gradients_reach_rectifier_not_through_rectified_labels(trainer2d):
     labeled, unlabeled = _batches(t)
     t.network.zero_grad(set_to_none=True)
     t.rectifier.zero_grad(set_to_none=True)
-    terms = t.compute_losses(labeled, unlabeled)
+    carry = {}
+    terms = t.compute_step_losses(labeled, unlabeled, carry)
     assert {"supervised", "unsupervised", "rect_supervised", "rect_unsupervised"} <= set(terms)
     # the rectification losses train the rectifier and nothing else (pseudo labels are constants)
     (terms["rect_supervised"] + terms["rect_unsupervised"]).backward(retain_graph=True)
@@ -202,7 +189,7 @@ def test_gradients_reach_rectifier_not_through_rectified_labels(trainer2d):
     (terms["supervised"] + terms["unsupervised"]).backward()
     assert _grad_norms(t.network) > 0 and _grad_norms(t.rectifier) == 0
     # step 3: the rectified labels come from the rectifier without a graph; the loss trains only the segmenter
-    x_u, cond, tau = t._rect_context
+    x_u, cond, tau = carry["x_u"], carry["cond_colour"], carry["guidance"]
     y_r = t.rectified_pseudo_labels(x_u, cond, tau)
     assert not y_r.requires_grad and y_r.shape == (2, *t.configuration_manager.patch_size)
     t.network.zero_grad(set_to_none=True)
@@ -210,17 +197,43 @@ def test_gradients_reach_rectifier_not_through_rectified_labels(trainer2d):
     assert _grad_norms(t.network) > 0 and _grad_norms(t.rectifier) == 0
 
 
+def _snapshot(t):
+    return {"network": copy.deepcopy(t.network.state_dict()), "opt": copy.deepcopy(t.optimizer.state_dict()),
+            "rect": copy.deepcopy(t.rectifier.state_dict()),
+            "rect_opt": copy.deepcopy(t.extra_optimizers["rectifier"][0].state_dict()),
+            "rng": torch.get_rng_state()}
+
+
+def _restore(t, snap):
+    t.network.load_state_dict(snap["network"])
+    t.optimizer.load_state_dict(snap["opt"])
+    t.rectifier.load_state_dict(snap["rect"])
+    t.extra_optimizers["rectifier"][0].load_state_dict(snap["rect_opt"])
+    torch.set_rng_state(snap["rng"])
+
+
 def test_train_step_takes_the_rectification_step(trainer2d):
+    """After refine_start the iteration takes a second optimiser step of the segmentation network on
+    the rectified labels: from the same state, the network ends elsewhere than without that step,
+    while the rectifier (not part of that step) ends at the same place."""
     t = trainer2d
     labeled, unlabeled = _batches(t)
     t.dataloader_unlabeled = iter(lambda: unlabeled, None)
-    before = [p.detach().clone() for p in t.network.parameters()]
-    t.iteration = 5  # past refine_start = 0
+    start = _snapshot(t)
+    t.iteration, t.hp.refine_start = 5, 5  # not yet past refine_start: no rectification step
+    out = t.train_step(labeled)
+    assert "term/rectified" not in out and t.iteration == 6
+    without = _snapshot(t)
+    _restore(t, start)
+    t.iteration, t.hp.refine_start = 5, 0  # past refine_start
     out = t.train_step(labeled)
     assert out["term/rectified"] > 0 and t.iteration == 6
-    assert any(not torch.equal(a, b) for a, b in zip(before, t.network.parameters()))
-    t.iteration = 0  # not yet past refine_start: no third step
-    assert t.train_step(labeled)["term/rectified"] == 0
+    with_rect = _snapshot(t)
+    assert out["loss"] == pytest.approx(sum(float(out[k]) for k in out if k.startswith("term/") and "/_" not in k),
+                                        rel=1e-5)
+    for k in without["rect"]:
+        assert torch.equal(without["rect"][k], with_rect["rect"][k]), k
+    assert any(not torch.equal(without["network"][k], with_rect["network"][k]) for k in without["network"])
     t.dataloader_unlabeled = None
 
 
@@ -246,7 +259,8 @@ def test_2d_cli_train_and_stock_predict(demo2d, run_cli, tmp_path):
     ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert set(ck["semidiff"]["networks"]) == {"network", "rectifier"} and "rectifier" in ck["semidiff"]["optimizers"]
     assert ck["semidiff"]["iteration"] == 4
-    assert ck["logging"]["term/rectified"][0] == 0 and ck["logging"]["term/rectified"][1] > 0  # from iteration 3
+    # the rectification step runs from iteration 2 (> refine_start = 1): not in epoch 0, in epoch 1
+    assert math.isnan(ck["logging"]["term/rectified"][0]) and ck["logging"]["term/rectified"][1] > 0
     assert ck["network_weights"].keys() == ck["semidiff"]["networks"]["network"].keys()
     run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
     assert run["hparams"]["refine_start"] == 1 and run["hparams"]["num_timesteps"] == 10

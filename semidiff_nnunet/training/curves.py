@@ -11,10 +11,16 @@ TERM_PREFIX = "term/"
 
 
 class SemiLocalLogger(LocalLogger):
-    """Accepts new per-epoch keys (``term/<name>``) and draws them in ``progress.png``."""
+    """Accepts new per-epoch keys (``term/<name>``, ``phase``) and draws them in ``progress.png``.
+
+    A key first logged at a later epoch (a loss term of a step that starts late) is padded with NaN
+    for the epochs before, so every curve has one value per epoch.
+    """
 
     def log(self, key, value, epoch: int):
-        self.my_fantastic_logging.setdefault(key, [])
+        values = self.my_fantastic_logging.setdefault(key, [])
+        if key != "phase" and len(values) < epoch:
+            values.extend([float("nan")] * (epoch - len(values)))
         super().log(key, value, epoch)
 
     def plot_progress_png(self, output_folder):
@@ -73,6 +79,15 @@ class SemiLocalLogger(LocalLogger):
         ax.set_xlabel("epoch")
         ax.set_ylabel("learning rate")
         ax.legend(loc="upper left")
+        phases = log.get("phase", [])[:n]
+        if len(set(phases)) > 1:  # mark where each training phase begins, on every panel
+            starts = [e for e in range(len(phases)) if e == 0 or phases[e] != phases[e - 1]]
+            for a in axes:
+                for e in starts[1:]:
+                    a.axvline(e - 0.5, color="grey", linestyle=":", linewidth=1)
+            for e in starts:
+                axes[0].annotate(phases[e], (e, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
+                                 va="bottom", color="grey")
         fig.tight_layout()
         fig.savefig(os.path.join(output_folder, "progress.png"), dpi=80)
         plt.close(fig)

@@ -1,17 +1,27 @@
-"""SemiSupervisedTrainer: nnU-Net's trainer plus an unlabeled stream, several networks and one loss hook.
+"""SemiSupervisedTrainer: nnU-Net's trainer plus an unlabeled stream, several networks and declared steps.
 
-A method subclasses it and overrides little (see ``plugins/mean_teacher.py``):
+The engine owns the loop, loaders, AMP, clipping, logging, phases and checkpoints. A method
+subclasses it and declares what is new in its paper (see ``plugins/mean_teacher/trainer.py``):
 
 * ``hparams_class`` — a dataclass of hyperparameters with the paper's defaults;
-* ``build_method()`` — create EMA copies, extra networks (``register_network``), state;
-* ``compute_losses(labeled, unlabeled) -> dict[str, Tensor]`` — the whole training step's
-  losses. Their sum is back-propagated (keys starting with ``_`` are logged, not summed);
-* optionally ``after_step()``, ``inference_network()``, ``get_strong_transforms()`` and the
-  static ``build_network_architecture`` (whatever it returns is the whole inference model).
+* ``build_method()`` — EMA copies, extra networks (``register_network``), state (``register_state``);
+* ``compute_losses(labeled, unlabeled) -> dict[str, Tensor]`` — the loss terms of one step; their
+  sum is minimised (keys starting with ``_`` are logged, not summed);
+* optionally ``phases`` (ordered stages of the run, :class:`~.declarations.Phase`) with
+  ``on_phase_start(phase)``; ``optimisation_steps()`` for more than one optimiser step per
+  iteration (:class:`~.declarations.OptimStep`); ``after_step()`` (EMA updates; ``self.iteration``
+  is the step that just ran); ``inference_network()``; ``get_strong_transforms()``; the static
+  ``build_network_architecture`` (whatever it returns is the whole inference model; it reads the
+  run's hyperparameters with :func:`~.run_config.run_hparams`).
 
-The run configuration (labeled spec, seed, hyperparameters, epochs) arrives in
-``plans["semidiff"]`` because nnU-Net fixes the constructor's five arguments; it is written
-back into the run folder's ``plans.json`` and ``semidiff_run.json``.
+Helpers for methods: ``joint_forward`` (one forward over labeled ⊕ unlabeled, split back),
+``supervised_loss`` (nnU-Net's Dice+CE with deep supervision, CE/Dice weights per call),
+``highest_resolution``, ``ramp``, ``restart_optimizer``.
+
+The run configuration (:class:`~.run_config.RunConfig`) arrives in the plans because nnU-Net fixes
+the constructor's five arguments; it is written back into the run folder's ``plans.json`` and
+``semidiff_run.json``. Progress goes to ``self.progress`` (a callback the caller supplies); the
+trainer never draws on a terminal.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,11 +43,15 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
 from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.training import checkpoint as ckpt
 from semidiff_nnunet.training import ramps
 from semidiff_nnunet.training.curves import SemiLocalLogger
-from semidiff_nnunet.training.ema import _unwrap
-from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict, resolve_hparams
-from semidiff_nnunet.training.splits import LabeledSpec, SemiSplit, make_semi_split
+from semidiff_nnunet.training.declarations import OptimStep, Phase, PhaseSpan, resolve_phases
+from semidiff_nnunet.training.ema import unwrap
+from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict
+from semidiff_nnunet.training.progress import TrainingProgress
+from semidiff_nnunet.training.run_config import RunConfig
+from semidiff_nnunet.training.splits import SemiSplit, make_semi_split
 from semidiff_nnunet.training.unlabeled import (
     UnlabeledDataLoader,
     UnlabeledDataset,
@@ -47,6 +61,8 @@ from semidiff_nnunet.training.unlabeled import (
 )
 
 PSEUDO_SUFFIX = "__pseudo"
+# kept importable from here for code written against earlier versions
+rng_state, set_rng_state = ckpt.rng_state, ckpt.set_rng_state
 
 
 def seed_everything(seed: int) -> None:
@@ -55,17 +71,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+class PhasePolyLR:
+    """nnU-Net's poly learning rate over the epochs ``[start, end)`` of one phase:
+    lr = lr₀ · (1 − (epoch − start)/(end − start))^0.9 (nnU-Net's ``PolyLRScheduler`` when the phase
+    is the whole run)."""
 
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, start: int, end: int,
+                 exponent: float = 0.9):
+        self.optimizer, self.initial_lr, self.start, self.end, self.exponent = optimizer, initial_lr, start, end, exponent
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def step(self, epoch: int) -> None:
+        progress = min(max(epoch - self.start, 0) / max(self.end - self.start, 1), 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.initial_lr * (1 - progress) ** self.exponent
 
 
 class SemiSupervisedTrainer(nnUNetTrainer):
@@ -75,32 +93,36 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     hparams_class: ClassVar[type] = BaseHParams
     #: False for methods that never look at unlabeled data (``supervised``): no loader is built
     uses_unlabeled: ClassVar[bool] = True
+    #: ordered stages of a run (empty: one phase, the whole run)
+    phases: ClassVar[tuple[Phase, ...]] = ()
     #: stop with a clear error after this many consecutive steps whose loss is NaN or infinite (a
     #: diverged run; a single overflowing AMP step does not count as divergence)
     max_nonfinite_steps: ClassVar[int] = 20
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        run = dict(plans.get("semidiff") or {})
+        cfg = RunConfig.read(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.run_config = run
-        self.seed = int(run.get("seed", 0))
-        self.labeled_spec = LabeledSpec.from_json(run["labeled"]) if run.get("labeled") else LabeledSpec(fraction=1.0)
-        self.hp = resolve_hparams(self.hparams_class, run.get("hparams") or {})
-        if run.get("num_epochs"):
-            self.num_epochs = int(run["num_epochs"])
-        if run.get("num_iterations_per_epoch"):
-            self.num_iterations_per_epoch = int(run["num_iterations_per_epoch"])
-        if run.get("num_val_iterations_per_epoch") is not None:
-            self.num_val_iterations_per_epoch = int(run["num_val_iterations_per_epoch"])
-        if run.get("save_every"):
-            self.save_every = int(run["save_every"])
-        self.show_progress = bool(run.get("progress", sys.stderr.isatty()))
+        self.run_config = cfg
+        self.seed = cfg.seed
+        self.labeled_spec = cfg.labeled
+        self.hp = cfg.resolve(self.hparams_class)
+        if cfg.num_epochs:
+            self.num_epochs = cfg.num_epochs
+        if cfg.num_iterations_per_epoch:
+            self.num_iterations_per_epoch = cfg.num_iterations_per_epoch
+        if cfg.num_val_iterations_per_epoch is not None:
+            self.num_val_iterations_per_epoch = cfg.num_val_iterations_per_epoch
+        if cfg.save_every:
+            self.save_every = cfg.save_every
+        self.progress: TrainingProgress | None = None
 
         self.extra_networks: dict[str, nn.Module] = {}
         self.extra_optimizers: dict[str, tuple[torch.optim.Optimizer, Any]] = {}
         self.method_states: dict[str, Any] = {}
         self.iteration = 0
+        self.phase_spans: list[PhaseSpan] = resolve_phases(self.phases, cfg.phases, self.num_epochs)
+        self._active_phase: str | None = None
         self._nonfinite_steps = 0
         self.semi_split: SemiSplit | None = None
         self.dataloader_unlabeled = None
@@ -111,8 +133,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         seed_everything(self.seed)  # network initialisation is reproducible
 
     def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
-        # with a progress bar on screen, nnU-Net's chatter goes to the log file only
-        quiet = getattr(self, "show_progress", False)
+        # with a progress display, nnU-Net's chatter goes to the log file only
+        quiet = getattr(self, "progress", None) is not None
         super().print_to_log_file(*args, also_print_to_console=also_print_to_console and not quiet,
                                   add_timestamp=add_timestamp)
 
@@ -129,8 +151,18 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """
         raise NotImplementedError
 
+    def optimisation_steps(self) -> Sequence[OptimStep]:
+        """The optimisation steps of one iteration, run in order (default: ``compute_losses`` over
+        every trainable network). Override to add steps, e.g. DiffRect's rectified supervision."""
+        return (OptimStep("main", lambda labeled, unlabeled, carry: self.compute_losses(labeled, unlabeled)),)
+
+    def on_phase_start(self, phase: PhaseSpan) -> None:
+        """Called when ``phase`` becomes active: at its first epoch, and when a resumed run continues
+        inside it (before the checkpoint's optimiser states are restored, so an optimiser rebuilt
+        here receives them). Typical use: ``restart_optimizer``, freezing a network."""
+
     def after_step(self) -> None:
-        """Called after the optimisers stepped (EMA updates and the like)."""
+        """Called after every optimisation step of the iteration ``self.iteration`` (EMA updates)."""
 
     def inference_network(self) -> nn.Module:
         """The network whose weights go into ``network_weights`` (what stock nnU-Net predicts with)."""
@@ -141,9 +173,25 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         return None
 
     # ------------------------------------------------------------------ helpers for methods
-    def supervised_loss(self, output, target) -> torch.Tensor:
-        """nnU-Net's Dice+CE (with deep supervision weights) on labeled data."""
-        return self.loss(output, target)
+    def supervised_loss(self, output, target, ce_weight: float = 1.0, dice_weight: float = 1.0) -> torch.Tensor:
+        """nnU-Net's Dice+CE (with its deep-supervision weights) on labeled data:
+        ``ce_weight``·CE + ``dice_weight``·Dice per scale (nnU-Net: 1 and 1)."""
+        inner = getattr(self.loss, "loss", self.loss)  # nnU-Net's DeepSupervisionWrapper holds the loss
+        saved = inner.weight_ce, inner.weight_dice
+        inner.weight_ce, inner.weight_dice = ce_weight, dice_weight
+        try:
+            return self.loss(output, target)
+        finally:
+            inner.weight_ce, inner.weight_dice = saved
+
+    def joint_forward(self, network: nn.Module, *inputs: torch.Tensor, **kwargs) -> list:
+        """Run ``network`` once on the concatenation of ``inputs`` (same shape but the batch) and
+        return its output split back per input (deep-supervision lists split per scale), e.g.
+        ``out_l, out_u = self.joint_forward(self.network, x_l, x_u)``. ``kwargs`` go to the network."""
+        sizes = [x.shape[0] for x in inputs]
+        out = network(torch.cat(inputs), **kwargs)
+        bounds = np.cumsum([0] + sizes)
+        return [self.batch_part(out, slice(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
     def highest_resolution(output):
@@ -153,6 +201,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def batch_part(output, part: slice):
         """Select samples ``part`` of a network output (a deep-supervision list or one tensor)."""
         return [o[part] for o in output] if isinstance(output, (list, tuple)) else output[part]
+
+    @staticmethod
+    def labels_of(labeled: dict) -> torch.Tensor:
+        """The full-resolution integer labels (B, *spatial) of a labeled batch."""
+        target = labeled["target"]
+        return (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
 
     def ramp(self, max_weight: float, fraction: float = 1.0, kind: str = "sigmoid") -> float:
         """``max_weight`` × ramp-up over the first ``fraction`` of all iterations (``ramps.rampup``)."""
@@ -175,33 +229,68 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             module = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(module), device_ids=[self.local_rank])
         self.extra_networks[name] = module
         if trainable:
-            if optimizer is None:
-                optimizer = torch.optim.SGD(module.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                            momentum=0.99, nesterov=True)
+            optimizer = optimizer or self._default_optimizer(module)
             scheduler = PolyLRScheduler(optimizer, optimizer.param_groups[0]["lr"], self.num_epochs) if poly_lr else None
             self.extra_optimizers[name] = (optimizer, scheduler)
         return module
+
+    def _default_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(module.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                               momentum=0.99, nesterov=True)
+
+    def restart_optimizer(self, name: str = "network", optimizer: torch.optim.Optimizer | None = None,
+                          poly_lr: bool = True) -> torch.optim.Optimizer:
+        """Give network ``name`` a fresh optimiser (default: nnU-Net's SGD) whose poly LR runs over the
+        current phase only. Call it from ``on_phase_start``."""
+        module = self.network if name == "network" else self.extra_networks[name]
+        optimizer = optimizer or self._default_optimizer(module)
+        span = self.current_phase
+        scheduler = PhasePolyLR(optimizer, optimizer.param_groups[0]["lr"], span.start, span.end) if poly_lr else None
+        if name == "network":
+            self.optimizer, self.lr_scheduler = optimizer, scheduler or PhasePolyLR(
+                optimizer, optimizer.param_groups[0]["lr"], 0, 0, exponent=0.0)
+        else:
+            self.extra_optimizers[name] = (optimizer, scheduler)
+        return optimizer
 
     def register_state(self, name: str, obj: Any) -> Any:
         """Checkpoint ``obj`` (anything with ``state_dict``/``load_state_dict``: EMA, memory bank, ...)."""
         self.method_states[name] = obj
         return obj
 
-    def build_planned_network(self, deep_supervision: bool | None = None) -> nn.Module:
-        """A fresh network from the plans (like ``self.network``), e.g. the second network of CPS."""
+    def build_planned_network(self, deep_supervision: bool | None = None, num_input_channels: int | None = None,
+                              num_output_channels: int | None = None) -> nn.Module:
+        """A fresh network from the plans with nnU-Net's architecture (not this method's
+        ``build_network_architecture``), e.g. the second network of CPS or a network on image ⊕ label."""
         ds = self.enable_deep_supervision if deep_supervision is None else deep_supervision
-        return self.build_network_architecture(self.plans_manager, self.configuration_manager,
-                                               self.num_input_channels, self.label_manager.num_segmentation_heads, ds)
+        return nnUNetTrainer.build_network_architecture(
+            self.plans_manager, self.configuration_manager, num_input_channels or self.num_input_channels,
+            num_output_channels or self.label_manager.num_segmentation_heads, ds).to(self.device)
 
     @property
     def total_iterations(self) -> int:
         return self.num_epochs * self.num_iterations_per_epoch
 
-    def _all_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer] + [opt for opt, _ in self.extra_optimizers.values()]
+    @property
+    def current_phase(self) -> PhaseSpan:
+        """The phase the current epoch belongs to."""
+        for span in self.phase_spans:
+            if span.start <= self.current_epoch < span.end:
+                return span
+        return self.phase_spans[-1]
 
-    def _trainable_modules(self) -> list[nn.Module]:
-        return [self.network] + [self.extra_networks[n] for n in self.extra_optimizers]
+    def _networks(self, names: Sequence[str] | None) -> list[tuple[str, nn.Module, torch.optim.Optimizer]]:
+        names = ["network", *self.extra_optimizers] if names is None else list(names)
+        out = []
+        for n in names:
+            if n == "network":
+                out.append((n, self.network, self.optimizer))
+            elif n in self.extra_optimizers:
+                out.append((n, self.extra_networks[n], self.extra_optimizers[n][0]))
+            else:
+                raise ValueError(f"optimisation step names network {n!r}, which is not a trainable network "
+                                 f"(trainable: network, {', '.join(self.extra_optimizers) or '-'})")
+        return out
 
     # ------------------------------------------------------------------ setup
     def initialize(self):
@@ -289,6 +378,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             "fold": self.fold,
             "configuration": self.configuration_name,
             "hparams": hparams_to_dict(self.hp),
+            "phases": {s.name: [s.start, s.end] for s in self.phase_spans} if self.phases else {},
+            "phase_overrides": dict(self.run_config.phases),
             "num_epochs": self.num_epochs,
             "num_iterations_per_epoch": self.num_iterations_per_epoch,
             "batch_size": self.batch_size,
@@ -300,9 +391,21 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             json.dump(info, f, indent=2)
         os.replace(tmp, os.path.join(self.output_folder, "semidiff_run.json"))
 
+    # ------------------------------------------------------------------ phases
+    def _enter_phase_of_current_epoch(self) -> None:
+        span = self.current_phase
+        if span.name == self._active_phase:
+            return
+        self._active_phase = span.name
+        if self.phases:
+            self.print_to_log_file(f"phase {span.name!r}: epochs {span.start}-{span.end - 1}")
+        self.on_phase_start(span)
+
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self):
+        self._enter_phase_of_current_epoch()
         super().on_train_epoch_start()
+        self.logger.log("phase", self.current_phase.name, self.current_epoch)
         for name, module in self.extra_networks.items():
             module.train(name in self.extra_optimizers)
         for _, sched in self.extra_optimizers.values():
@@ -322,25 +425,46 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 out[k] = v
         return out
 
+    def _step_runs(self, step: OptimStep) -> bool:
+        if step.phases is not None and self.current_phase.name not in step.phases:
+            return False
+        return step.active is None or bool(step.active())
+
     def train_step(self, batch: dict) -> dict:
         labeled = self._to_device(batch)
         unlabeled = self._to_device(next(self.dataloader_unlabeled)) if self.dataloader_unlabeled is not None else None
-        optimizers = self._all_optimizers()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        with self.autocast():
-            terms = self.compute_losses(labeled, unlabeled)
-            summed = [v for k, v in terms.items() if not k.startswith("_")]
-            total = summed[0] if len(summed) == 1 else torch.stack([v.float() for v in summed]).sum()
-        self.backward_and_step(total, optimizers, self._trainable_modules())
-        self.iteration += 1
+        carry: dict = {}
+        terms: dict = {}
+        total = 0.0
+        for step in self.optimisation_steps():
+            if not self._step_runs(step):
+                continue
+            nets = self._networks(step.networks)
+            optimizers = [opt for _, _, opt in nets]
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                step_terms = step.compute(labeled, unlabeled, carry)
+                summed = [v for k, v in step_terms.items() if not k.startswith("_")]
+                loss = summed[0] if len(summed) == 1 else torch.stack([v.float() for v in summed]).sum()
+            self.backward_and_step(loss, optimizers, [m for _, m, _ in nets])
+            clash = set(step_terms) & set(terms)
+            if clash:
+                raise ValueError(f"optimisation step {step.name!r} returns terms already returned by an earlier "
+                                 f"step: {', '.join(sorted(clash))}")
+            terms.update(step_terms)
+            total = total + loss.detach().float()
+        if not terms:
+            raise ValueError(f"no optimisation step ran in iteration {self.iteration} (phase "
+                             f"{self.current_phase.name!r}); give every phase at least one step")
         self.after_step()
-        out = {"loss": total.detach().cpu().numpy()}
+        self.iteration += 1
+        out = {"loss": total.cpu().numpy()}
         self._check_finite(out["loss"], terms)
         if len(terms) > 1 or next(iter(terms)) != "loss":
             for k, v in terms.items():
                 out["term/" + k] = (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor)
-                                                else np.asarray(v, dtype=np.float32))
+                                    else np.asarray(v, dtype=np.float32))
         return out
 
     def _check_finite(self, loss: np.ndarray, terms: dict) -> None:
@@ -359,13 +483,13 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 f"checkpoint is in {self.output_folder}.")
 
     def autocast(self):
-        """nnU-Net's mixed-precision rule as a context: autocast on CUDA, nothing elsewhere. For methods
-        with an extra forward pass outside ``compute_losses``."""
+        """nnU-Net's mixed-precision rule as a context: autocast on CUDA, nothing elsewhere (for
+        forward passes outside the declared steps, e.g. in ``after_step``)."""
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
     def backward_and_step(self, loss: torch.Tensor, optimizers: list, modules: list[nn.Module]) -> None:
         """nnU-Net's update: backward (through the AMP grad scaler on CUDA), clip each module's
-        gradient norm at 12, step every optimizer. For methods with an extra optimisation step."""
+        gradient norm at 12, step every optimizer."""
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             for opt in optimizers:
@@ -384,14 +508,17 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
-        keys = [k for k in train_outputs[0] if k.startswith("term/")] if train_outputs else []
+        # every term seen so far gets one value per epoch: the mean over the iterations that computed
+        # it (a step that did not run this epoch logs NaN)
+        keys = sorted({k for o in train_outputs for k in o if k.startswith("term/")}
+                      | {k for k in self.logger.my_fantastic_logging if k.startswith("term/")})
         for k in keys:
-            values = np.array([o[k] for o in train_outputs], dtype=np.float64)
+            values = np.array([o[k] for o in train_outputs if k in o], dtype=np.float64)
             if self.is_ddp:
                 gathered = [None] * torch.distributed.get_world_size()
                 torch.distributed.all_gather_object(gathered, values)
                 values = np.concatenate(gathered)
-            self.logger.log(k, float(np.mean(values)), self.current_epoch)
+            self.logger.log(k, float(np.mean(values)) if values.size else float("nan"), self.current_epoch)
         if keys:
             self.print_to_log_file("loss terms: " + ", ".join(
                 f"{k[5:].lstrip('_')} {self.logger.get_value(k, step=-1):.4g}" for k in keys))
@@ -399,15 +526,20 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def run_training(self):
         try:
             self.on_train_start()
-            progress = _EpochProgress(self) if self.show_progress and self.local_rank == 0 else None
+            if self.progress is not None and self.local_rank == 0:
+                self.progress.start(total=self.total_iterations,
+                                    completed=self.current_epoch * self.num_iterations_per_epoch,
+                                    description=self.method_name)
             for _ in range(self.current_epoch, self.num_epochs):
                 self.on_epoch_start()
                 self.on_train_epoch_start()
                 train_outputs = []
                 for _ in range(self.num_iterations_per_epoch):
                     train_outputs.append(self.train_step(next(self.dataloader_train)))
-                    if progress:
-                        progress.advance(train_outputs[-1]["loss"])
+                    if self.progress is not None and self.local_rank == 0:
+                        self.progress.step(loss=float(np.mean(train_outputs[-1]["loss"])), epoch=self.current_epoch,
+                                           num_epochs=self.num_epochs,
+                                           phase=self.current_phase.name if self.phases else "")
                 self.on_train_epoch_end(train_outputs)
                 with torch.no_grad():
                     self.on_validation_epoch_start()
@@ -418,10 +550,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                     else:
                         self._log_no_validation()
                 self.on_epoch_end()
-            if progress:
-                progress.close()
             self.on_train_end()
         finally:
+            if self.progress is not None and self.local_rank == 0:
+                self.progress.close()
             self._shutdown_unlabeled_loader()
 
     def _log_no_validation(self):
@@ -442,7 +574,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _restore_rng(self, state: dict) -> None:
-        set_rng_state(state["global"])
+        ckpt.set_rng_state(state["global"])
         for gen, rs in zip(self._augmenters(), state.get("loaders", [])):
             if rs is not None and isinstance(gen, SingleThreadedAugmenter):
                 gen.data_loader.rs.set_state(rs)
@@ -450,7 +582,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def _rng_snapshot(self) -> dict:
         loaders = [gen.data_loader.rs.get_state() if isinstance(gen, SingleThreadedAugmenter) else None
                    for gen in self._augmenters()]
-        return {"global": rng_state(), "loaders": loaders}
+        return {"global": ckpt.rng_state(), "loaders": loaders}
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
@@ -458,30 +590,20 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        checkpoint = {
-            "network_weights": _unwrap(self.inference_network()).state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "semidiff": {
-                "method": self.method_name,
-                "run": self.run_config,
-                "iteration": self.iteration,
-                "networks": {"network": _unwrap(self.network).state_dict(),
-                             **{n: _unwrap(m).state_dict() for n, m in self.extra_networks.items()}},
-                "optimizers": {n: opt.state_dict() for n, (opt, _) in self.extra_optimizers.items()},
-                "states": {n: s.state_dict() for n, s in self.method_states.items()},
-                "rng": self._rng_snapshot(),
-            },
+        checkpoint = ckpt.nnunet_checkpoint(self)
+        checkpoint["network_weights"] = unwrap(self.inference_network()).state_dict()
+        checkpoint[ckpt.SEMIDIFF_KEY] = {
+            "method": self.method_name,
+            "run": self.run_config.to_json(),
+            "iteration": self.iteration,
+            "phase": self.current_phase.name,
+            "networks": {"network": unwrap(self.network).state_dict(),
+                         **{n: unwrap(m).state_dict() for n, m in self.extra_networks.items()}},
+            "optimizers": {n: opt.state_dict() for n, (opt, _) in self.extra_optimizers.items()},
+            "states": {n: s.state_dict() for n, s in self.method_states.items()},
+            "rng": self._rng_snapshot(),
         }
-        tmp = filename + ".tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)  # never leave a half-written checkpoint
+        ckpt.save_atomic(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if not self.was_initialized:
@@ -489,57 +611,19 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        semi = checkpoint.get("semidiff")
+        semi = checkpoint.get(ckpt.SEMIDIFF_KEY)
         if semi is None:
-            raise RuntimeError("This checkpoint was not written by a semidiff trainer and cannot be resumed here.")
-        self.my_init_kwargs = checkpoint["init_args"]
-        self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
-        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
-                                                               self.inference_allowed_mirroring_axes)
-        _unwrap(self.network).load_state_dict(semi["networks"]["network"])
+            raise SemidiffError("This checkpoint was not written by a semidiff trainer and cannot be resumed here.")
+        # the phase first: an optimiser it rebuilds must exist before its saved state is loaded
+        self.current_epoch = int(checkpoint["current_epoch"])
+        self._enter_phase_of_current_epoch()
+        # nnU-Net restores its part (main network, optimizer, grad scaler, logger, epoch, ...)
+        ckpt.nnunet_load(self, {**checkpoint, "network_weights": semi["networks"]["network"]})
         for name, module in self.extra_networks.items():
-            _unwrap(module).load_state_dict(semi["networks"][name])
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+            unwrap(module).load_state_dict(semi["networks"][name])
         for name, (opt, _) in self.extra_optimizers.items():
             opt.load_state_dict(semi["optimizers"][name])
         for name, state in self.method_states.items():
             state.load_state_dict(semi["states"][name])
-        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         self.iteration = int(semi.get("iteration", 0))
         self._pending_rng = semi.get("rng")
-
-
-class _EpochProgress:
-    """A rich progress bar over all training iterations (epochs × iterations)."""
-
-    def __init__(self, trainer: SemiSupervisedTrainer):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.trainer = trainer
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), redirect_stdout=True, redirect_stderr=True,
-                                 transient=False)
-        total = trainer.num_epochs * trainer.num_iterations_per_epoch
-        done = trainer.current_epoch * trainer.num_iterations_per_epoch
-        self.task = self.progress.add_task(f"{trainer.method_name} training", total=total, completed=done,
-                                           loss=float("nan"))
-        self.progress.start()
-
-    def advance(self, loss) -> None:
-        t = self.trainer
-        self.progress.update(self.task, advance=1, loss=float(np.mean(loss)),
-                             description=f"{t.method_name} epoch {t.current_epoch + 1}/{t.num_epochs}")
-
-    def close(self) -> None:
-        self.progress.stop()

@@ -32,7 +32,6 @@ supervised part; the auxiliary decoders predict at full resolution only (no deep
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -40,9 +39,9 @@ import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.losses.consistency import softmax_mse
+from semidiff_nnunet.networks.hooks import captured_output
 from semidiff_nnunet.networks.perturbations import get_perturbation
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, unwrap
 
@@ -94,15 +93,6 @@ class AuxiliaryDecoders(nn.Module):
         return [dec(self.perturb(k, skips)) for k, dec in enumerate(self.decoders)]
 
 
-@contextlib.contextmanager
-def captured_output(module: nn.Module, store: dict, key: str = "out"):
-    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__(key, out))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
 class CCTTrainer(SemiSupervisedTrainer):
     method_name = "cct"
     hparams_class = CCTHParams
@@ -116,20 +106,12 @@ class CCTTrainer(SemiSupervisedTrainer):
 
     def compute_losses(self, labeled, unlabeled):
         n_l = labeled["data"].shape[0]
-        with captured_output(unwrap(self.network).encoder, {}) as store:
-            out = self.network(torch.cat([labeled["data"], unlabeled["data"]]))
-        out_l = self.batch_part(out, slice(None, n_l))
-        target = torch.softmax(self.highest_resolution(out)[n_l:].detach().float(), 1)
+        with captured_output(unwrap(self.network).encoder) as store:
+            out_l, out_u = self.joint_forward(self.network, labeled["data"], unlabeled["data"])
+        target = torch.softmax(self.highest_resolution(out_u).detach().float(), 1)
         aux = self.aux_decoders([s[n_l:] for s in store["out"]])
         consistency = sum(softmax_mse(a, target) for a in aux) / len(aux)
         w = self.ramp(self.hp.consistency, self.hp.rampup_fraction)
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "consistency": w * consistency,
                 "_consistency_weight": torch.tensor(w)}
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="cct", trainer=CCTTrainer,
-                       summary="auxiliary decoders on perturbed encoder features agree with the main decoder",
-                       reference="Ouali et al., CVPR 2020")]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
 
 
@@ -24,10 +23,3 @@ class SupervisedTrainer(SemiSupervisedTrainer):
 
     def compute_losses(self, labeled, unlabeled):
         return {"loss": self.supervised_loss(self.network(labeled["data"]), labeled["target"])}
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="supervised", trainer=SupervisedTrainer,
-                       summary="nnU-Net on the labeled cases only (lower bound)",
-                       reference="Isensee et al., nnU-Net, Nature Methods 2021")]

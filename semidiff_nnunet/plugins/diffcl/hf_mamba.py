@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from semidiff_nnunet.networks.mamba import DIRECTIONS, TriOrientedMamba
+from semidiff_nnunet.plugins.diffcl.mamba import DIRECTIONS, TriOrientedMamba
 
 __all__ = ["high_pass_mask", "high_pass_filter", "GatedSpatialConv", "HFMamba", "HFMambaStage",
            "insert_hf_mamba", "find_hf_mamba"]

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import fixmatch_loss
 from semidiff_nnunet.networks.strong_views import medical_strong_view
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
@@ -62,10 +61,3 @@ class FixMatchTrainer(SemiSupervisedTrainer):
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "unsupervised": self.hp.weight * unsup,
                 "_mask_fraction": mask.mean()}
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="fixmatch", trainer=FixMatchTrainer,
-                       summary="confident weak-view pseudo labels supervise a strong photometric view",
-                       reference="Sohn et al., NeurIPS 2020")]

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer
 
 
@@ -54,10 +53,8 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     def compute_losses(self, labeled, unlabeled):
         hp = self.hp
         x_u = unlabeled["data"]
-        n_l = labeled["data"].shape[0]
-        out = self.network(torch.cat([labeled["data"], x_u]))
-        out_l = self.batch_part(out, slice(None, n_l))
-        student_u = self.highest_resolution(out)[n_l:]
+        out_l, out_u = self.joint_forward(self.network, labeled["data"], x_u)
+        student_u = self.highest_resolution(out_u)
         with torch.no_grad():
             noise = torch.clamp(torch.randn_like(x_u) * hp.noise_std, -hp.noise_clip, hp.noise_clip)
             teacher_u = self.highest_resolution(self.teacher.module(x_u + noise))
@@ -68,11 +65,4 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
                 "_consistency_weight": torch.tensor(w)}
 
     def after_step(self):
-        self.teacher.update(self.network, self.iteration - 1)
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="mean-teacher", trainer=MeanTeacherTrainer,
-                       summary="EMA teacher, softmax-MSE consistency, sigmoid ramp-up",
-                       reference="Tarvainen & Valpola, NeurIPS 2017")]
+        self.teacher.update(self.network, self.iteration)

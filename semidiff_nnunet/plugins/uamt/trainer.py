@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import entropy_map, uamt_threshold, uncertainty_masked_mse
 from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer
 
@@ -88,11 +87,4 @@ class UAMTTrainer(SemiSupervisedTrainer):
                 "_certain_fraction": mask.mean()}
 
     def after_step(self):
-        self.teacher.update(self.network, self.iteration - 1)
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="uamt", trainer=UAMTTrainer,
-                       summary="mean teacher with entropy-thresholded consistency (noisy teacher passes)",
-                       reference="Yu et al., MICCAI 2019")]
+        self.teacher.update(self.network, self.iteration)

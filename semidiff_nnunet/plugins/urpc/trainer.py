@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import urpc_loss
 from semidiff_nnunet.networks.perturbations import get_perturbation, perturbed_inputs
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, unwrap
@@ -83,10 +82,3 @@ class URPCTrainer(SemiSupervisedTrainer):
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "consistency": w * consistency,
                 "_consistency_weight": torch.tensor(w)}
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="urpc", trainer=URPCTrainer,
-                       summary="uncertainty-rectified consistency across nnU-Net's deep-supervision pyramid",
-                       reference="Luo et al., Medical Image Analysis 2022")]

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import cross_pseudo_supervision
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
 
@@ -74,10 +73,3 @@ class CPSTrainer(SemiSupervisedTrainer):
         w = self.ramp(self.hp.weight, self.hp.rampup_fraction)
         return {"supervised": sup_1, "supervised_2": sup_2, "cps": w * (cps_1 + cps_2),
                 "_cps_weight": torch.tensor(w)}
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="cps", trainer=CPSTrainer,
-                       summary="two differently initialised networks teach each other with hard pseudo labels",
-                       reference="Chen et al., CVPR 2021")]

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.losses.consistency import entropy_loss
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
 
@@ -51,10 +50,3 @@ class EntropyMinTrainer(SemiSupervisedTrainer):
                 "entropy": w * ent,
                 "_entropy_raw": ent.detach(),
                 "_entropy_weight": torch.tensor(w)}
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="entropy-min", trainer=EntropyMinTrainer,
-                       summary="minimise the normalised prediction entropy on unlabeled patches",
-                       reference="Vu et al., ADVENT, CVPR 2019")]

@@ -9,7 +9,8 @@
   ``cat(image, colour-coded label)`` plus ``embedder`` on the image alone, whose feature maps are
   added stage by stage to the encoder's (the sums propagate to the next stage);
 * **latent denoiser** ε (``LatentDenoiser``, the authors' ``DeUNet``) on the encoder's bottleneck
-  z (paper eq. 7–11): x0-prediction, trained with MSE at t ~ U{0..T−1}; sampled with DDIM;
+  z (paper eq. 7–11), an x0-predictor; its diffusion (noise, loss, DDIM sampling) is in
+  :mod:`.rectification` — the network holds no schedule or loss code;
 * ``decoder``: the bottleneck skip is *replaced* by the denoised latent; output (B, C, *spatial).
 
 Width rule (documented in the plugin): stage ``i`` has ``max(2, round(width_factor ·
@@ -28,18 +29,17 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import (
     convert_dim_to_conv_op,
     get_matching_instancenorm,
 )
 from torch import Tensor, nn
 
-from semidiff_nnunet.diffusion import DiffusionScheduler, TimestepEmbedding
+from semidiff_nnunet.diffusion import TimestepEmbedding
 from semidiff_nnunet.networks.blocks import TembConvBlock, TembDown, TembUp, ops_from_plans
 
 __all__ = ["RectEncoder", "RectDecoder", "LatentDenoiser", "RectificationNet", "rectification_net_from_plans",
-           "latent_diffusion_head", "latent_strides", "AUTHORS_DROPOUT"]
+           "latent_denoiser", "latent_strides", "AUTHORS_DROPOUT"]
 
 #: dropout per encoder stage in the authors' rectification encoders (PyMIC UNet), decoder 0
 AUTHORS_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -148,22 +148,22 @@ class LatentDenoiser(nn.Module):
 class RectificationNet(nn.Module):
     """The rectification model: B_sem (encoder + image embedder), latent denoiser, decoder.
 
-    ``forward(image, cond_colour, guidance, target_colour=None)``:
+    The parts, in the order :class:`~.rectification.LatentRectification` uses them:
 
-    * training (``target_colour`` given, paper eq. 7–11): z = encoder(cat(image, cond)) + image
-      features; x_start = encoder(cat(image, target))[-1] without gradient; x_t = q_sample(x_start,
-      t), t ~ U{0..T−1}; x̂_0 = ε(x_t, t, z[-1]); returns ``(MSE(x̂_0, x_start), logits)`` with the
-      decoder run on z[:-1] + [x̂_0];
-    * sampling (``target_colour=None``, paper eq. 12 with DDIM): x_T ~ N(0, I) shaped like z[-1],
-      ``sample_steps`` DDIM steps (η = 0, x̂_0 clamped to [−1, 1] when ``clip_sample``); returns
-      logits. Call it under ``torch.no_grad()``.
+    * ``embed(guidance (B,)) -> temb (B, E)``: the calibration-guidance embedding;
+    * ``context(image, colour, temb) -> (image features, encoder features)``: B_sem on
+      cat(image, colour) plus the image embedder (paper eq. 5); the last encoder feature is z;
+    * ``encode(image, colour, temb, image features)[-1]``: the bottleneck of another colour map
+      (x_start of the latent diffusion);
+    * ``denoiser(x_t, t, cond) -> x̂_0`` (paper eq. 7–11);
+    * ``decode(features, latent, temb) -> logits (B, C, *spatial)``: the decoder with the bottleneck
+      skip *replaced* by ``latent``.
 
-    ``image`` (B, C_img, *spatial), colours (B, 3, *spatial) in [0, 1], ``guidance`` (B,) float.
+    ``image`` (B, C_img, *spatial), colours (B, 3, *spatial) in [0, 1].
     """
 
     def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], strides, kernel_sizes,
-                 ops: dict, latent_shape: Sequence[int], *, num_timesteps: int = 10, beta_schedule: str = "cosine",
-                 sample_steps: int = 2, clip_sample: bool = True, dropout: Sequence[float] = AUTHORS_DROPOUT,
+                 ops: dict, latent_shape: Sequence[int], *, dropout: Sequence[float] = AUTHORS_DROPOUT,
                  embedding_dim: int = 128, condition: str = "skip"):
         super().__init__()
         self.num_classes = num_classes
@@ -173,37 +173,20 @@ class RectificationNet(nn.Module):
         self.embedder = RectEncoder(in_channels, widths, strides, kernel_sizes, temb_dim, ops, dropout)
         self.decoder = RectDecoder(widths, strides, kernel_sizes, temb_dim, num_classes, ops)
         self.denoiser = LatentDenoiser(widths[-1], latent_shape, ops, temb_dim, embedding_dim, condition)
-        self.scheduler = DiffusionScheduler(num_timesteps, beta_schedule, prediction_type="sample", sampler="ddim",
-                                            eta=0.0, clip_sample=clip_sample)
-        self.scheduler.set_timesteps(sample_steps)
+
+    def embed(self, guidance: Tensor) -> Tensor:
+        return self.guidance_embedding(guidance)
+
+    def encode(self, image: Tensor, colour: Tensor, temb: Tensor, image_features: Sequence[Tensor]) -> list[Tensor]:
+        return self.encoder(torch.cat([image, colour.to(image.dtype)], 1), temb, image_features)
 
     def context(self, image: Tensor, colour: Tensor, temb: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(image embeddings, encoder features of cat(image, colour)) — the block B_sem."""
         img = self.embedder(image, temb)
-        return img, self.encoder(torch.cat([image, colour.to(image.dtype)], 1), temb, img)
+        return img, self.encode(image, colour, temb, img)
 
-    def forward(self, image: Tensor, cond_colour: Tensor, guidance: Tensor, target_colour: Tensor | None = None,
-                generator: torch.Generator | None = None):
-        temb = self.guidance_embedding(guidance)
-        img, feats = self.context(image, cond_colour, temb)
-        if target_colour is None:
-            latent = self.sample_latent(feats[-1], generator)
-            return self.decoder([*feats[:-1], latent], temb)
-        with torch.no_grad():
-            x_start = self.encoder(torch.cat([image, target_colour.to(image.dtype)], 1), temb, img)[-1]
-        t = self.scheduler.sample_timesteps(x_start.shape[0], device=x_start.device)
-        x_t = self.scheduler.q_sample(x_start, t)
-        pred = self.denoiser(x_t, t, feats[-1])
-        lat_loss = F.mse_loss(pred.float(), x_start.float())
-        return lat_loss, self.decoder([*feats[:-1], pred], temb)
-
-    def sample_latent(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """DDIM over ``scheduler.timesteps`` (authors: T = 10, 2 steps → [9, 0]) from N(0, I)."""
-        x = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
-        for t in self.scheduler.timesteps.tolist():
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x = self.scheduler.step(self.denoiser(x, tt, cond), tt, x).prev_sample.to(cond.dtype)
-        return x
+    def decode(self, features: Sequence[Tensor], latent: Tensor, temb: Tensor) -> Tensor:
+        return self.decoder([*features[:-1], latent], temb)
 
 
 def rectification_net_from_plans(arch_kwargs: dict, patch_size: Sequence[int], in_channels: int, num_classes: int,
@@ -213,7 +196,8 @@ def rectification_net_from_plans(arch_kwargs: dict, patch_size: Sequence[int], i
     Takes the first ``min(num_stages, n_stages)`` stages of the plans (the authors have 5 stages,
     4 poolings), their strides and kernel sizes, ``conv_op``, norm and nonlinearity; widths
     ``max(2, round(width_factor · features_per_stage[i]))``; the latent shape is
-    ``patch_size / prod(strides)``. ``kwargs`` go to :class:`RectificationNet`.
+    ``patch_size / prod(strides)``. ``kwargs`` (dropout, embedding_dim, condition) go to
+    :class:`RectificationNet`.
     """
     n = min(int(num_stages), int(arch_kwargs["n_stages"]))
     if n < 1:
@@ -232,14 +216,10 @@ def rectification_net_from_plans(arch_kwargs: dict, patch_size: Sequence[int], i
                             latent, **kwargs)
 
 
-def latent_diffusion_head(width: int, latent_shape: Sequence[int], arch_kwargs: dict | None = None, *,
-                          num_timesteps: int = 10, beta_schedule: str = "cosine", sample_steps: int = 2,
-                          clip_sample: bool = True, condition: str = "skip",
-                          temb_dim: int | None = None) -> tuple[LatentDenoiser, DiffusionScheduler]:
-    """DiffRect's LFR head on its own: ``(LatentDenoiser, DiffusionScheduler)`` with the authors'
-    schedule (T = 10, cosine, x0-prediction, DDIM η = 0 over ``sample_steps`` steps, clipping at
-    sampling). ``arch_kwargs`` (plans) give the operators; default: instance norm + LeakyReLU
-    with the conv matching ``len(latent_shape)``."""
+def latent_denoiser(width: int, latent_shape: Sequence[int], arch_kwargs: dict | None = None, *,
+                    condition: str = "skip", temb_dim: int | None = None) -> LatentDenoiser:
+    """DiffRect's LFR denoiser on its own. ``arch_kwargs`` (plans) give the operators; default:
+    instance norm + LeakyReLU with the conv matching ``len(latent_shape)``."""
     if arch_kwargs is None:
         conv = convert_dim_to_conv_op(len(latent_shape))
         ops = {"conv_op": conv, "norm_op": get_matching_instancenorm(conv), "norm_op_kwargs": {"affine": True},
@@ -247,8 +227,4 @@ def latent_diffusion_head(width: int, latent_shape: Sequence[int], arch_kwargs: 
                "nonlin_kwargs": {"negative_slope": 0.01}, "conv_bias": True}
     else:
         ops = ops_from_plans(arch_kwargs)
-    denoiser = LatentDenoiser(width, latent_shape, ops, temb_dim or max(32, 2 * width), condition=condition)
-    scheduler = DiffusionScheduler(num_timesteps, beta_schedule, prediction_type="sample", sampler="ddim",
-                                   eta=0.0, clip_sample=clip_sample)
-    scheduler.set_timesteps(sample_steps)
-    return denoiser, scheduler
+    return LatentDenoiser(width, latent_shape, ops, temb_dim or max(32, 2 * width), condition=condition)

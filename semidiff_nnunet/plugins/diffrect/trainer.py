@@ -2,7 +2,7 @@
 Medical Image Segmentation", MICCAI 2024 (code: CUHK-AIM-Group/DiffRect).
 
 The segmentation network is nnU-Net's planned network, the only one used at inference (the run
-exports to stock nnU-Net). A separate rectification network (``networks/diffrect.py``) learns to
+exports to stock nnU-Net). A separate rectification network (:mod:`.networks`, its diffusion in :mod:`.rectification`) learns to
 turn pseudo labels into better ones; after a warm-up its DDIM samples supervise the segmentation
 network. One training iteration (authors' ``train_diffrect_ACDC.py``):
 
@@ -19,6 +19,7 @@ network. One training iteration (authors' ``train_diffrect_ACDC.py``):
 3. after ``refine_start`` iterations (eq. 14): DDIM-sample the rectification network on the weak
    unlabeled views conditioned on colour(y_w), threshold → y_r (no gradient), forward the updated
    segmentation network again and take a separate optimiser step on ``rect_weight``·CE+Dice(·, y_r).
+   This is a second declared optimisation step (:meth:`DiffRectTrainer.optimisation_steps`).
 
 Defaults and their sources (code = authors' ``train_diffrect_ACDC.py`` / ``networks/unet_de.py``):
 
@@ -71,7 +72,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
 from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
@@ -79,23 +79,17 @@ from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransfo
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from semidiff_nnunet import DiffusionHeadSpec, LossSpec, MethodSpec, NetworkSpec, hookimpl
 from semidiff_nnunet.errors import SemidiffError
-from semidiff_nnunet.losses.diffrect import (
+from semidiff_nnunet.plugins.diffrect.losses import (
     calibration_guidance,
     ce_dice,
     colorize,
     complementary_loss,
     confident_pseudo_label,
 )
-from semidiff_nnunet.networks.diffrect import (
-    AUTHORS_DROPOUT,
-    latent_diffusion_head,
-    rectification_net_from_plans,
-)
-from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, ramps
-
-REFERENCE = "Liu et al., MICCAI 2024"
+from semidiff_nnunet.plugins.diffrect.networks import AUTHORS_DROPOUT, rectification_net_from_plans
+from semidiff_nnunet.plugins.diffrect.rectification import LatentRectification
+from semidiff_nnunet.training import BaseHParams, OptimStep, SemiSupervisedTrainer, ramps
 
 
 @dataclass
@@ -139,10 +133,6 @@ def diffrect_strong_view(enhance: float = 0.1, blur: float = 1.0, p: float = 0.5
     return ComposeTransforms(ops)
 
 
-def _split(out, n: int):
-    return [o[:n] for o in out] if isinstance(out, (list, tuple)) else out[:n]
-
-
 class DiffRectTrainer(SemiSupervisedTrainer):
     method_name = "diffrect"
     hparams_class = DiffRectHParams
@@ -158,13 +148,17 @@ class DiffRectTrainer(SemiSupervisedTrainer):
         self.num_classes = lm.num_segmentation_heads
         net = rectification_net_from_plans(
             cm.network_arch_init_kwargs, cm.patch_size, self.num_input_channels, self.num_classes,
-            width_factor=hp.width_factor, num_stages=hp.rect_stages, num_timesteps=hp.num_timesteps,
-            beta_schedule=hp.beta_schedule, sample_steps=hp.sample_steps, clip_sample=hp.clip_sample,
+            width_factor=hp.width_factor, num_stages=hp.rect_stages,
             dropout=AUTHORS_DROPOUT if hp.rect_dropout else (), condition=hp.denoiser_condition)
         opt = torch.optim.SGD(net.parameters(), self.initial_lr, momentum=hp.rect_momentum,
                               weight_decay=hp.rect_weight_decay)
         self.rectifier = self.register_network("rectifier", net, optimizer=opt, poly_lr=False)
-        self._rect_context = None
+        self.lfr = LatentRectification(hp.num_timesteps, hp.beta_schedule, hp.sample_steps, hp.clip_sample)
+
+    def optimisation_steps(self):
+        return (OptimStep("segmentation+rectifier", self.compute_step_losses),  # steps 1 and 2
+                OptimStep("rectified", self.rectified_supervision, networks=("network",),  # step 3 (eq. 14)
+                          active=lambda: self.iteration > self.hp.refine_start))
 
     def consistency_weight(self) -> float:
         return self.hp.consistency * ramps.sigmoid_rampup(self.iteration, self.hp.rampup_fraction * self.total_iterations)
@@ -173,40 +167,45 @@ class DiffRectTrainer(SemiSupervisedTrainer):
         return calibration_guidance(a, b, self.num_classes, self.hp.guidance_scale).to(device).expand(batch)
 
     def compute_losses(self, labeled, unlabeled):
+        return self.compute_step_losses(labeled, unlabeled, {})
+
+    def compute_step_losses(self, labeled, unlabeled, carry: dict):
         hp, c = self.hp, self.num_classes
         x_l, x_u, x_s = labeled["data"], unlabeled["data"], unlabeled["data_strong"]
         n_l, n_u = x_l.shape[0], x_u.shape[0]
-        target = labeled["target"]
-        y_l = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
+        y_l = self.labels_of(labeled)
 
         # 1. segmentation network: supervised DC+CE + FixMatch-style term with the authors' rules
-        out = self.network(torch.cat([x_l, x_u, x_s]))
-        full = self.highest_resolution(out).float()
-        p_weak, p_strong = torch.softmax(full[:n_l + n_u], 1), torch.softmax(full[n_l + n_u:], 1)
+        out_l, out_w, out_s = self.joint_forward(self.network, x_l, x_u, x_s)
+        full_w = torch.cat([self.highest_resolution(out_l), self.highest_resolution(out_w)]).float()
+        full_s = self.highest_resolution(out_s).float()
+        p_weak, p_strong = torch.softmax(full_w, 1), torch.softmax(full_s, 1)
         pl_w = confident_pseudo_label(p_weak, hp.conf_thresh)  # labeled + unlabeled
         pl_s = confident_pseudo_label(p_strong, hp.conf_thresh)  # unlabeled
         pl_wu = pl_w[n_l:]
         comp, a = complementary_loss(p_weak[n_l:], p_strong)
         w = self.consistency_weight()
         w_ref = w if hp.ref_consistency_weight < 0 else hp.ref_consistency_weight
-        unsup = ce_dice(full[n_l + n_u:], pl_wu) + a * comp
+        unsup = ce_dice(full_s, pl_wu) + a * comp
 
         # 2a. W2G on the weak views (eq. 10-11): condition colour(y_w), x_start colour(GT | y_w)
         x_w = torch.cat([x_l, x_u])
         cond_w = colorize(pl_w, c)
         tau_l = self._guidance(pl_w[:n_l], y_l, n_l + n_u, x_l.device)
-        lat_l, ref = self.rectifier(x_w, cond_w, tau_l, torch.cat([colorize(y_l, c), cond_w[n_l:]]))
+        lat_l, ref = self.lfr.loss_and_logits(self.rectifier, x_w, cond_w, tau_l,
+                                              torch.cat([colorize(y_l, c), cond_w[n_l:]]))
         ref_sup = ce_dice(ref[:n_l], y_l) + lat_l
         p_ref = torch.softmax(ref[n_l:].float(), 1)
         pl_ref = confident_pseudo_label(p_ref, hp.conf_thresh)
         # 2b. S2W on the strong views (eq. 7-9): condition colour(y_s), x_start colour(y_w)
         tau_u = self._guidance(pl_s, pl_ref, n_u, x_l.device)
-        lat_u, ref_s = self.rectifier(x_s, colorize(pl_s, c), tau_u, cond_w[n_l:])
+        lat_u, ref_s = self.lfr.loss_and_logits(self.rectifier, x_s, colorize(pl_s, c), tau_u, cond_w[n_l:])
         comp_r, a_r = complementary_loss(p_ref, torch.softmax(ref_s.float(), 1))
         ref_unsup = ce_dice(ref_s, pl_ref) + a_r * comp_r + lat_u
 
-        self._rect_context = (x_u, cond_w[n_l:], tau_l[n_l:])
-        return {"supervised": self.supervised_loss(_split(out, n_l), target),
+        # what step 3 rectifies: the weak unlabeled views, their colour(y_w) and guidance
+        carry.update(x_u=x_u, cond_colour=cond_w[n_l:], guidance=tau_l[n_l:])
+        return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "unsupervised": w * unsup,
                 "rect_supervised": ref_sup,
                 "rect_unsupervised": w_ref * ref_unsup,
@@ -216,59 +215,11 @@ class DiffRectTrainer(SemiSupervisedTrainer):
 
     def rectified_pseudo_labels(self, x_u, cond_colour, guidance) -> torch.Tensor:
         """y_r: DDIM sample of the rectification network, thresholded; (B, *spatial), no gradient."""
-        with torch.no_grad():
-            logits = self.rectifier(x_u, cond_colour, guidance)
-            return confident_pseudo_label(torch.softmax(logits.float(), 1), self.hp.conf_thresh)
+        logits = self.lfr.sample(self.rectifier, x_u, cond_colour, guidance)
+        return confident_pseudo_label(torch.softmax(logits.float(), 1), self.hp.conf_thresh)
 
-    def rectification_step(self) -> float:
-        """Step 3 (eq. 14): a separate optimiser step of the segmentation network on y_r."""
-        x_u, cond, tau = self._rect_context
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            y_r = self.rectified_pseudo_labels(x_u, cond, tau)
-            loss = self.hp.rect_weight * ce_dice(self.highest_resolution(self.network(x_u)), y_r)
-        self.backward_and_step(loss, [self.optimizer], [self.network])
-        return float(loss.detach())
-
-    def train_step(self, batch: dict) -> dict:
-        out = super().train_step(batch)  # steps 1 + 2; self.iteration is now the 1-based count
-        rect = 0.0
-        if self._rect_context is not None and self.iteration - 1 > self.hp.refine_start:
-            rect = self.rectification_step()
-        self._rect_context = None
-        out["term/rectified"] = np.asarray(rect, dtype=np.float32)
-        out["loss"] = out["loss"] + rect
-        return out
-
-
-@hookimpl
-def semidiff_register_methods():
-    return [MethodSpec(name="diffrect", trainer=DiffRectTrainer,
-                       summary="latent-diffusion rectification of colour-coded pseudo labels (LCC + LFR)",
-                       reference=REFERENCE)]
-
-
-@hookimpl
-def semidiff_register_networks():
-    return [NetworkSpec(name="diffrect-rectifier", factory=rectification_net_from_plans,
-                        summary="DiffRect rectification model (B_sem + latent denoiser + decoder) from nnU-Net plans",
-                        reference=REFERENCE)]
-
-
-@hookimpl
-def semidiff_register_diffusion_heads():
-    return [DiffusionHeadSpec(name="diffrect-lfr", factory=latent_diffusion_head,
-                              summary="DiffRect LFR: latent denoising U-Net, T=10 cosine, x0-prediction, DDIM 2 steps",
-                              reference=REFERENCE)]
-
-
-@hookimpl
-def semidiff_register_losses():
-    return [
-        LossSpec(name="diffrect-ce-dice", factory=lambda: ce_dice,
-                 summary="CE + SSL4MIS Dice (background included) on hard (pseudo) labels", reference=REFERENCE),
-        LossSpec(name="diffrect-complementary", factory=lambda: complementary_loss,
-                 summary="complementary CE(1 - p_strong, argmin p_weak) with its entropy weight", reference=REFERENCE),
-        LossSpec(name="diffrect-calibration-guidance", factory=lambda: calibration_guidance,
-                 summary="calibration guidance 999·(1 - Dice) between two label maps (eq. 6)", reference=REFERENCE),
-    ]
+    def rectified_supervision(self, labeled, unlabeled, carry: dict):
+        """Step 3 (eq. 14): the updated segmentation network learns from the rectified labels y_r."""
+        y_r = self.rectified_pseudo_labels(carry["x_u"], carry["cond_colour"], carry["guidance"])
+        logits = self.highest_resolution(self.network(carry["x_u"]))
+        return {"rectified": self.hp.rect_weight * ce_dice(logits, y_r)}

@@ -1,0 +1,17 @@
+"""``cct``: cross-consistency training, Ouali et al., "Semi-Supervised Semantic Segmentation with
+
+The method's trainer lives in :mod:`.trainer`; this module only registers it, so that listing
+methods imports neither torch nor nnU-Net.
+"""
+
+from semidiff_nnunet import MethodSpec, hookimpl
+from semidiff_nnunet.specs import lazy_module_getattr
+
+__getattr__ = lazy_module_getattr(__name__, ".trainer")
+
+
+@hookimpl
+def semidiff_register_methods():
+    return [MethodSpec(name="cct", trainer="semidiff_nnunet.plugins.cct.trainer:CCTTrainer",
+                       summary="auxiliary decoders on perturbed encoder features agree with the main decoder",
+                       reference="Ouali et al., CVPR 2020")]

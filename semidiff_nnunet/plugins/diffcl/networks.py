@@ -1,0 +1,101 @@
+"""Diff-CL's networks (Guo et al. 2025), 2D and 3D from nnU-Net plans.
+
+* :func:`build_cs_network` — CS: the planned network with HF-Mamba (:mod:`.hf_mamba`, eq. 10)
+  after one encoder stage;
+* :class:`TimestepConditionedUNet` — DS's backbone: a planned U-Net whose encoder stages get a
+  per-channel shift ``Linear(SiLU(temb))`` of the diffusion time (forward hooks on the stages, so
+  any encoder nnU-Net plans works unchanged);
+* :class:`LabelDiffusion` — the DS diffusion head: the network plus its label noise (eq. 5);
+* :class:`ProjectionHead` — the per-pixel projection of the contrastive term (eq. 11–15).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import Tensor, nn
+
+from semidiff_nnunet.diffusion import ContinuousScheduler, TimestepEmbedding
+from semidiff_nnunet.plugins.diffcl.hf_mamba import insert_hf_mamba
+
+
+def build_cs_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                     enable_deep_supervision: bool = True, *, hf_threshold: float = 0.5, stage: int = -1,
+                     d_state: int = 16, d_conv: int = 4, expand: int = 2, slice_scan_2d: bool = True,
+                     scan_backend: str = "auto", chunk_size: int = 0, residual: bool = True) -> nn.Module:
+    """The CS network: the planned network with HF-Mamba after encoder stage ``stage``."""
+    net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                   num_output_channels, enable_deep_supervision)
+    is_2d = len(configuration_manager.patch_size) == 2
+    return insert_hf_mamba(net, stage, hf_threshold=hf_threshold, d_state=d_state, d_conv=d_conv, expand=expand,
+                           slice_scan=slice_scan_2d or not is_2d, scan_backend=scan_backend, chunk_size=chunk_size,
+                           residual=residual)
+
+
+class TimestepConditionedUNet(nn.Module):
+    """DS: a planned U-Net whose encoder stages get ``Linear(SiLU(temb))`` added (per channel).
+
+    forward(x, t): ``x`` (B, C_in, *spatial) (image ⊕ Y_t), ``t`` (B,) → the U-Net's output. The
+    projections are zero-initialised, so DS starts as the planned network.
+    """
+
+    def __init__(self, unet: nn.Module, embedding_dim: int = 128):
+        super().__init__()
+        self.unet = unet
+        hidden = 2 * embedding_dim
+        self.time_embed = TimestepEmbedding(embedding_dim, hidden)
+        self.time_proj = nn.ModuleList(nn.Linear(hidden, c) for c in unet.encoder.output_channels)
+        for proj in self.time_proj:
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        self._emb: Tensor | None = None
+        for i, stage in enumerate(unet.encoder.stages):
+            stage.register_forward_hook(functools.partial(self._add_time, i))
+
+    def _add_time(self, index: int, _module, _inputs, output: Tensor) -> Tensor:
+        if self._emb is None:  # the U-Net called on its own
+            return output
+        shift = self.time_proj[index](self._emb).to(output.dtype)
+        return output + shift.view(*shift.shape, *([1] * (output.ndim - 2)))
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.unet.decoder
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor | list[Tensor]:
+        self._emb = nn.functional.silu(self.time_embed(t))
+        try:
+            return self.unet(x)
+        finally:
+            self._emb = None
+
+
+class LabelDiffusion(nn.Module):
+    """Diff-CL's diffusion head: the DS network plus its label noise (eq. 5).
+
+    forward(x, y0): ``x`` image (B, C_img, *spatial), ``y0`` clean one-hot labels (B, K, *spatial);
+    t ~ U(0, 1), Y_t = sqrt(γ(t))·scale·Y_0 + sqrt(1 − γ(t))·ε; returns DS(x ⊕ Y_t, 1000 t).
+    """
+
+    def __init__(self, network: TimestepConditionedUNet, schedule: str = "cosine", label_scale: float = 1.0):
+        super().__init__()
+        self.network, self.label_scale = network, label_scale
+        self.scheduler = ContinuousScheduler(schedule)
+
+    def forward(self, x: Tensor, y0: Tensor, t: Tensor | None = None):
+        t = self.scheduler.sample_times(x.shape[0], device=x.device) if t is None else t
+        y_t = self.scheduler.q_sample(y0.float() * self.label_scale, t).to(x.dtype)
+        return self.network(torch.cat([x, y_t], 1), t * 1000)
+
+
+class ProjectionHead(nn.Module):
+    """Per-pixel MLP: (N, F) → (N, d) (a 1×1-conv head applied to the pixels actually used)."""
+
+    def __init__(self, in_features: int, out_features: int = 32):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(), nn.Linear(in_features, out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x)

@@ -1,0 +1,103 @@
+"""What a method declares and the engine runs: training phases and optimisation steps.
+
+A method never overrides the training loop. It says, as class attributes or small methods of
+its trainer (see ``SemiSupervisedTrainer``):
+
+* ``phases = (Phase("pretrain", share=0.3), Phase("co-training"))``: ordered stages of one run.
+  The engine runs them in order, calls ``on_phase_start(phase)`` when a phase begins (also when a
+  resumed run continues inside it), shows the phase in the progress bar and in ``progress.png``;
+  ``--set phase.pretrain=0.2`` (a share) or ``--set phase.pretrain=40`` (epochs) overrides a length.
+* ``optimisation_steps()``: one or more :class:`OptimStep` per iteration, each with its own losses
+  and networks; the engine does zero-grad, AMP, backward through the grad scaler, clipping and the
+  optimiser steps. The default is one step, ``compute_losses``, over every trainable network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.training.run_config import parse_phase_length
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a run. Length: ``share`` of the run's epochs, or ``epochs``; a phase with
+    neither takes what the others leave (at most one such phase, usually the last)."""
+
+    name: str
+    share: float | None = None
+    epochs: int | None = None
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class PhaseSpan:
+    phase: Phase
+    start: int  # first epoch (inclusive)
+    end: int  # last epoch (exclusive)
+
+    @property
+    def name(self) -> str:
+        return self.phase.name
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def resolve_phases(declared: Sequence[Phase], overrides: dict[str, str], num_epochs: int) -> list[PhaseSpan]:
+    """Epoch spans of the declared phases for a run of ``num_epochs`` epochs (overrides applied).
+
+    Shares are rounded to whole epochs; the phase without a length takes the rest. A run too short
+    for its fixed phases is an error naming the phase, not a silently empty phase.
+    """
+    if not declared:
+        return [PhaseSpan(Phase("training"), 0, num_epochs)]
+    phases = []
+    for p in declared:
+        if p.name in overrides:
+            share, epochs = parse_phase_length(p.name, overrides[p.name])
+            p = Phase(p.name, share, epochs, p.summary)
+        phases.append(p)
+    open_ended = [p.name for p in phases if p.share is None and p.epochs is None]
+    if len(open_ended) > 1:
+        raise SemidiffError(f"Phases {', '.join(open_ended)} all have no length; give all but one a length "
+                            f"with --set phase.NAME=share or epochs.")
+    fixed = {p.name: (p.epochs if p.epochs is not None else int(round(p.share * num_epochs)))
+             for p in phases if p.name not in open_ended}
+    rest = num_epochs - sum(fixed.values())
+    if rest < 0 or (open_ended and rest == 0 and num_epochs > 0):
+        raise SemidiffError(f"The run has {num_epochs} epochs, too few for its phases ("
+                            + ", ".join(f"{k}: {v}" for k, v in fixed.items())
+                            + (f", {open_ended[0]}: the rest" if open_ended else "")
+                            + "); train longer with --epochs or shorten a phase with --set phase.NAME=...")
+    spans, start = [], 0
+    for p in phases:
+        n = rest if p.name in open_ended else fixed[p.name]
+        spans.append(PhaseSpan(p, start, start + n))
+        start += n
+    if start != num_epochs:  # shares that do not add up to the run: the last phase absorbs the rounding
+        last = spans[-1]
+        spans[-1] = PhaseSpan(last.phase, last.start, num_epochs)
+    return spans
+
+
+@dataclass(frozen=True)
+class OptimStep:
+    """One optimisation step of an iteration.
+
+    ``compute(labeled, unlabeled, carry) -> dict[str, Tensor]``: the step's loss terms (keys with a
+    leading ``_`` are logged, not minimised). ``carry`` is a dict that lives for one iteration: an
+    earlier step may leave tensors in it for a later one (DiffRect's rectified supervision uses
+    the pseudo labels of the main step). ``networks``: names of the networks this step updates
+    (``"network"`` is nnU-Net's; others come from ``register_network``); ``None`` = every trainable
+    network. ``active() -> bool``: whether the step runs in this iteration (default: always);
+    ``phases``: the phases in which it runs (default: all).
+    """
+
+    name: str
+    compute: Callable[..., dict]
+    networks: tuple[str, ...] | None = None
+    active: Callable[[], bool] | None = None
+    phases: tuple[str, ...] | None = None
