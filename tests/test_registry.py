@@ -84,6 +84,7 @@ def test_hook_that_raises_is_reported():
     assert "boom" in reg.failures[0].error
 
 
+@pytest.mark.slow  # a subprocess of the CLI
 @pytest.mark.parametrize("command", [["methods"], ["plugins"], ["split", "-d", "424242", "--labeled", "0.1"]])
 def test_cli_under_a_non_utf8_locale(command, tmp_path):
     """With LANG unset (an ASCII locale, as on some CI runners) the CLI prints its tables and errors
