@@ -5,6 +5,15 @@
     run = api.train("Dataset990_Demo2D", "mean-teacher", labeled="0.1", configuration="2d", device="cpu")
     api.predict("Dataset990_Demo2D", "mean-teacher", labeled="0.1", configuration="2d", input=..., output=...)
     api.evaluate("Dataset990_Demo2D", pred=..., ref=...)
+
+Importing this module is light (no torch, no nnU-Net): listing methods and plugins must answer at
+once. Functions that train, plan or predict import what they need when called.
+
+``--set`` items (``overrides``) are ``{"key": "value"}`` or a list of ``"key=value"`` strings:
+``key`` is a hyperparameter of the method, ``phase.NAME`` the length of one of its training
+phases (a share of the run like ``0.3`` or a number of epochs like ``40``), and
+``method:key`` restricts an item to one method (for :func:`benchmark`, where ``key`` alone
+applies to every method that has it).
 """
 
 from __future__ import annotations
@@ -13,14 +22,29 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from semidiff_nnunet import paths, planning
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.registry import get_registry
 
+if TYPE_CHECKING:
+    import torch
+
+    from semidiff_nnunet.training.progress import TrainingProgress
+    from semidiff_nnunet.training.splits import LabeledSpec, SemiSplit
+
 SHIM_MODULE = "semidiff_registered_trainers.py"
+
+
+# ---------------------------------------------------------------------------------------------- workspace
+def ensure_workspace() -> tuple[list[str], Path]:
+    """Fill unset nnU-Net path variables with folders of the semidiff workspace; return (the names that
+    were filled, the workspace)."""
+    return paths.ensure_nnunet_env(), paths.workspace()
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -40,6 +64,138 @@ def list_plugins() -> tuple[list, list]:
 
 def method_trainer(method: str) -> type:
     return get_registry().method(method).load_trainer()
+
+
+def run_root(method: str, labeled: str = "1.0", seed: int = 0) -> Path:
+    """The ``nnUNet_results``-like folder of the runs of (method, labeled spec, seed)."""
+    from semidiff_nnunet.training.splits import LabeledSpec
+
+    get_registry().method(method)  # an unknown name is answered with the closest ones
+    return paths.run_root(method, LabeledSpec.parse(labeled).tag, seed)
+
+
+# ---------------------------------------------------------------------------------------------- options
+def parse_fold(value: int | str) -> int | str:
+    """``"0"`` → 0, ``"all"`` → ``"all"``; anything else is a one-sentence error."""
+    text = str(value).strip()
+    if text == "all":
+        return "all"
+    if text.isdigit():
+        return int(text)
+    raise SemidiffError(f"--fold {value}: give a fold number (0, 1, ...) or all.")
+
+
+def parse_overrides(overrides: dict | Sequence[str] | None) -> dict:
+    """``--set`` items as a dict: a dict is returned as it is, a list of ``"key=value"`` strings parsed."""
+    if overrides is None or isinstance(overrides, dict):
+        return dict(overrides or {})
+    from semidiff_nnunet.training.hparams import parse_overrides as parse
+
+    return parse(list(overrides))
+
+
+def parse_list(value: str | Sequence, what: str) -> list[str]:
+    """A comma-separated option (``"a,b"``) or a list, as a non-empty list of strings."""
+    items = [t.strip() for t in value.split(",")] if isinstance(value, str) else [str(t).strip() for t in value]
+    items = [t for t in items if t]
+    if not items:
+        raise SemidiffError(f"{what} is empty; give a comma-separated list.")
+    return items
+
+
+def _check_counts(**options: int | None) -> None:
+    for option, value in options.items():
+        if value is not None and value < 1:
+            raise SemidiffError(f"--{option.replace('_', '-')} must be at least 1 (got {value}).")
+
+
+def method_overrides(methods: Sequence[str], overrides: dict | Sequence[str] | None) -> dict[str, dict]:
+    """Which ``--set`` items apply to which method, every key and value checked: ``{method: {key: value}}``.
+
+    ``method:key=value`` applies to that method only (and wins over ``key=value``). With one method,
+    every plain item must be one of its hyperparameters or phases; with several, a plain item
+    applies to every method that has the key and must apply to at least one.
+    """
+    from semidiff_nnunet.training.hparams import resolve_hparams
+    from semidiff_nnunet.training.run_config import PHASE_PREFIX, check_phase_overrides, split_overrides
+
+    items = parse_overrides(overrides)
+    classes = {m: method_trainer(m) for m in methods}
+    plain: dict = {}
+    targeted: dict[str, dict] = {m: {} for m in classes}
+    for key, value in items.items():
+        prefix, sep, rest = str(key).partition(":")
+        if not sep:
+            plain[key] = value
+        elif prefix in targeted and rest:
+            targeted[prefix][rest.strip()] = value
+        else:
+            raise SemidiffError(f"--set {key}={value}: {prefix!r} is not one of this command's methods "
+                                f"({', '.join(classes)}); write METHOD:KEY=VALUE with one of them.")
+
+    def accepts(cls, key: str) -> bool:
+        if key.startswith(PHASE_PREFIX):
+            return key[len(PHASE_PREFIX):] in [p.name for p in getattr(cls, "phases", ())]
+        return key in {f.name for f in _dataclass_fields(cls.hparams_class)}
+
+    result, used = {}, set()
+    for m, cls in classes.items():
+        mine = dict(plain) if len(classes) == 1 else {k: v for k, v in plain.items() if accepts(cls, k)}
+        used |= set(mine)
+        mine.update(targeted[m])
+        hp, phases = split_overrides(mine)
+        try:
+            resolve_hparams(cls.hparams_class, hp)
+            check_phase_overrides(phases, getattr(cls, "phases", ()))
+        except SemidiffError as e:
+            if len(classes) == 1:
+                raise
+            raise SemidiffError(f"{m}: {e}") from None
+        result[m] = mine
+    unused = sorted(set(plain) - used)
+    if unused:
+        raise SemidiffError(f"--set {unused[0]} is not a hyperparameter of any of {', '.join(classes)}.")
+    return result
+
+
+def _dataclass_fields(cls) -> tuple:
+    import dataclasses
+
+    return dataclasses.fields(cls)
+
+
+@dataclass
+class TrainOptions:
+    """A run's options, checked: what :func:`check_train_options` returns."""
+
+    trainer_cls: type
+    labeled: LabeledSpec
+    fold: int | str
+    hparams: Any  # the method's hyperparameter dataclass
+    hparam_overrides: dict
+    phases: dict[str, str]
+    device: torch.device
+
+
+def check_train_options(method: str, labeled: str = "1.0", fold: int | str = 0, device: str = "auto",
+                        overrides: dict | Sequence[str] | None = None, epochs: int | None = None,
+                        iters_per_epoch: int | None = None, val_iters_per_epoch: int | None = None,
+                        save_every: int | None = None) -> TrainOptions:
+    """Check every option of a run that can be checked without the dataset (method, fold, labeled spec,
+    ``--set`` keys and values, counts, device), so that a mistake is answered before hours of planning."""
+    from semidiff_nnunet.training.hparams import resolve_hparams
+    from semidiff_nnunet.training.run_config import split_overrides
+    from semidiff_nnunet.training.splits import LabeledSpec
+
+    fold = parse_fold(fold)
+    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters_per_epoch,
+                  save_every=save_every)
+    trainer_cls = method_trainer(method)
+    spec = LabeledSpec.parse(labeled)
+    mine = method_overrides([method], overrides)[method]
+    hp_overrides, phases = split_overrides(mine)
+    hp = resolve_hparams(trainer_cls.hparams_class, hp_overrides)
+    return TrainOptions(trainer_cls, spec, fold, hp, hp_overrides, phases, resolve_device(device))
 
 
 # ---------------------------------------------------------------------------------------------- shim
@@ -256,17 +412,22 @@ def _results_root(root: Path):
 
 def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, configuration: str = "2d",
           fold: int | str = 0, device: str = "auto", epochs: int | None = None, iters_per_epoch: int | None = None,
-          overrides: dict | None = None, continue_training: bool = False, plans_name: str = "nnUNetPlans",
-          val_iters_per_epoch: int | None = None, save_every: int | None = None, final_validation: bool = True,
-          show_progress: bool = True) -> RunInfo:
-    """Train one run; refuses to overwrite an existing run unless ``continue_training`` resumes it."""
-    from semidiff_nnunet.training.hparams import hparams_to_dict, resolve_hparams
-    from semidiff_nnunet.training.splits import LabeledSpec
+          overrides: dict | Sequence[str] | None = None, continue_training: bool = False,
+          plans_name: str = "nnUNetPlans", val_iters_per_epoch: int | None = None, save_every: int | None = None,
+          final_validation: bool = True, show_progress: bool = True,
+          progress: TrainingProgress | None = None) -> RunInfo:
+    """Train one run; refuses to overwrite an existing run unless ``continue_training`` resumes it.
 
+    ``progress`` receives the training's progress (:mod:`semidiff_nnunet.training.progress`);
+    ``show_progress`` keeps nnU-Net's own prints off the terminal (they still reach the training log).
+    """
+    from semidiff_nnunet.training.hparams import hparams_to_dict
+    from semidiff_nnunet.training.run_config import RunConfig
+
+    opts = check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch,
+                               val_iters_per_epoch, save_every)
     paths.ensure_nnunet_env()
-    spec = LabeledSpec.parse(labeled)
-    trainer_cls = method_trainer(method)
-    hp = resolve_hparams(trainer_cls.hparams_class, overrides or {})  # validate before any work
+    fold = opts.fold
     info = run_info(dataset, method, labeled, seed, configuration, fold, plans_name)
     plans = planning.load_plans(info.dataset, plans_name)
     if configuration not in plans["configurations"]:
@@ -276,6 +437,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     if not (planning.preprocessed_folder(info.dataset) / ident).is_dir():
         raise SemidiffError(f"{info.dataset} is not preprocessed for {configuration!r}; run "
                             f"`semidiff plan-and-train {info.dataset} -c {configuration} ...` first.")
+    check_fold(info.dataset, fold)
     if info.finished:
         if continue_training:
             return info
@@ -284,30 +446,23 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     checkpoint = info.resumable_checkpoint()
     if info.fold_folder.is_dir() and checkpoint is not None and not continue_training:
         raise SemidiffError(f"A run already exists in {info.fold_folder}; pass --continue to resume it.")
+    hp, phases = opts.hparams, opts.phases
+    if continue_training and checkpoint is not None:
+        hp, phases = _resumed_settings(info, opts.trainer_cls, hp, opts.hparam_overrides, phases)
     if info.fold_folder.is_dir() and checkpoint is None and not continue_training:
         shutil.rmtree(info.fold_folder)  # an attempt that died before its first checkpoint
-    if continue_training and checkpoint is not None:
-        hp = _resumed_hparams(info, trainer_cls, hp, overrides or {})
 
-    torch_device = resolve_device(device)
     activate_trainer_shim()
     dataset_json = json.loads((planning.preprocessed_folder(info.dataset) / "dataset.json").read_text(encoding="utf-8"))
-    plans["semidiff"] = {
-        "method": method,
-        "labeled": spec.to_json(),
-        "seed": seed,
-        "hparams": hparams_to_dict(hp),
-        "num_epochs": epochs,
-        "num_iterations_per_epoch": iters_per_epoch,
-        "num_val_iterations_per_epoch": val_iters_per_epoch,
-        "save_every": save_every,
-        "progress": show_progress,
-    }
+    RunConfig(method=method, labeled=opts.labeled, seed=seed, hparams=hparams_to_dict(hp), phases=phases,
+              num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch,
+              num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every).write(plans)
     plans["continue_training"] = bool(continue_training and checkpoint is not None)
     with _results_root(info.run_root):
         with _quiet(show_progress):  # nnU-Net's banner goes to the training log
-            trainer = trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                                  device=torch_device)
+            trainer = opts.trainer_cls(plans=plans, configuration=configuration, fold=fold,
+                                       dataset_json=dataset_json, device=opts.device)
+        trainer.progress = progress
         if continue_training and checkpoint is not None:
             trainer.load_checkpoint(str(checkpoint))
         trainer.run_training()
@@ -316,22 +471,71 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     return info
 
 
-def _resumed_hparams(info: RunInfo, trainer_cls, hp, overrides: dict):
-    """A resumed run keeps the hyperparameters it started with (also defaults changed since); a --set that
-    contradicts them is a mistake, not a silent change half-way through a run."""
+def plan_and_train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0,
+                   configuration: str = "2d", fold: int | str = 0, device: str = "auto",
+                   epochs: int | None = None, iters_per_epoch: int | None = None,
+                   overrides: dict | Sequence[str] | None = None, continue_training: bool = False,
+                   plans_name: str | None = None, gpu_memory_target: float | None = None,
+                   num_processes: int = 2, val_iters_per_epoch: int | None = None, save_every: int | None = None,
+                   final_validation: bool = True, show_progress: bool = True,
+                   progress: TrainingProgress | None = None) -> RunInfo:
+    """Check the run's options, plan and preprocess ``dataset`` for ``configuration`` (steps already done
+    are skipped), then :func:`train`."""
+    check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch, val_iters_per_epoch,
+                        save_every)
+    _check_counts(num_processes=num_processes)
+    pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
+                                plans_name=plans_name, num_processes=num_processes, show_progress=show_progress)
+    return train(dataset, method, labeled=labeled, seed=seed, configuration=configuration, fold=fold, device=device,
+                 epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=overrides,
+                 continue_training=continue_training, plans_name=pname, val_iters_per_epoch=val_iters_per_epoch,
+                 save_every=save_every, final_validation=final_validation, show_progress=show_progress,
+                 progress=progress)
+
+
+def check_fold(name: str, fold: int | str) -> None:
+    """A fold must exist in the dataset's ``splits_final.json`` (nnU-Net makes 5 when there is none);
+    nnU-Net would silently train a higher one on a random 80:20 split."""
+    if fold == "all":
+        return
+    for candidate in (planning.preprocessed_folder(name) / "splits_final.json",
+                      planning.raw_folder(name) / "splits_final.json"):
+        if candidate.is_file():
+            n, where = len(json.loads(candidate.read_text(encoding="utf-8"))), str(candidate)
+            break
+    else:
+        n, where = 5, "nnU-Net's default split"
+    if int(fold) >= n:
+        raise SemidiffError(f"--fold {fold}: {name} has {n} folds ({where}); pick 0..{n - 1} or all.")
+
+
+def _resumed_settings(info: RunInfo, trainer_cls, hp, overrides: dict, phases: dict[str, str]):
+    """A resumed run keeps the hyperparameters and phase lengths it started with (also defaults changed
+    since); a --set that contradicts them is a mistake, not a silent change half-way through a run.
+    Returns (hyperparameters, phase overrides) of the run."""
     from semidiff_nnunet.training.hparams import hparams_to_dict, resolve_hparams
+    from semidiff_nnunet.training.run_config import parse_phase_length
 
     run_json = info.fold_folder / "semidiff_run.json"
     if not run_json.is_file():
-        return hp
-    stored = json.loads(run_json.read_text(encoding="utf-8")).get("hparams") or {}
+        return hp, phases
+    run = json.loads(run_json.read_text(encoding="utf-8"))
+    stored = run.get("hparams") or {}
     given = json.loads(json.dumps(hparams_to_dict(hp)))
     for key in sorted(overrides):
         if key in stored and given.get(key) != stored[key]:
             raise SemidiffError(f"This run was started with {key}={stored[key]!r}; resume it without "
                                 f"--set {key}={overrides[key]} (or start a new run with another --seed).")
+    stored_phases = {str(k): str(v) for k, v in (run.get("phases") or {}).items()}  # absent in older runs
+    for name in sorted(phases):
+        was = stored_phases.get(name)
+        if was is None or parse_phase_length(name, was) != parse_phase_length(name, phases[name]):
+            started = f"phase.{name}={was}" if was is not None else f"the default length of phase {name!r}"
+            raise SemidiffError(f"This run was started with {started}; resume it without "
+                                f"--set phase.{name}={phases[name]} (or start a new run with another --seed).")
     known = set(hparams_to_dict(hp))
-    return resolve_hparams(trainer_cls.hparams_class, {k: v for k, v in stored.items() if k in known})
+    hp = resolve_hparams(trainer_cls.hparams_class, {k: v for k, v in stored.items() if k in known})
+    return hp, stored_phases
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -341,6 +545,7 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
             use_mirroring: bool = True, show_progress: bool = True) -> Path:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    folds = tuple(parse_fold(f) for f in folds)
     info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name)
     for f in folds:
         ck = info.model_folder / f"fold_{f}" / checkpoint
@@ -410,9 +615,16 @@ def evaluate(dataset: str | int | None, pred: str | Path, ref: str | Path, outpu
                            num_processes=num_processes)
 
 
+def summary_table_rows(summary: dict) -> list[list]:
+    """Rows (label, Dice, Jaccard, HD95, ASD) of an :func:`evaluate` summary, foreground mean last."""
+    from semidiff_nnunet.evaluation import summary_table_rows as rows
+
+    return rows(summary)
+
+
 # ---------------------------------------------------------------------------------------------- split
 def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, configuration: str | None = None,
-          plans_name: str = "nnUNetPlans"):
+          plans_name: str = "nnUNetPlans") -> SemiSplit:
     """The labeled/unlabeled/validation cases a run would use (without training)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
@@ -420,8 +632,9 @@ def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, 
     from semidiff_nnunet.training.splits import LabeledSpec, make_semi_split
     from semidiff_nnunet.training.unlabeled import list_cases
 
-    name = planning.dataset_name(dataset)
+    fold = parse_fold(fold)
     spec = LabeledSpec.parse(labeled)
+    name = planning.dataset_name(dataset)
     raw = planning.raw_folder(name)
     pre = planning.preprocessed_folder(name)
     ds = json.loads((raw / "dataset.json").read_text(encoding="utf-8")) if (raw / "dataset.json").is_file() else \
@@ -473,11 +686,14 @@ def prepare_demo_dataset(dim: int = 2, num_unlabeled: int = 0, show_progress: bo
 
 
 def run_demo(dim: int = 2, device: str = "cpu", methods: list[str] | None = None, labeled: str = "0.2",
-             epochs: int | None = None, iters_per_epoch: int | None = None, seed: int = 0, log=print) -> dict:
+             epochs: int | None = None, iters_per_epoch: int | None = None, seed: int = 0, log=print,
+             make_progress: Callable[[], TrainingProgress] | None = None) -> dict:
     """The whole job on synthetic data: plan, train each method, predict imagesTs, evaluate; return Dice."""
+    if dim not in (2, 3):
+        raise SemidiffError(f"--dim {dim}: the demo dataset is 2 or 3 dimensional.")
     methods = methods or ["supervised", "mean-teacher"]
     for m in methods:
-        method_trainer(m)
+        check_train_options(m, labeled, 0, device, epochs=epochs, iters_per_epoch=iters_per_epoch)
     name = prepare_demo_dataset(dim)
     configuration = "2d" if dim == 2 else "3d_fullres"
     epochs = epochs or (20 if dim == 2 else 10)
@@ -492,7 +708,8 @@ def run_demo(dim: int = 2, device: str = "cpu", methods: list[str] | None = None
             train(name, m, labeled=labeled, seed=seed, configuration=configuration, fold=0, device=device,
                   epochs=epochs, iters_per_epoch=iters_per_epoch, plans_name=DEMO_PLANS,
                   val_iters_per_epoch=5, save_every=max(1, epochs // 4), final_validation=False,
-                  continue_training=info.resumable_checkpoint() is not None)
+                  continue_training=info.resumable_checkpoint() is not None,
+                  progress=make_progress() if make_progress else None)
         pred = info.fold_folder / "predictions_imagesTs"
         predict(name, m, raw / "imagesTs", pred, labeled=labeled, seed=seed, configuration=configuration,
                 device=device, plans_name=DEMO_PLANS)
@@ -503,3 +720,47 @@ def run_demo(dim: int = 2, device: str = "cpu", methods: list[str] | None = None
         result["dice"][m] = {**{names.get(k, k): summary["mean"][k]["Dice"] for k in labels},
                              "mean": summary["foreground_mean"]["Dice"]}
     return result
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | Sequence[str] = "0.1",
+              seeds: str | Sequence[int] = "0", configuration: str = "2d", fold: int | str = 0,
+              device: str = "auto", epochs: int | None = None, iters_per_epoch: int | None = None,
+              val_iters_per_epoch: int | None = None, overrides: dict | Sequence[str] | None = None,
+              plans_name: str | None = None, gpu_memory_target: float | None = None, output: str | Path | None = None,
+              dry_run: bool = False, num_processes: int = 2, log=print, show_progress: bool = True,
+              make_progress: Callable[[], TrainingProgress] | None = None) -> dict:
+    """Every (method, labeled spec, seed) on one dataset: train, predict the held-out cases, evaluate, and
+    write benchmark.csv/.md/.png (:mod:`semidiff_nnunet.benchmark`). Every option is checked first.
+
+    ``methods``/``labeled``/``seeds``: lists or comma-separated strings. ``overrides``: ``--set`` items,
+    ``key=value`` for every method that has the key, ``method:key=value`` for one method.
+    ``dry_run``: return ``{"runs": [...]}`` (each with its ``status``: train, resume or done) without
+    planning or training.
+    """
+    from semidiff_nnunet import benchmark as bench
+    from semidiff_nnunet.training.splits import LabeledSpec
+
+    methods = parse_list(methods, "--methods")
+    labeled = parse_list(labeled, "--labeled")
+    try:
+        seeds = [int(s) for s in parse_list(seeds, "--seeds")]
+    except ValueError:
+        raise SemidiffError(f"--seeds {seeds}: give comma-separated integers, e.g. 0,1,2.") from None
+    fold = parse_fold(fold)
+    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters_per_epoch,
+                  num_processes=num_processes)
+    for lab in labeled:
+        LabeledSpec.parse(lab)
+    per_method = method_overrides(methods, overrides)
+    if dry_run:
+        pname = planning.plans_name_for(gpu_memory_target, plans_name)
+        return bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,
+                                   dry_run=True)
+    resolve_device(device)
+    check_fold(planning.dataset_name(dataset), fold)
+    pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
+                                plans_name=plans_name, num_processes=num_processes, show_progress=show_progress)
+    return bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, device, pname, epochs,
+                               iters_per_epoch, per_method, output, log=log, show_progress=show_progress,
+                               val_iters_per_epoch=val_iters_per_epoch or 10, make_progress=make_progress)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semidiff_nnunet import api, paths, planning
-from semidiff_nnunet.errors import SemidiffError
 
 METRICS = ("Dice", "Jaccard", "HD95", "ASD")
 
@@ -72,7 +71,10 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                   fold=0, device: str = "auto", plans_name: str = "nnUNetPlans", epochs: int | None = None,
                   iters_per_epoch: int | None = None, overrides: dict | None = None, output: Path | None = None,
                   dry_run: bool = False, log=print, show_progress: bool = True,
-                  val_iters_per_epoch: int = 10) -> dict:
+                  val_iters_per_epoch: int = 10, make_progress=None) -> dict:
+    """Run the benchmark (the CLI goes through :func:`semidiff_nnunet.api.benchmark`, which checks every
+    option first). ``overrides``: ``{method: {key: value}}``; ``make_progress``: a factory of
+    :class:`~semidiff_nnunet.training.progress.TrainingProgress`, one per training run."""
     name = planning.dataset_name(dataset)
     for m in methods:
         api.method_trainer(m)
@@ -88,7 +90,8 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                       device=device, epochs=epochs, iters_per_epoch=iters_per_epoch,
                       overrides=(overrides or {}).get(r.method, {}), plans_name=plans_name,
                       continue_training=r.info.resumable_checkpoint() is not None, final_validation=False,
-                      val_iters_per_epoch=val_iters_per_epoch, show_progress=show_progress)
+                      val_iters_per_epoch=val_iters_per_epoch, show_progress=show_progress,
+                      progress=make_progress() if make_progress else None)
         pred = r.info.fold_folder / "benchmark_predictions"
         summary_file = pred / "summary.json"
         ck = r.info.fold_folder / "checkpoint_final.pth"
@@ -203,7 +206,4 @@ def plot(rows, methods, labeled, path: Path, title: str = "") -> None:
 
 
 def parse_list(text: str, what: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise SemidiffError(f"{what} is empty; give a comma-separated list.")
-    return items
+    return api.parse_list(text, what)

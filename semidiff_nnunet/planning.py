@@ -16,8 +16,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.paths import ensure_nnunet_env
 
@@ -206,6 +204,7 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
 def _write_cases(out: Path, cases: dict, segs: dict | None, pp, plans_manager, cm, dataset_json, save_seg) -> int:
     """Write preprocessed cases to a temporary folder, then move it into place (never half-written)."""
     import blosc2
+    import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
 
     tmp = out.with_name(out.name + ".tmp")
