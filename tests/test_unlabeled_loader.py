@@ -45,6 +45,7 @@ def loader_parts(demo2d):
     return UnlabeledDataset({k: folder for k in ids}), lm, folder, ids
 
 
+@pytest.mark.slow  # demo2d: a dataset planned and preprocessed with nnU-Net
 def test_loader_never_opens_label_files(loader_parts, tmp_path):
     dataset, lm, folder, ids = loader_parts
     # a copy of the cases without any _seg file: loading must still work
@@ -59,6 +60,7 @@ def test_loader_never_opens_label_files(loader_parts, tmp_path):
     assert set(batch) == {"data", "keys"} and batch["data"].shape == (3, 1, 32, 32)
 
 
+@pytest.mark.slow  # demo2d: a dataset planned and preprocessed with nnU-Net
 def test_strong_view_shares_the_geometry(loader_parts):
     dataset, lm, _, _ = loader_parts
     geometric = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1))])
