@@ -32,11 +32,12 @@ def started_trainer(cls, name: str, plans_name: str, configuration: str, dataset
     """Build ``cls`` on the dataset's plans (``semidiff`` = the run config, None for stock trainers) and run
     nnU-Net's start-of-training and start-of-epoch hooks, with its log file silenced."""
     from semidiff_nnunet import planning
+    from semidiff_nnunet.training import RunConfig
 
     plans = planning.load_plans(name, plans_name)
     plans["continue_training"] = False
     if semidiff is not None:
-        plans["semidiff"] = {"seed": 0, "progress": False, **semidiff}
+        RunConfig.from_json(semidiff).write(plans)
     t = cls(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json, device=device)
     t.print_to_log_file = lambda *a, **k: None
     t.on_train_start()

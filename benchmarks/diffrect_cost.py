@@ -44,14 +44,10 @@ def worker(args) -> dict:
     import torch
     from _demo_trainer import demo_dataset, started_trainer
 
-    from semidiff_nnunet import api, registry
+    from semidiff_nnunet import api
     from semidiff_nnunet.plugins.diffrect.losses import colorize
-    from semidiff_nnunet.plugins import diffrect
     from semidiff_nnunet.training.splits import LabeledSpec
 
-    reg = registry.get_registry()
-    if "diffrect" not in reg.names("method"):
-        reg.register(diffrect, "diffrect")
     name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "diffrect_cost_")
     t = started_trainer(api.method_trainer(args.worker), name, args.plans, configuration, dataset_json, device,
                         {"labeled": LabeledSpec(fraction=0.5).to_json(),
@@ -100,12 +96,13 @@ def worker(args) -> dict:
         tau_w = torch.full((x_w.shape[0],), 100.0, device=device)
         tau_u = tau_w[: x_u.shape[0]]
         parts["segmentation fwd+bwd (labeled+weak+strong)"] = fwd_bwd(t.network, torch.cat([x_l, x_u, x_s]))
-        parts["rectifier W2G fwd+bwd"] = fwd_bwd(t.rectifier, x_w, col_w, tau_w, col_w)
-        parts["rectifier S2W fwd+bwd"] = fwd_bwd(t.rectifier, x_s, col_u, tau_u, col_u)
+        parts["rectifier W2G fwd+bwd"] = fwd_bwd(
+            lambda *a: t.lfr.loss_and_logits(t.rectifier, *a), x_w, col_w, tau_w, col_w)
+        parts["rectifier S2W fwd+bwd"] = fwd_bwd(
+            lambda *a: t.lfr.loss_and_logits(t.rectifier, *a), x_s, col_u, tau_u, col_u)
 
         def sample():
-            with torch.no_grad():
-                t.rectifier(x_u, col_u, tau_u)
+            t.lfr.sample(t.rectifier, x_u, col_u, tau_u)
         parts["rectifier DDIM sample fwd"] = sample
         parts["segmentation fwd+bwd (weak, rectified)"] = fwd_bwd(t.network, x_u)
     else:

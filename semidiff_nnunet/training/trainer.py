@@ -511,7 +511,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         # every term seen so far gets one value per epoch: the mean over the iterations that computed
         # it (a step that did not run this epoch logs NaN)
         keys = sorted({k for o in train_outputs for k in o if k.startswith("term/")}
-                      | {k for k in self.logger.my_fantastic_logging if k.startswith("term/")})
+                      | {k for k in self.logger.local_logger.my_fantastic_logging if k.startswith("term/")})
         for k in keys:
             values = np.array([o[k] for o in train_outputs if k in o], dtype=np.float64)
             if self.is_ddp:

@@ -1,0 +1,250 @@
+"""The engine: declared phases and optimisation steps, progress callback, checkpoints on nnU-Net's dict."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.training import OptimStep, Phase, RunConfig, SemiSupervisedTrainer
+from semidiff_nnunet.training.declarations import resolve_phases
+from semidiff_nnunet.training.splits import LabeledSpec
+
+PLANS = "semidiffDemoPlans"
+
+
+class TwoPhaseTrainer(SemiSupervisedTrainer):
+    """A test method: phase ``warmup`` trains only an auxiliary network, phase ``joint`` only the main
+    network, with a fresh optimiser (SGD, lr 0.005, momentum 0.9) from the phase's first epoch."""
+
+    method_name = "two-phase-test"
+    uses_unlabeled = False
+    phases = (Phase("warmup", share=0.5), Phase("joint"))
+
+    def build_method(self):
+        self.entered = []
+        self.aux = self.register_network("aux", self.build_planned_network())
+
+    def optimisation_steps(self):
+        return (OptimStep("aux", self.aux_losses, networks=("aux",), phases=("warmup",)),
+                OptimStep("main", self.main_losses, networks=("network",), phases=("joint",)))
+
+    def aux_losses(self, labeled, unlabeled, carry):
+        return {"aux": self.supervised_loss(self.aux(labeled["data"]), labeled["target"])}
+
+    def main_losses(self, labeled, unlabeled, carry):
+        return {"main": self.supervised_loss(self.network(labeled["data"]), labeled["target"], ce_weight=0.5)}
+
+    def on_phase_start(self, phase):
+        self.entered.append((phase.name, self.current_epoch))
+        if phase.name == "joint":
+            self.restart_optimizer("network", torch.optim.SGD(self.network.parameters(), 0.005, momentum=0.9))
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def start(self, total, completed, description):
+        self.calls.append(("start", total, completed, description))
+
+    def step(self, loss, epoch, num_epochs, phase):
+        self.calls.append(("step", epoch, num_epochs, phase))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    return tmp_path / "results"
+
+
+def _trainer(dataset: str, cls=TwoPhaseTrainer, epochs: int = 4, **config) -> SemiSupervisedTrainer:
+    from semidiff_nnunet import planning
+
+    plans = planning.load_plans(dataset, PLANS)
+    plans["continue_training"] = False
+    RunConfig(method=cls.method_name, labeled=LabeledSpec.parse("0.5"), num_epochs=epochs,
+              num_iterations_per_epoch=2, num_val_iterations_per_epoch=0, **config).write(plans)
+    dataset_json = json.loads((planning.preprocessed_folder(dataset) / "dataset.json").read_text(encoding="utf-8"))
+    t = cls(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    t.print_to_log_file = lambda *a, **k: None
+    return t
+
+
+def _params(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------- phases
+def test_phase_spans_shares_epochs_overrides_and_errors():
+    declared = (Phase("pretrain", share=0.3), Phase("co-training"))
+    assert [(s.name, s.start, s.end) for s in resolve_phases(declared, {}, 10)] == [("pretrain", 0, 3),
+                                                                                      ("co-training", 3, 10)]
+    assert [(s.start, s.end) for s in resolve_phases(declared, {"pretrain": "4"}, 10)] == [(0, 4), (4, 10)]
+    assert [(s.start, s.end) for s in resolve_phases(declared, {"pretrain": "0.5"}, 10)] == [(0, 5), (5, 10)]
+    fixed = (Phase("a", epochs=2), Phase("b", share=0.5))
+    assert [(s.start, s.end) for s in resolve_phases(fixed, {}, 6)] == [(0, 2), (2, 6)]  # rounding to the end
+    assert [(s.name, s.start, s.end) for s in resolve_phases((), {}, 5)] == [("training", 0, 5)]
+    with pytest.raises(SemidiffError, match="too few for its phases"):
+        resolve_phases((Phase("a", epochs=8), Phase("b")), {}, 5)
+    with pytest.raises(SemidiffError, match="phase.pretrain=abc"):
+        resolve_phases(declared, {"pretrain": "abc"}, 10)
+
+
+def test_phases_steps_optimiser_restart_and_progress(demo2d, results):
+    t = _trainer(demo2d)
+    t.progress = Recorder()
+    t.initialize()
+    start_net, start_aux = _params(t.network), _params(t.aux)
+    boundary = {}
+    original = t.on_phase_start
+
+    def on_phase_start(phase):
+        if phase.name == "joint":
+            boundary["network"], boundary["aux"] = _params(t.network), _params(t.aux)
+        original(phase)
+
+    t.on_phase_start = on_phase_start
+    t.run_training()
+
+    assert t.entered == [("warmup", 0), ("joint", 2)]
+    log = t.logger.local_logger.my_fantastic_logging
+    assert log["phase"] == ["warmup", "warmup", "joint", "joint"]
+    # warmup trained only the auxiliary network, joint only the main network
+    assert all(torch.equal(start_net[k], boundary["network"][k]) for k in start_net)
+    assert any(not torch.equal(start_aux[k], boundary["aux"][k]) for k in start_aux)
+    end_aux = _params(t.aux)
+    assert all(torch.equal(boundary["aux"][k], end_aux[k]) for k in end_aux)
+    assert any(not torch.equal(boundary["network"][k], v) for k, v in _params(t.network).items())
+    # each step's terms are logged in its own phase and NaN elsewhere
+    assert np.isfinite(log["term/aux"][:2]).all() and np.isnan(log["term/aux"][2:]).all()
+    assert np.isnan(log["term/main"][:2]).all() and np.isfinite(log["term/main"][2:]).all()
+    # the restarted optimiser's poly LR runs over the joint phase only: 0.005 at its start
+    assert log["lrs"][2] == pytest.approx(0.005) and log["lrs"][3] == pytest.approx(0.005 * 0.5 ** 0.9)
+    assert isinstance(t.optimizer, torch.optim.SGD) and t.optimizer.param_groups[0]["momentum"] == 0.9
+    # the progress callback saw every iteration with its phase
+    calls = t.progress.calls
+    assert calls[0] == ("start", 8, 0, "two-phase-test") and calls[-1] == ("close",)
+    assert [c[3] for c in calls[1:-1]] == ["warmup"] * 4 + ["joint"] * 4
+    run = json.loads((results.parent / "results").joinpath(
+        demo2d, f"TwoPhaseTrainer__{PLANS}__2d", "fold_0", "semidiff_run.json").read_text(encoding="utf-8"))
+    assert run["phases"] == {"warmup": [0, 2], "joint": [2, 4]}
+    assert (results / demo2d / f"TwoPhaseTrainer__{PLANS}__2d" / "fold_0" / "progress.png").is_file()
+
+
+def test_phase_length_from_run_config(demo2d, results):
+    t = _trainer(demo2d, phases={"warmup": "1"})
+    assert [(s.name, s.start, s.end) for s in t.phase_spans] == [("warmup", 0, 1), ("joint", 1, 4)]
+
+
+def test_resume_continues_exactly_inside_the_second_phase(demo2d, results, monkeypatch):
+    straight = _trainer(demo2d, save_every=1)
+    straight.initialize()
+    straight.run_training()
+    reference = {"network": _params(straight.network), "aux": _params(straight.aux),
+                 "lrs": list(straight.logger.local_logger.my_fantastic_logging["lrs"])}
+
+    import shutil
+
+    shutil.rmtree(results)
+    crashing = _trainer(demo2d, save_every=1)
+    original = TwoPhaseTrainer.on_epoch_end
+
+    def crash_after_epoch_2(self):
+        original(self)  # checkpoint_latest holds epochs 0-2
+        if self.current_epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", crash_after_epoch_2)
+    crashing.initialize()
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run_training()
+    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", original)
+
+    resumed = _trainer(demo2d, save_every=1)
+    resumed.load_checkpoint(str(crashing.output_folder + "/checkpoint_latest.pth"))
+    assert resumed.current_epoch == 3 and resumed.iteration == 6
+    # the joint phase was entered before its optimiser state was restored: momentum buffers are there
+    assert resumed.entered == [("joint", 3)] and resumed.optimizer.param_groups[0]["momentum"] == 0.9
+    assert resumed.optimizer.state  # restored, not fresh
+    resumed.run_training()
+    for part in ("network", "aux"):
+        got = _params(getattr(resumed, part))
+        assert all(torch.equal(reference[part][k], got[k]) for k in got), part
+    assert resumed.logger.local_logger.my_fantastic_logging["lrs"] == pytest.approx(reference["lrs"])
+
+
+# ----------------------------------------------------------------------------------------- steps
+def test_step_naming_an_unknown_network_is_an_error(demo2d, results):
+    class Broken(TwoPhaseTrainer):
+        def optimisation_steps(self):
+            return (OptimStep("x", self.aux_losses, networks=("teacher",)),)
+
+    t = _trainer(demo2d, cls=Broken)
+    t.initialize()
+    batch = {"data": torch.randn(2, 1, 32, 32), "target": [torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 16, 16)]}
+    with pytest.raises(ValueError, match="'teacher', which is not a trainable network"):
+        t.train_step(batch)
+
+
+def test_joint_forward_splits_and_supervised_loss_weights(demo2d, results):
+    t = _trainer(demo2d)
+    t.initialize()
+    t.network.eval()
+    x_l, x_u = torch.randn(2, 1, 32, 32), torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        out_l, out_u = t.joint_forward(t.network, x_l, x_u)
+        whole = t.network(torch.cat([x_l, x_u]))
+    assert [o.shape[0] for o in out_l] == [2] * len(whole) and [o.shape[0] for o in out_u] == [3] * len(whole)
+    assert all(torch.equal(a, b[:2]) for a, b in zip(out_l, whole))
+    target = [torch.randint(0, 3, (2, 1, *o.shape[2:])).float() for o in out_l]
+    both = t.supervised_loss(out_l, target)
+    ce_only = t.supervised_loss(out_l, target, ce_weight=1.0, dice_weight=0.0)
+    dice_only = t.supervised_loss(out_l, target, ce_weight=0.0, dice_weight=1.0)
+    assert both.item() == pytest.approx(ce_only.item() + dice_only.item(), rel=1e-5)
+    assert t.supervised_loss(out_l, target, ce_weight=0.25).item() == pytest.approx(
+        0.25 * ce_only.item() + dice_only.item(), rel=1e-5)
+    assert t.supervised_loss(out_l, target).item() == pytest.approx(both.item())  # weights restored
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_keeps_keys_a_future_nnunet_adds(demo2d, results, monkeypatch):
+    """Our checkpoint is nnU-Net's own dict plus ours: a key nnU-Net's save_checkpoint adds in a future
+    version lands in it too (a hand copy of nnU-Net's keys would drop it)."""
+    module = sys.modules[nnUNetTrainer.__module__]
+    original = nnUNetTrainer.save_checkpoint
+
+    def future_save_checkpoint(self, filename):
+        outer = module.torch
+
+        class AddsAKey:
+            def __getattr__(self, name):
+                return getattr(outer, name)
+
+            def save(self, obj, f, *a, **k):
+                outer.save({**obj, "future_nnunet_key": 42}, f, *a, **k)
+
+        module.torch = AddsAKey()
+        try:
+            original(self, filename)
+        finally:
+            module.torch = outer
+
+    monkeypatch.setattr(nnUNetTrainer, "save_checkpoint", future_save_checkpoint)
+    t = _trainer(demo2d, epochs=1)
+    t.initialize()
+    t.run_training()
+    ck = torch.load(t.output_folder + "/checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["future_nnunet_key"] == 42
+    assert set(ck["semidiff"]["networks"]) == {"network", "aux"} and ck["semidiff"]["phase"] == "joint"
+    assert ck["network_weights"].keys() == ck["semidiff"]["networks"]["network"].keys()
+    assert ck["trainer_name"] == "TwoPhaseTrainer" and ck["current_epoch"] == 1
