@@ -103,10 +103,10 @@ def parse_list(value: str | Sequence, what: str) -> list[str]:
     return items
 
 
-def _check_counts(**options: int | None) -> None:
+def _check_counts(minimum: int = 1, **options: int | None) -> None:
     for option, value in options.items():
-        if value is not None and value < 1:
-            raise SemidiffError(f"--{option.replace('_', '-')} must be at least 1 (got {value}).")
+        if value is not None and value < minimum:
+            raise SemidiffError(f"--{option.replace('_', '-')} must be at least {minimum} (got {value}).")
 
 
 def method_overrides(methods: Sequence[str], overrides: dict | Sequence[str] | None) -> dict[str, dict]:
@@ -183,13 +183,15 @@ def check_train_options(method: str, labeled: str = "1.0", fold: int | str = 0, 
                         save_every: int | None = None) -> TrainOptions:
     """Check every option of a run that can be checked without the dataset (method, fold, labeled spec,
     ``--set`` keys and values, counts, device), so that a mistake is answered before hours of planning."""
+    fold = parse_fold(fold)  # the cheap checks first, before torch is imported
+    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, save_every=save_every)
+    _check_counts(0, val_iters=val_iters_per_epoch)
+    get_registry().method(method)
+
     from semidiff_nnunet.training.hparams import resolve_hparams
     from semidiff_nnunet.training.run_config import split_overrides
     from semidiff_nnunet.training.splits import LabeledSpec
 
-    fold = parse_fold(fold)
-    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters_per_epoch,
-                  save_every=save_every)
     trainer_cls = method_trainer(method)
     spec = LabeledSpec.parse(labeled)
     mine = method_overrides([method], overrides)[method]
@@ -421,11 +423,11 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     ``progress`` receives the training's progress (:mod:`semidiff_nnunet.training.progress`);
     ``show_progress`` keeps nnU-Net's own prints off the terminal (they still reach the training log).
     """
+    opts = check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch,
+                               val_iters_per_epoch, save_every)
     from semidiff_nnunet.training.hparams import hparams_to_dict
     from semidiff_nnunet.training.run_config import RunConfig
 
-    opts = check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch,
-                               val_iters_per_epoch, save_every)
     paths.ensure_nnunet_env()
     fold = opts.fold
     info = run_info(dataset, method, labeled, seed, configuration, fold, plans_name)
@@ -526,7 +528,12 @@ def _resumed_settings(info: RunInfo, trainer_cls, hp, overrides: dict, phases: d
         if key in stored and given.get(key) != stored[key]:
             raise SemidiffError(f"This run was started with {key}={stored[key]!r}; resume it without "
                                 f"--set {key}={overrides[key]} (or start a new run with another --seed).")
-    stored_phases = {str(k): str(v) for k, v in (run.get("phases") or {}).items()}  # absent in older runs
+    # the trainer writes the run's --set phase.NAME values as "phase_overrides" (absent in older runs:
+    # they ran every phase at its declared length)
+    stored_phases = run.get("phase_overrides")
+    if stored_phases is None:
+        stored_phases = {k: v for k, v in (run.get("phases") or {}).items() if isinstance(v, str)}
+    stored_phases = {str(k): str(v) for k, v in stored_phases.items()}
     for name in sorted(phases):
         was = stored_phases.get(name)
         if was is None or parse_phase_length(name, was) != parse_phase_length(name, phases[name]):
@@ -543,9 +550,9 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
             seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "auto",
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
             use_mirroring: bool = True, show_progress: bool = True) -> Path:
+    folds = tuple(parse_fold(f) for f in folds)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    folds = tuple(parse_fold(f) for f in folds)
     info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name)
     for f in folds:
         ck = info.model_folder / f"fold_{f}" / checkpoint
@@ -626,13 +633,13 @@ def summary_table_rows(summary: dict) -> list[list]:
 def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, configuration: str | None = None,
           plans_name: str = "nnUNetPlans") -> SemiSplit:
     """The labeled/unlabeled/validation cases a run would use (without training)."""
+    fold = parse_fold(fold)
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     from semidiff_nnunet.training.splits import LabeledSpec, make_semi_split
     from semidiff_nnunet.training.unlabeled import list_cases
 
-    fold = parse_fold(fold)
     spec = LabeledSpec.parse(labeled)
     name = planning.dataset_name(dataset)
     raw = planning.raw_folder(name)
@@ -735,11 +742,10 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
 
     ``methods``/``labeled``/``seeds``: lists or comma-separated strings. ``overrides``: ``--set`` items,
     ``key=value`` for every method that has the key, ``method:key=value`` for one method.
-    ``dry_run``: return ``{"runs": [...]}`` (each with its ``status``: train, resume or done) without
-    planning or training.
+    ``dry_run``: return ``{"runs": [...], "overrides": {method: {key: value}}}`` (each run with its
+    ``status``: train, resume or done) without planning or training.
     """
     from semidiff_nnunet import benchmark as bench
-    from semidiff_nnunet.training.splits import LabeledSpec
 
     methods = parse_list(methods, "--methods")
     labeled = parse_list(labeled, "--labeled")
@@ -748,19 +754,26 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     except ValueError:
         raise SemidiffError(f"--seeds {seeds}: give comma-separated integers, e.g. 0,1,2.") from None
     fold = parse_fold(fold)
-    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters_per_epoch,
-                  num_processes=num_processes)
+    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, num_processes=num_processes)
+    _check_counts(0, val_iters=val_iters_per_epoch)
+    for m in methods:
+        get_registry().method(m)
+
+    from semidiff_nnunet.training.splits import LabeledSpec
+
     for lab in labeled:
         LabeledSpec.parse(lab)
     per_method = method_overrides(methods, overrides)
     if dry_run:
         pname = planning.plans_name_for(gpu_memory_target, plans_name)
-        return bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,
-                                   dry_run=True)
+        result = bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,
+                                     dry_run=True)
+        return {**result, "overrides": per_method}
     resolve_device(device)
     check_fold(planning.dataset_name(dataset), fold)
     pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
                                 plans_name=plans_name, num_processes=num_processes, show_progress=show_progress)
     return bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, device, pname, epochs,
                                iters_per_epoch, per_method, output, log=log, show_progress=show_progress,
-                               val_iters_per_epoch=val_iters_per_epoch or 10, make_progress=make_progress)
+                               val_iters_per_epoch=10 if val_iters_per_epoch is None else val_iters_per_epoch,
+                               make_progress=make_progress)

@@ -47,8 +47,8 @@ GpuTarget = Annotated[float | None, typer.Option("--gpu-memory-target", help="GP
                                                  "planner target; plans named nnUNetPlans_<GB>GB).")]
 Epochs = Annotated[int | None, typer.Option("--epochs", help="Training epochs (nnU-Net: 1000).")]
 Iters = Annotated[int | None, typer.Option("--iters-per-epoch", help="Training iterations per epoch (nnU-Net: 250).")]
-ValIters = Annotated[int | None, typer.Option("--val-iters", help="Validation iterations per epoch (nnU-Net: 50; a "
-                                              "short CPU run spends most of its time there).")]
+ValIters = Annotated[int | None, typer.Option("--val-iters", help="Validation iterations per epoch (nnU-Net: 50, "
+                                              "where a short CPU run spends most of its time; 0 skips them).")]
 Sets = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a hyperparameter (key=value) or a training phase's length (phase.NAME=0.3 for a share "
                   "of the run, phase.NAME=40 for epochs); repeatable.")]
@@ -336,10 +336,11 @@ def benchmark(
     if dry_run:
         runs = result["runs"]
         table = Table(title=f"{len(runs)} run(s)")
-        for col in ("method", "labeled", "seed", "status", "folder"):
+        for col in ("method", "labeled", "seed", "--set", "status", "folder"):
             table.add_column(col)
         for r in runs:
-            table.add_row(*(escape(str(v)) for v in (r.method, r.labeled, r.seed, r.status, r.info.fold_folder)))
+            sets = " ".join(f"{k}={v}" for k, v in result["overrides"][r.method].items())
+            table.add_row(*(escape(str(v)) for v in (r.method, r.labeled, r.seed, sets, r.status, r.info.fold_folder)))
         out.print(table)
         return
     out.print(result["markdown"], markup=False)
