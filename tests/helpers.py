@@ -56,8 +56,8 @@ def convert_untouched(name: str, source: Path, raw_root: Path, **kwargs) -> Path
 # ----------------------------------------------------------------------------- stock nnU-Net
 def assert_stock_predictor_matches(run_cli, dataset: str, method: str, labeled: str, ours: Path, workdir: Path, *,
                                    configuration: str = "2d", plans: str = "semidiffDemoPlans") -> dict[str, str]:
-    """Stock ``nnUNetv2_predict``, in a clean interpreter with only the environment ``semidiff env``
-    prints, predicts ``imagesTs`` of ``dataset`` with the run (method, labeled, seed 0, fold 0) and
+    """Stock ``nnUNetv2_predict``, in a clean interpreter whose nnU-Net variables are only the ones
+    ``semidiff env`` prints, predicts ``imagesTs`` of ``dataset`` with the run (method, labeled, seed 0, fold 0) and
     gives the same segmentations as the ones in ``ours`` (our prediction of the same images, no TTA).
 
     Returns that environment (e.g. to check ``nnUNet_results`` or the ``nnUNet_extTrainer`` shim).
@@ -69,9 +69,11 @@ def assert_stock_predictor_matches(run_cli, dataset: str, method: str, labeled: 
     trainer = api.run_info(dataset, method, labeled, 0, configuration, 0, plans).trainer
     code, env_out, err = run_cli("env", "-m", method, "--labeled", labeled)
     assert code == 0, err
-    env = dict(os.environ)
-    for line in env_out.strip().splitlines():
-        key, value = line[len("export "):].split("=", 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}  # a fresh shell + eval "$(semidiff env)"
+    exports = [line[len("export "):] for line in env_out.splitlines() if line.startswith("export ")]
+    assert exports, env_out  # (earlier in-process output may come first)
+    for line in exports:
+        key, value = line.split("=", 1)
         env[key] = value.strip("'")
     stock = Path(workdir) / f"stock_{method}_{configuration}"
     proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(raw(dataset) / "imagesTs"),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +11,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import TINY
+from helpers import assert_stock_predictor_matches, load_image, raw
 
 pytestmark = pytest.mark.slow
 SHORT = ["--epochs", "2", "--iters-per-epoch", "2"]
-
-
-def _raw(name: str) -> Path:
-    return Path(os.environ["nnUNet_raw"]) / name
-
-
-def _load(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
@@ -63,32 +54,19 @@ def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
 
     pred = tmp_path / "pred"
     code, _, err = run_cli("predict", "-d", "980", "-m", "mean-teacher", "--labeled", "0.2", "-c", "2d",
-                           "-i", _raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "-i", raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
                            "--device", "cpu", "--disable-tta")
     assert code == 0, err
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["demots_000.nii.gz", "demots_001.nii.gz", "demots_002.nii.gz"]
-    code, out, err = run_cli("evaluate", "-d", "980", "--pred", pred, "--ref", _raw(demo2d) / "labelsTs")
+    code, out, err = run_cli("evaluate", "-d", "980", "--pred", pred, "--ref", raw(demo2d) / "labelsTs")
     assert code == 0, err
     summary = json.loads((pred / "summary.json").read_text(encoding="utf-8"))
     assert {"1", "2"} <= set(summary["mean"]) and "Dice" in summary["foreground_mean"]
     assert "Dice" in out
 
     # stock nnU-Net loads the run through the printed environment (subprocess: a clean interpreter)
-    code, env_out, _ = run_cli("env", "-m", "mean-teacher", "--labeled", "0.2")
-    env = dict(os.environ)
-    for line in env_out.strip().splitlines():
-        key, value = line[len("export "):].split("=", 1)
-        env[key] = value.strip("'")
+    env = assert_stock_predictor_matches(run_cli, demo2d, "mean-teacher", "0.2", pred, tmp_path)
     assert env["nnUNet_results"] == str(info.run_root)
-    stock = tmp_path / "stock"
-    bin_dir = Path(sys.executable).parent
-    proc = subprocess.run([str(bin_dir / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"), "-o", str(stock),
-                           "-d", "980", "-tr", "MeanTeacherTrainer", "-p", "semidiffDemoPlans", "-c", "2d", "-f", "0",
-                           "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for f in sorted(pred.glob("*.nii.gz")):
-        assert np.array_equal(_load(f), _load(stock / f.name)), f.name
 
 
 def test_3d_supervised_and_mean_teacher_cli(demo3d, run_cli, tmp_path):
@@ -98,13 +76,13 @@ def test_3d_supervised_and_mean_teacher_cli(demo3d, run_cli, tmp_path):
         assert code == 0, err
         pred = tmp_path / method
         code, _, err = run_cli("predict", "-d", demo3d, "-m", method, "--labeled", "2", "-c", "3d_fullres",
-                               "-i", _raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                               "-i", raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
                                "--device", "cpu", "--disable-tta")
         assert code == 0, err
-        ref = _load(_raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
-        seg = _load(pred / "demots_000.nii.gz")
+        ref = load_image(raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
+        seg = load_image(pred / "demots_000.nii.gz")
         assert seg.shape == ref.shape and set(np.unique(seg)) <= {0, 1, 2}
-        code, _, err = run_cli("evaluate", "-d", demo3d, "--pred", pred, "--ref", _raw(demo3d) / "labelsTs")
+        code, _, err = run_cli("evaluate", "-d", demo3d, "--pred", pred, "--ref", raw(demo3d) / "labelsTs")
         assert code == 0, err
 
 
@@ -180,8 +158,9 @@ def test_pseudo_labels_are_preprocessed_for_unlabeled_cases_only(workspace):
 
 def test_diverged_run_stops_with_one_sentence(demo2d, run_cli, monkeypatch):
     """A loss that stays NaN ends the run with an error naming the terms, not a NaN-trained model."""
-    from semidiff_nnunet.plugins.supervised import SupervisedTrainer
+    from semidiff_nnunet.registry import get_registry
 
+    SupervisedTrainer = get_registry().method("supervised").load_trainer()
     original = SupervisedTrainer.compute_losses
 
     def diverging(self, labeled, unlabeled):
