@@ -26,6 +26,7 @@ trainer never draws on a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -45,6 +46,7 @@ from torch import autocast, nn
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.training import checkpoint as ckpt
 from semidiff_nnunet.training import ramps
+from semidiff_nnunet.training.augmenters import EpochSeededAugmenter
 from semidiff_nnunet.training.curves import SemiLocalLogger
 from semidiff_nnunet.training.declarations import OptimStep, Phase, PhaseSpan, resolve_phases
 from semidiff_nnunet.training.ema import unwrap
@@ -69,6 +71,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 class PhasePolyLR:
@@ -316,7 +331,18 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         return dataset_tr, dataset_val
 
     def get_dataloaders(self):
-        dl_tr, dl_val = super().get_dataloaders()
+        n_proc = get_allowed_n_proc_DA()
+        with _env("nnUNet_n_proc_DA", "0"):  # nnU-Net's loaders single-threaded; ours go around them
+            dl_tr, dl_val = super().get_dataloaders()
+        if n_proc > 0:
+            # training batches reproducible with workers (see training/augmenters.py); validation order
+            # does not touch the weights, so it keeps nnU-Net's unordered workers
+            dl_tr = EpochSeededAugmenter(dl_tr.data_loader, n_proc, self.seed, stream=0,
+                                         num_cached=max(2, n_proc // 4), pin_memory=self.device.type == "cuda")
+            dl_val = NonDetMultiThreadedAugmenter(dl_val.data_loader, None, num_processes=max(1, n_proc // 2),
+                                                  num_cached=max(3, n_proc // 4), seeds=None,
+                                                  pin_memory=self.device.type == "cuda", wait_time=0.002)
+            _ = next(dl_val)  # start its workers now, before this process's thread pool has run (fork safety)
         split = self.semi_split
         self.print_to_log_file(f"semidiff split (seed {self.seed}, labeled {self.labeled_spec.source or 'all'}): "
                                f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled training cases, "
@@ -349,13 +375,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             return SingleThreadedAugmenter(loader, None)
-        return NonDetMultiThreadedAugmenter(loader, None, num_processes=max(1, n_proc // 2),
-                                            num_cached=max(3, n_proc // 2), seeds=None,
-                                            pin_memory=self.device.type == "cuda", wait_time=0.002)
+        return EpochSeededAugmenter(loader, max(1, n_proc // 2), self.seed, stream=1, num_cached=2,
+                                    pin_memory=self.device.type == "cuda")
 
     def on_train_start(self):
         super().on_train_start()
-        # deterministic from here on (bit-exact with nnUNet_n_proc_DA=0; worker pools are not)
+        # deterministic from here on: the main process's RNG here, the workers' by (seed, epoch)
         seed_everything(self.seed + 1)
         for i, gen in enumerate(self._augmenters()):
             if isinstance(gen, SingleThreadedAugmenter):
@@ -403,6 +428,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self):
+        for gen in (self.dataloader_train, self.dataloader_unlabeled):
+            if isinstance(gen, EpochSeededAugmenter):
+                gen.start_epoch(self.current_epoch)
         self._enter_phase_of_current_epoch()
         super().on_train_epoch_start()
         self.logger.log("phase", self.current_phase.name, self.current_epoch)
@@ -554,7 +582,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         finally:
             if self.progress is not None and self.local_rank == 0:
                 self.progress.close()
-            self._shutdown_unlabeled_loader()
+            self._shutdown_loaders()
 
     def _log_no_validation(self):
         # num_val_iterations_per_epoch=0 (tests): keep the logger's one-value-per-epoch invariant
@@ -568,9 +596,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if gen is not None and hasattr(gen, "_finish"):
             gen._finish()
 
+    def _shutdown_loaders(self):
+        if isinstance(self.dataloader_train, EpochSeededAugmenter):
+            self.dataloader_train._finish()  # nnU-Net's on_train_end only knows its own augmenter classes
+        self._shutdown_unlabeled_loader()
+
     def on_train_end(self):
         super().on_train_end()
-        self._shutdown_unlabeled_loader()
+        self._shutdown_loaders()
 
     # ------------------------------------------------------------------ checkpoints
     def _restore_rng(self, state: dict) -> None:

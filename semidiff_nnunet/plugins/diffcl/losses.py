@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from semidiff_nnunet.diffusion import labels_to_onehot
+
 __all__ = ["soft_dice_loss", "dice_ce", "cross_pseudo_supervision", "MemoryBank", "gather_variable",
            "label_propagation_loss"]
 
@@ -31,7 +33,7 @@ def soft_dice_loss(logits: Tensor, labels: Tensor, include_background: bool = Fa
     as the V-Net SSL code bases compute it on LA). Background is left out unless asked (nnU-Net,
     and the LA code's foreground-only Dice); with a single class it is used anyway."""
     probs = torch.softmax(logits.float(), 1)
-    onehot = F.one_hot(labels.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    onehot = labels_to_onehot(labels, probs.shape[1], dtype=probs.dtype)
     dims = (0, *range(2, probs.ndim))
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semidiff_nnunet.diffusion import labels_to_onehot
+
 __all__ = ["PAPER_COLORS", "semantic_colors", "colorize", "dice_loss", "ce_dice", "calibration_guidance",
            "confident_pseudo_label", "complementary_loss"]
 
@@ -68,16 +70,12 @@ def colorize(labels: Tensor, num_classes: int) -> Tensor:
     return colors[labels.long()].movedim(-1, 1)
 
 
-def _onehot(labels: Tensor, num_classes: int) -> Tensor:
-    return F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
-
-
 def dice_loss(probs: Tensor, labels: Tensor, smooth: float = 1e-5) -> Tensor:
     """SSL4MIS ``DiceLoss``: mean over all C classes (background included) of
     1 − (2 Σ p·y + s) / (Σ p² + Σ y² + s), sums over the whole batch. ``probs`` (B, C, *spatial),
     ``labels`` (B, *spatial) long (detached). Returns a scalar."""
     probs = probs.float()
-    target = _onehot(labels.detach(), probs.shape[1])
+    target = labels_to_onehot(labels.detach(), probs.shape[1])
     dims = [0, *range(2, probs.ndim)]
     inter = (probs * target).sum(dims)
     denom = (probs * probs).sum(dims) + (target * target).sum(dims)
@@ -96,7 +94,7 @@ def calibration_guidance(labels_a: Tensor, labels_b: Tensor, num_classes: int, s
     of two hard label maps ``(B, *spatial)`` over the whole batch (background included, smooth
     1e-5). The paper writes τ = Dice(y_a, y_b); the code feeds 1 − Dice scaled to [0, 999] through
     the sinusoidal embedding, which we follow. Returns a 0-d float32 tensor (broadcast it to (B,))."""
-    return (scale * dice_loss(_onehot(labels_a, num_classes), labels_b)).float()
+    return (scale * dice_loss(labels_to_onehot(labels_a, num_classes), labels_b)).float()
 
 
 @torch.no_grad()
