@@ -389,6 +389,7 @@ def test_2d_diffcl_cli_train_predict_and_stock_nnunet(demo2d, run_cli, tmp_path)
     net.load_state_dict(ck["network_weights"])
 
 
+@pytest.mark.slow  # plans the demo dataset
 def test_cs_network_takes_its_hyperparameters_from_the_run(demo2d):
     """build_network_architecture (what stock nnU-Net calls with the plans only) builds the CS network
     with the run's --set values, and with the paper's defaults when the plans hold no run."""

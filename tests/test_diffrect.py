@@ -172,6 +172,7 @@ def _grad_norms(module):
     return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
 
 
+@pytest.mark.slow  # plans the demo dataset
 def test_gradients_reach_rectifier_not_through_rectified_labels(trainer2d):
     t = trainer2d
     t.network.train()
@@ -212,6 +213,7 @@ def _restore(t, snap):
     torch.set_rng_state(snap["rng"])
 
 
+@pytest.mark.slow  # plans the demo dataset
 def test_train_step_takes_the_rectification_step(trainer2d):
     """After refine_start the iteration takes a second optimiser step of the segmentation network on
     the rectified labels: from the same state, the network ends elsewhere than without that step,

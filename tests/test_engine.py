@@ -100,6 +100,7 @@ def test_phase_spans_shares_epochs_overrides_and_errors():
         resolve_phases(declared, {"pretrain": "abc"}, 10)
 
 
+@pytest.mark.slow  # plans the demo dataset
 def test_phases_steps_optimiser_restart_and_progress(demo2d, results):
     t = _trainer(demo2d)
     t.progress = Recorder()
@@ -141,11 +142,13 @@ def test_phases_steps_optimiser_restart_and_progress(demo2d, results):
     assert (results / demo2d / f"TwoPhaseTrainer__{PLANS}__2d" / "fold_0" / "progress.png").is_file()
 
 
+@pytest.mark.slow  # plans the demo dataset
 def test_phase_length_from_run_config(demo2d, results):
     t = _trainer(demo2d, phases={"warmup": "1"})
     assert [(s.name, s.start, s.end) for s in t.phase_spans] == [("warmup", 0, 1), ("joint", 1, 4)]
 
 
+@pytest.mark.slow  # plans the demo dataset
 def test_resume_continues_exactly_inside_the_second_phase(demo2d, results, monkeypatch):
     straight = _trainer(demo2d, save_every=1)
     straight.initialize()
@@ -184,6 +187,7 @@ def test_resume_continues_exactly_inside_the_second_phase(demo2d, results, monke
 
 
 # ----------------------------------------------------------------------------------------- steps
+@pytest.mark.slow  # plans the demo dataset
 def test_step_naming_an_unknown_network_is_an_error(demo2d, results):
     class Broken(TwoPhaseTrainer):
         def optimisation_steps(self):
@@ -196,6 +200,7 @@ def test_step_naming_an_unknown_network_is_an_error(demo2d, results):
         t.train_step(batch)
 
 
+@pytest.mark.slow  # plans the demo dataset
 def test_joint_forward_splits_and_supervised_loss_weights(demo2d, results):
     t = _trainer(demo2d)
     t.initialize()
@@ -217,6 +222,7 @@ def test_joint_forward_splits_and_supervised_loss_weights(demo2d, results):
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.slow  # plans the demo dataset
 def test_checkpoint_keeps_keys_a_future_nnunet_adds(demo2d, results, monkeypatch):
     """Our checkpoint is nnU-Net's own dict plus ours: a key nnU-Net's save_checkpoint adds in a future
     version lands in it too (a hand copy of nnU-Net's keys would drop it)."""
