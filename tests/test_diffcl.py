@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from conftest import TINY
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from helpers import assert_stock_predictor_matches, load_image, raw
 
 from semidiff_nnunet.plugins.diffcl import losses as L
 from semidiff_nnunet.plugins.diffcl.hf_mamba import HFMamba, find_hf_mamba, high_pass_filter, insert_hf_mamba
@@ -325,14 +325,6 @@ def test_memory_bank_gathers_across_fake_ranks(monkeypatch):
 SHORT = ["--epochs", "2", "--iters-per-epoch", "2"]
 
 
-def _raw(name: str) -> Path:
-    return Path(os.environ["nnUNet_raw"]) / name
-
-
-def _load(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
 def _check_run(dataset, configuration, labeled):
     from semidiff_nnunet import api
 
@@ -356,27 +348,13 @@ def test_2d_diffcl_cli_train_predict_and_stock_nnunet(demo2d, run_cli, tmp_path)
     info = _check_run(demo2d, "2d", "0.2")
     pred = tmp_path / "pred"
     code, _, err = run_cli("predict", "-d", demo2d, "-m", "diffcl", "--labeled", "0.2", "-c", "2d",
-                           "-i", _raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "-i", raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
                            "--device", "cpu", "--disable-tta")
     assert code == 0, err
     # stock nnU-Net rebuilds the CS network (HF-Mamba settings from the plans) in a clean interpreter
-    code, env_out, _ = run_cli("env", "-m", "diffcl", "--labeled", "0.2")
-    env = dict(os.environ)
-    for line in env_out.strip().splitlines():
-        key, value = line[len("export "):].split("=", 1)
-        env[key] = value.strip("'")
+    env = assert_stock_predictor_matches(run_cli, demo2d, "diffcl", "0.2", pred, tmp_path)
     shim = Path(env["nnUNet_extTrainer"])
     assert "DiffCLTrainer" in "".join(p.read_text(encoding="utf-8") for p in shim.glob("*.py"))
-    stock = tmp_path / "stock"
-    proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"),
-                           "-o", str(stock), "-d", demo2d, "-tr", "DiffCLTrainer", "-p", "semidiffDemoPlans",
-                           "-c", "2d", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    files = sorted(pred.glob("*.nii.gz"))
-    assert len(files) == 3
-    for f in files:
-        assert np.array_equal(_load(f), _load(stock / f.name)), f.name
     # the network that trained and the one stock nnU-Net rebuilds from the run folder use --set's 0.6
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -419,11 +397,11 @@ def test_3d_diffcl_cli_train_and_predict(demo3d, run_cli, tmp_path):
     _check_run(demo3d, "3d_fullres", "2")
     pred = tmp_path / "pred3d"
     code, _, err = run_cli("predict", "-d", demo3d, "-m", "diffcl", "--labeled", "2", "-c", "3d_fullres",
-                           "-i", _raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "-i", raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
                            "--device", "cpu", "--disable-tta")
     assert code == 0, err
-    ref = _load(_raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
-    seg = _load(pred / "demots_000.nii.gz")
+    ref = load_image(raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
+    seg = load_image(pred / "demots_000.nii.gz")
     assert seg.shape == ref.shape and set(np.unique(seg)) <= {0, 1, 2}
 
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from conftest import TINY
+from helpers import assert_stock_predictor_matches, load_image, raw
 
 from semidiff_nnunet.plugins.diffrect.losses import (
     PAPER_COLORS,
@@ -240,14 +236,6 @@ def test_train_step_takes_the_rectification_step(trainer2d):
 
 
 # ----------------------------------------------------------------------------- end to end
-def _raw(name: str) -> Path:
-    return Path(os.environ["nnUNet_raw"]) / name
-
-
-def _load(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
 SHORT = ["--epochs", "2", "--iters-per-epoch", "2", "--no-val", "--set", "refine_start=1"]
 
 
@@ -269,26 +257,13 @@ def test_2d_cli_train_and_stock_predict(demo2d, run_cli, tmp_path):
 
     pred = tmp_path / "pred"
     code, _, err = run_cli("predict", "-d", demo2d, "-m", "diffrect", "--labeled", "0.2", "-c", "2d",
-                           "-i", _raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "-i", raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
                            "--device", "cpu", "--disable-tta")
     assert code == 0, err
     files = sorted(pred.glob("*.nii.gz"))
     assert len(files) == 3
 
-    # stock nnUNetv2_predict in a clean interpreter, through the printed environment
-    code, env_out, _ = run_cli("env", "-m", "diffrect", "--labeled", "0.2")
-    env = dict(os.environ)
-    for line in env_out.strip().splitlines():
-        key, value = line[len("export "):].split("=", 1)
-        env[key] = value.strip("'")
-    stock = tmp_path / "stock"
-    proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(_raw(demo2d) / "imagesTs"),
-                           "-o", str(stock), "-d", demo2d, "-tr", "DiffRectTrainer", "-p", "semidiffDemoPlans",
-                           "-c", "2d", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for f in files:
-        assert np.array_equal(_load(f), _load(stock / f.name)), f.name
+    assert_stock_predictor_matches(run_cli, demo2d, "diffrect", "0.2", pred, tmp_path)
 
 
 @pytest.mark.slow
@@ -298,9 +273,9 @@ def test_3d_cli_train_and_predict(demo3d, run_cli, tmp_path):
     assert code == 0, err
     pred = tmp_path / "pred3d"
     code, _, err = run_cli("predict", "-d", demo3d, "-m", "diffrect", "--labeled", "2", "-c", "3d_fullres",
-                           "-i", _raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "-i", raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
                            "--device", "cpu", "--disable-tta")
     assert code == 0, err
-    ref = _load(_raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
-    seg = _load(pred / "demots_000.nii.gz")
+    ref = load_image(raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
+    seg = load_image(pred / "demots_000.nii.gz")
     assert seg.shape == ref.shape and set(np.unique(seg)) <= {0, 1, 2}
