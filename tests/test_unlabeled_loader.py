@@ -76,3 +76,26 @@ def test_strong_view_shares_the_geometry(loader_parts):
     diff = batch["data_strong"] - batch["data"]
     assert diff.abs().mean() > 0.1  # the strong view differs by the intensity perturbation only
     assert abs(diff.std().item() - 0.5) < 0.05  # batchgeneratorsv2 draws N(0, sigma) with sigma from noise_variance
+
+
+@pytest.mark.slow  # demo2d: a dataset planned and preprocessed with nnU-Net
+def test_strong_view_is_the_weak_view_plus_more(loader_parts):
+    """The strong view starts from the weak view (nnU-Net's intensity augmentation included), so its
+    perturbations contain the weak one's: with a strong step that adds nothing it equals the weak view,
+    with a constant shift it is the weak view shifted — also when the weak view is noisy."""
+    dataset, lm, _, _ = loader_parts
+    geometric = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1))])
+    weak_noise = ComposeTransforms([GaussianNoiseTransform(noise_variance=(0.5, 0.5), p_per_channel=1)])
+
+    class Shift:
+        def __init__(self, c):
+            self.c = c
+
+        def __call__(self, **data):
+            return {**data, "image": data["image"] + self.c}
+
+    for c in (0.0, 3.0):
+        loader = UnlabeledDataLoader(dataset, 4, (32, 32), (32, 32), lm, geometric, weak_noise,
+                                     strong_transforms=Shift(c))
+        batch = next(loader)
+        assert torch.allclose(batch["data_strong"] - batch["data"], torch.full_like(batch["data"], c), atol=1e-6)

@@ -93,10 +93,10 @@ class UnlabeledDataset:
 class UnlabeledDataLoader(nnUNetDataLoader):
     """Yields ``{'data': weak view, 'data_strong': strong view (optional), 'keys': ids}``.
 
-    Crops are uniform random (no foreground oversampling, no ignore-label steering). The
-    geometry part of nnU-Net's augmentation is shared by both views; the intensity part is
-    the weak view, and ``strong_transforms`` (if given) is applied to a copy of the same
-    geometric crop to produce the strong view.
+    Crops are uniform random (no foreground oversampling, no ignore-label steering). The weak view
+    is nnU-Net's augmentation (geometry, then intensity); the strong view is the weak view plus
+    ``strong_transforms`` (if given), applied to a copy of the weak view: the strong view's
+    perturbations always contain the weak one's (FixMatch's "weak + strong" order).
     """
 
     def __init__(self, data: UnlabeledDataset, batch_size: int, patch_size, final_patch_size, label_manager,
@@ -121,13 +121,12 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                 if self.patch_size_was_2d:
                     img = img[:, 0]
                 img = self.geometric(image=img)["image"]
-                strong = img.clone() if self.strong_transforms is not None else None
                 weak = self.intensity(image=img)["image"]
                 if weak_all is None:
                     weak_all = torch.empty((self.batch_size, *weak.shape), dtype=torch.float32)
                 weak_all[j] = weak
-                if strong is not None:
-                    strong = self.strong_transforms(image=strong)["image"]
+                if self.strong_transforms is not None:
+                    strong = self.strong_transforms(image=weak.clone())["image"]
                     if strong_all is None:
                         strong_all = torch.empty((self.batch_size, *strong.shape), dtype=torch.float32)
                     strong_all[j] = strong
