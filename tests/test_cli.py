@@ -114,6 +114,43 @@ def test_ctrl_c_exits_130_with_one_sentence(cli_env):
     assert len(lines) == 1 and "checkpoint" in lines[0] and "--continue" in lines[0], proc.stderr
 
 
+SWALLOWING_TRAIN = """
+import os, signal, sys, time, weakref
+from semidiff_nnunet import api
+from semidiff_nnunet.cli.main import main
+
+class Node:
+    pass
+
+def finaliser(_):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(2)  # the KeyboardInterrupt is raised here, inside a weakref callback: Python swallows it
+
+def train(*args, progress=None, **kwargs):
+    progress.start(total=500, completed=0, description="fake")
+    node = Node()
+    ref = weakref.ref(node, finaliser)
+    del node
+    for _ in range(500):
+        progress.step(loss=0.0, epoch=0, num_epochs=1, phase="")
+    print("TRAINED TO THE END")
+
+api.train = train
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_that_python_swallowed_still_stops_the_training(cli_env):
+    """A KeyboardInterrupt raised inside a finaliser is only printed by Python ("Exception ignored"): the
+    progress callback stops the training at the next iteration, and nothing but the sentence is printed."""
+    proc = subprocess.run([sys.executable, "-c", SWALLOWING_TRAIN, "train", "990"], env=cli_env,
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "TRAINED TO THE END" not in proc.stdout
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()][-1].startswith("Interrupted: ")
+
+
 # ---------------------------------------------------------------------------------------------- listing
 def _imported_modules(importtime_stderr: str) -> set[str]:
     names = set()
@@ -213,36 +250,48 @@ def test_benchmark_set_method_key_value(cli_env):
 # ---------------------------------------------------------------------------------------------- SIGINT in training
 @pytest.mark.slow
 def test_sigint_during_training_keeps_the_checkpoint(demo2d):
-    """Ctrl-C while a real run trains: exit 130, one sentence naming --continue, checkpoint_latest kept."""
+    """Ctrl-C in a terminal (SIGINT to the whole process group: the CLI and nnU-Net's augmentation
+    workers) while a real run trains: exit 130, one sentence naming --continue, checkpoint_latest kept."""
     import torch
 
     from semidiff_nnunet import api
 
-    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", nnUNet_n_proc_DA="0")
-    args = ["train", demo2d, "-m", "supervised", "--labeled", "3", "--seed", "31", "-c", "2d", "--epochs", "200",
+    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", nnUNet_n_proc_DA="2")
+    args = ["train", demo2d, "-m", "mean-teacher", "--labeled", "3", "--seed", "31", "-c", "2d", "--epochs", "200",
             "--iters-per-epoch", "2", "--val-iters", "1", "--save-every", "1", "--no-val",
             "--plans", "semidiffDemoPlans", "--device", "cpu"]
-    info = api.run_info(demo2d, "supervised", "3", 31, "2d", 0, "semidiffDemoPlans")
+    info = api.run_info(demo2d, "mean-teacher", "3", 31, "2d", 0, "semidiffDemoPlans")
     latest = info.fold_folder / "checkpoint_latest.pth"
-    proc = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     try:
         deadline = time.time() + 300
         while not latest.is_file() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
-        assert latest.is_file(), proc.stderr.read().decode("utf-8", "replace") if proc.poll() is not None else ""
-        time.sleep(2)  # inside the next epochs
-        proc.send_signal(signal.SIGINT)
+        assert latest.is_file() and proc.poll() is None, "no checkpoint_latest.pth while training"
+        time.sleep(2)  # inside a later epoch
+        os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
     last = [ln for ln in err.splitlines() if ln.strip()][-1]
     assert last.startswith("Interrupted") and "--continue" in last and "checkpoint" in last, err[-2000:]
     assert not (info.fold_folder / "checkpoint_final.pth").is_file()
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the workers went with the CLI process
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("augmentation workers outlived the interrupted CLI process")
     checkpoint = torch.load(latest, map_location="cpu", weights_only=False)  # intact, loadable
     assert 1 <= checkpoint["current_epoch"] < 200
     run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
-    assert run["method"] == "supervised"
+    assert run["method"] == "mean-teacher"

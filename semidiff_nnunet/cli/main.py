@@ -9,6 +9,7 @@ sentence on stderr, never a traceback; Ctrl-C ends with exit code 130 and says h
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,11 @@ _INTERRUPTED = {
     "demo": "Interrupted: finished runs and the current run's last checkpoint are kept; run semidiff demo "
             "again to resume.",
 }
-_running = {"command": ""}
+_running = {"command": "", "sigint": False, "active": False, "at_fork": False}
+
+
+def _progress_bar() -> RichTrainingProgress:
+    return RichTrainingProgress(stop_requested=lambda: _running["sigint"])
 
 
 def _announce_workspace() -> None:
@@ -79,7 +84,7 @@ def _announce_workspace() -> None:
 
 
 def _report_run(info, t0: float) -> None:
-    console.print(f"[green]Done[/green] ({time.time() - t0:.0f} s): {escape(str(info.fold_folder))}")
+    console.print(f"[green]Done[/green] ({time.time() - t0:.0f} s): {escape(str(info.fold_folder))}", soft_wrap=True)
     summary = info.fold_folder / "validation" / "summary.json"
     if summary.is_file():
         fg = json.loads(summary.read_text(encoding="utf-8"))["foreground_mean"]["Dice"]
@@ -113,7 +118,7 @@ def plan_and_train(
     _running["command"] = "train"
     _announce_workspace()
     t0 = time.time()
-    bar = RichTrainingProgress()
+    bar = _progress_bar()
     try:
         info = api.plan_and_train(dataset, method, labeled=labeled, seed=seed, configuration=configuration, fold=fold,
                                   device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
@@ -150,7 +155,7 @@ def train(
     _running["command"] = "train"
     _announce_workspace()
     t0 = time.time()
-    bar = RichTrainingProgress()
+    bar = _progress_bar()
     try:
         info = api.train(dataset, method, labeled=labeled, seed=seed, configuration=configuration, fold=fold,
                          device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
@@ -288,7 +293,7 @@ def demo(
     _announce_workspace()
     t0 = time.time()
     result = api.run_demo(dim=dim, device=device, methods=api.parse_list(methods_, "--methods"), labeled=labeled,
-                          epochs=epochs, log=console.print, make_progress=RichTrainingProgress)
+                          epochs=epochs, log=console.print, make_progress=_progress_bar)
     table = Table(title=escape(f"semidiff demo ({dim}D, labeled {labeled}, test cases {result['num_test']})"))
     table.add_column("method")
     for label in result["labels"]:
@@ -332,7 +337,7 @@ def benchmark(
                            epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters_per_epoch=val_iters,
                            overrides=sets, plans_name=plans, gpu_memory_target=gpu_memory_target, output=output,
                            dry_run=dry_run, num_processes=num_processes, log=console.print,
-                           make_progress=RichTrainingProgress)
+                           make_progress=_progress_bar)
     if dry_run:
         runs = result["runs"]
         table = Table(title=f"{len(runs)} run(s)")
@@ -413,9 +418,67 @@ def _tolerant_streams() -> None:
             stream.reconfigure(errors="replace")
 
 
+def _on_sigint(signum, frame):
+    _running["sigint"] = True
+    raise KeyboardInterrupt
+
+
+def _quiet_swallowed_interrupt(hook):
+    """A Ctrl-C that lands in a finaliser or weakref callback is swallowed by Python, which prints
+    "Exception ignored in ... KeyboardInterrupt" with a traceback; the progress bar raises it again at the
+    next iteration (``stop_requested``), so nothing needs printing."""
+
+    def unraisable(info):
+        if not (isinstance(info.exc_type, type) and issubclass(info.exc_type, KeyboardInterrupt)):
+            hook(info)
+
+    return unraisable
+
+
+def _forked_children_ignore_ctrl_c() -> None:
+    """Ctrl-C in a terminal signals every process of the foreground group. nnU-Net's augmentation workers
+    (forked) would die mid-batch, print their own KeyboardInterrupt tracebacks and make the training fail
+    with "background workers are no longer alive"; instead, while the CLI runs, forked children ignore
+    SIGINT and the CLI process stops and shuts them down. SIGINT is blocked across the fork, so no child
+    runs Python's handler before it ignores the signal (a pending one is then discarded)."""
+    import signal
+
+    if _running.get("at_fork") or not hasattr(os, "register_at_fork") or not hasattr(signal, "pthread_sigmask"):
+        return
+
+    def before():
+        if _running["active"]:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def after_in_parent():
+        if _running["active"]:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    def after_in_child():
+        if _running["active"]:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
+    _running["at_fork"] = True
+
+
 def main(args: list[str] | None = None) -> None:
+    import signal
+
     _tolerant_streams()
     click_errors, aborts, exits = _typer_exception_classes()
+    # Ctrl-C in a terminal also stops nnU-Net's augmentation workers; the training may then fail with
+    # "background workers are no longer alive" before it sees the KeyboardInterrupt: remember the signal
+    # (unless SIGINT is ignored, as for a background job) and report an interruption either way.
+    _running["sigint"] = False
+    previous = signal.getsignal(signal.SIGINT)
+    unraisable_hook = sys.unraisablehook
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+        _forked_children_ignore_ctrl_c()
+        _running["active"] = True
+        sys.unraisablehook = _quiet_swallowed_interrupt(unraisable_hook)
     try:
         rv = app(args=args, prog_name="semidiff", standalone_mode=False)
     except SemidiffError as e:
@@ -431,8 +494,17 @@ def main(args: list[str] | None = None) -> None:
             out.print(e.format_message(), markup=False, highlight=False)
             sys.exit(0)
         _error(_usage_sentence(e), getattr(e, "exit_code", 2))
+    except Exception:
+        if _running["sigint"]:
+            _interrupted()
+        raise
+    finally:
+        _running["active"] = False
+        sys.unraisablehook = unraisable_hook
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
     # typer >= 0.2x returns 130 for Ctrl-C (its KeyboardInterrupt -> Exit(130)) when not standalone
-    if rv == 130:
+    if rv == 130 or _running["sigint"]:
         _interrupted()
     if isinstance(rv, int) and rv:
         sys.exit(rv)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -14,13 +17,19 @@ from rich.progress import (
 
 
 class RichTrainingProgress:
-    """One bar over all training iterations (epochs × iterations), showing epoch, phase and loss."""
+    """One bar over all training iterations (epochs × iterations), showing epoch, phase and loss.
 
-    def __init__(self) -> None:
+    ``stop_requested``: asked after every iteration; when it answers True the training stops with
+    ``KeyboardInterrupt``. The CLI uses it for a Ctrl-C whose ``KeyboardInterrupt`` Python swallowed
+    (raised inside a finaliser or weakref callback, it is only printed as "Exception ignored").
+    """
+
+    def __init__(self, stop_requested: Callable[[], bool] | None = None) -> None:
+        self.stop_requested = stop_requested
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), redirect_stdout=True, redirect_stderr=True,
-                                 transient=False)
+                                 TimeRemainingColumn(), console=Console(stderr=True), redirect_stdout=True,
+                                 redirect_stderr=True, transient=False)  # stdout stays for results
         self.task = None
         self.name = ""
 
@@ -31,6 +40,8 @@ class RichTrainingProgress:
         self.progress.start()
 
     def step(self, loss: float, epoch: int, num_epochs: int, phase: str) -> None:
+        if self.stop_requested is not None and self.stop_requested():
+            raise KeyboardInterrupt
         where = f"{escape(phase)} " if phase else ""
         self.progress.update(self.task, advance=1, loss=float(loss),
                              description=f"{self.name} {where}epoch {epoch + 1}/{num_epochs}")
