@@ -254,3 +254,55 @@ def test_checkpoint_keeps_keys_a_future_nnunet_adds(demo2d, results, monkeypatch
     assert set(ck["semidiff"]["networks"]) == {"network", "aux"} and ck["semidiff"]["phase"] == "joint"
     assert ck["network_weights"].keys() == ck["semidiff"]["networks"]["network"].keys()
     assert ck["trainer_name"] == "TwoPhaseTrainer" and ck["current_epoch"] == 1
+
+
+# ----------------------------------------------------------------------------------------- schedule policy
+@pytest.mark.slow  # plans the demo dataset
+@pytest.mark.parametrize("epochs, iters, burnin, ramp", [
+    (2, 3, 1, 5),  # a test run: burn-in at most a quarter, ramp capped by what is left
+    (4, 40, 40, 120),  # 160 steps: floor 100 capped at a quarter (40); ramp floor 200 capped by the rest
+    (20, 100, 100, 1900),  # 2000 steps: burn-in floor 100, ramp over the rest of the run
+    (1000, 250, 1000, 30000),  # nnU-Net's 250 000: burn-in ceiling 1000, ramp ceiling 30 000
+])
+def test_burnin_and_ramp_lengths_follow_the_policy(demo2d, results, epochs, iters, burnin, ramp):
+    from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
+
+    t = _trainer(demo2d, cls=MeanTeacherTrainer, epochs=epochs)
+    t.num_iterations_per_epoch = iters
+    assert t.burnin_iterations == burnin and t.ramp_length(1.0) == ramp
+    t.iteration = burnin - 1
+    assert t.in_burnin and t.ramp(0.1) == 0.0
+    t.iteration = burnin + ramp
+    assert not t.in_burnin and t.ramp(0.1) == pytest.approx(0.1)
+    t.iteration = burnin + ramp // 2
+    assert t.ramp(0.1) == pytest.approx(0.1 * np.exp(-5 * (1 - (ramp // 2) / ramp) ** 2))
+
+
+@pytest.mark.slow  # plans the demo dataset
+def test_burnin_trains_on_labels_only_without_drawing_unlabeled_batches(demo2d, results):
+    from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
+
+    t = _trainer(demo2d, cls=MeanTeacherTrainer, epochs=4)  # 8 iterations: burn-in 2
+    t.initialize()
+    assert t.burnin_iterations == 2
+    x = torch.randn(2, 1, 32, 32)
+    lab = torch.randint(0, 3, (2, 1, 32, 32)).float()
+    batch = {"data": x, "target": [lab, lab[:, :, ::2, ::2], lab[:, :, ::4, ::4]][: len(t.loss.weight_factors)]}
+
+    class Counting:
+        drawn = 0
+
+        def __next__(self):
+            Counting.drawn += 1
+            return {"data": torch.randn(2, 1, 32, 32)}
+
+    t.dataloader_unlabeled = Counting()
+    teacher_before = _params(t.teacher.module)
+    out = t.train_step(batch)
+    assert Counting.drawn == 0 and set(out) == {"loss", "term/supervised"}
+    assert any(not torch.equal(teacher_before[k], v) for k, v in _params(t.teacher.module).items())  # EMA moves
+    t.iteration = 2  # burn-in over: the unlabeled stream and the consistency term start, at weight 0 + ramp
+    out = t.train_step(batch)
+    assert Counting.drawn == 1 and {"term/consistency", "term/_consistency_weight"} <= set(out)
+    assert out["term/_consistency_weight"] == pytest.approx(0.1 * np.exp(-5.0))
+    t.dataloader_unlabeled = None

@@ -17,9 +17,28 @@ class BaseHParams:
 
     unlabeled_batch_size: patches per unlabeled batch; 0 means the labeled batch size from the
         plans (SSL4MIS uses equal labeled/unlabeled halves of each batch).
+
+    The schedule policy (the engine's, the same for every method; see
+    ``SemiSupervisedTrainer.burnin_iterations`` and ``ramp``):
+
+    burnin, burnin_min, burnin_max: a supervised burn-in of ``burnin`` × the run's iterations,
+        at least ``burnin_min`` and at most ``burnin_max`` iterations, and never more than a
+        quarter of the run; no unlabeled batch is drawn and no unlabeled loss is computed during it.
+        Defaults from SSL4MIS's mean-teacher recipe: no consistency before iteration 1000 of 30 000
+        (3 %, an absolute 1000).
+    rampup_min, rampup_max: every ramp-up of an unlabeled weight starts after the burn-in and lasts
+        the method's ``rampup_fraction`` × the run, at least ``rampup_min`` and at most
+        ``rampup_max`` iterations, capped by what is left of the run (SSL4MIS ramps over its whole
+        30 000-iteration run; a nnU-Net-length run of 250 000 iterations therefore ramps over 30 000,
+        a short run over at least 200 iterations).
     """
 
     unlabeled_batch_size: int = 0
+    burnin: float = 0.03
+    burnin_min: int = 100
+    burnin_max: int = 1000
+    rampup_min: int = 200
+    rampup_max: int = 30000
 
 
 def _convert(value: str, annotation, name: str):

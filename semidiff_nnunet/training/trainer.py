@@ -166,6 +166,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """
         raise NotImplementedError
 
+    def supervised_losses(self, labeled: dict) -> dict[str, torch.Tensor]:
+        """The losses of a burn-in iteration (labeled data only; no unlabeled batch is drawn). Default:
+        nnU-Net's Dice+CE of ``self.network``; methods with more networks that learn from labels
+        (CPS, Diff-CL) add theirs."""
+        return {"supervised": self.supervised_loss(self.network(labeled["data"]), labeled["target"])}
+
     def optimisation_steps(self) -> Sequence[OptimStep]:
         """The optimisation steps of one iteration, run in order (default: ``compute_losses`` over
         every trainable network). Override to add steps, e.g. DiffRect's rectified supervision."""
@@ -223,9 +229,34 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         target = labeled["target"]
         return (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
 
+    # ------------------------------------------------------------------ the schedule policy
+    @property
+    def burnin_iterations(self) -> int:
+        """Iterations of supervised burn-in: ``burnin`` × run within [burnin_min, burnin_max], at most
+        a quarter of the run (0 for methods that use no unlabeled data)."""
+        if not self.uses_unlabeled:
+            return 0
+        hp = self.hp
+        n = min(max(int(round(hp.burnin * self.total_iterations)), hp.burnin_min), hp.burnin_max)
+        return max(0, min(n, self.total_iterations // 4))
+
+    @property
+    def in_burnin(self) -> bool:
+        return self.iteration < self.burnin_iterations
+
+    def ramp_length(self, fraction: float = 1.0) -> int:
+        """Iterations of a ramp-up of ``fraction`` × run: within [rampup_min, rampup_max], capped by
+        the iterations left after the burn-in."""
+        hp = self.hp
+        n = min(max(int(round(fraction * self.total_iterations)), hp.rampup_min), hp.rampup_max)
+        return max(0, min(n, self.total_iterations - self.burnin_iterations))
+
     def ramp(self, max_weight: float, fraction: float = 1.0, kind: str = "sigmoid") -> float:
-        """``max_weight`` × ramp-up over the first ``fraction`` of all iterations (``ramps.rampup``)."""
-        return max_weight * ramps.rampup(kind, self.iteration, fraction * self.total_iterations)
+        """An unlabeled loss weight: 0 during the burn-in, then ``max_weight`` × a ramp-up
+        (``ramps.rampup``) over ``ramp_length(fraction)`` iterations, ``max_weight`` after."""
+        if self.in_burnin:
+            return 0.0
+        return max_weight * ramps.rampup(kind, self.iteration - self.burnin_iterations, self.ramp_length(fraction))
 
     def register_network(self, name: str, module: nn.Module, trainable: bool = True,
                          optimizer: torch.optim.Optimizer | None = None, poly_lr: bool = True) -> nn.Module:
@@ -460,11 +491,17 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         labeled = self._to_device(batch)
-        unlabeled = self._to_device(next(self.dataloader_unlabeled)) if self.dataloader_unlabeled is not None else None
+        if self.in_burnin:  # labeled data only: no unlabeled batch, no unlabeled forward
+            unlabeled = None
+            steps = (OptimStep("burn-in", lambda lab, _unl, _carry: self.supervised_losses(lab)),)
+        else:
+            unlabeled = (self._to_device(next(self.dataloader_unlabeled)) if self.dataloader_unlabeled is not None
+                         else None)
+            steps = self.optimisation_steps()
         carry: dict = {}
         terms: dict = {}
         total = 0.0
-        for step in self.optimisation_steps():
+        for step in steps:
             if not self._step_runs(step):
                 continue
             nets = self._networks(step.networks)

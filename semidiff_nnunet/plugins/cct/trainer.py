@@ -28,6 +28,11 @@ Deviations: SSL4MIS also supervises the auxiliary decoders on labeled patches, a
 four supervised losses and lets the consistency gradient reach the main decoder; we follow the
 paper there. nnU-Net's network, augmentation, Dice+CE with deep supervision and poly LR for the
 supervised part; the auxiliary decoders predict at full resolution only (no deep supervision).
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): SSL4MIS adds no unlabeled loss before
+iteration 1000 of its 30 000 → the supervised burn-in (3 % of the run, 100–1000 iterations, at most
+a quarter of the run); its sigmoid ramp over the whole 30 000 iterations → ``rampup_fraction = 1.0``
+within [200, 30 000] iterations, starting after the burn-in.
 """
 
 from __future__ import annotations

@@ -24,6 +24,12 @@ Defaults:
 Deviations: nnU-Net's network, augmentation, Dice+CE with deep supervision and poly LR for the
 supervised part (SSL4MIS: 0.5·(CE + Dice) at full resolution); the CPS term uses the
 full-resolution outputs only.
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): SSL4MIS adds no unlabeled loss before
+iteration 1000 of its 30 000 → the supervised burn-in (3 % of the run, 100–1000 iterations, at most
+a quarter of the run); its sigmoid ramp over the whole 30 000 iterations → ``rampup_fraction = 1.0``
+within [200, 30 000] iterations, starting after the burn-in.
+During the burn-in both networks learn from the labels (``supervised_losses``).
 """
 
 from __future__ import annotations
@@ -60,6 +66,11 @@ class CPSTrainer(SemiSupervisedTrainer):
         net = self.build_planned_network()
         net.apply(xavier_normal_init)
         self.network_2 = self.register_network("network_2", net)
+
+    def supervised_losses(self, labeled):  # burn-in: both networks learn from the labels
+        x, target = labeled["data"], labeled["target"]
+        return {"supervised": self.supervised_loss(self.network(x), target),
+                "supervised_2": self.supervised_loss(self.network_2(x), target)}
 
     def compute_losses(self, labeled, unlabeled):
         n_l = labeled["data"].shape[0]

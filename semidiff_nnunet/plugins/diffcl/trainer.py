@@ -52,6 +52,11 @@ Deviations forced by nnU-Net: planned U-Net instead of V-Net, nnU-Net's augmenta
 Nesterov, poly LR) for both networks and the head, patch-based training; deep supervision on the
 supervised terms, the CPS and contrastive terms use full-resolution outputs only. Regions-based
 datasets are not supported (CPS needs mutually exclusive labels).
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): Diff-CL has no burn-in; the engine's
+supervised burn-in (3 % of the run, 100–1000 iterations, at most a quarter) trains CS and DS on the
+labels only (DS denoising the noisy ground truth) before CPS and the contrastive term start;
+λ(t) keeps its Gaussian shape over the whole run (t_max = the run), as the paper states.
 """
 
 from __future__ import annotations
@@ -148,6 +153,15 @@ class DiffCLTrainer(SemiSupervisedTrainer):
         self.projector = self.register_network("projector", ProjectionHead(width, hp.proj_dim))
         self.memory_bank = self.register_state(
             "memory_bank", MemoryBank(self.num_classes, hp.proj_dim, hp.bank_size, hp.bank_per_step, self.device))
+
+    def supervised_losses(self, labeled):
+        """Burn-in: CS and DS learn from the labels only (DS denoises the noisy ground truth)."""
+        hp, lam = self.hp, gaussian_rampup(self.iteration, self.total_iterations, scale=2.0)
+        y0 = labels_to_onehot(self.labels_of(labeled), self.num_classes, ignore_index=self.label_manager.ignore_label)
+        return {"supervised_cs": self.supervised_loss(self.network(labeled["data"]), labeled["target"],
+                                                      ce_weight=hp.beta_2 * lam),
+                "supervised_ds": self.supervised_loss(self.ds(labeled["data"], y0=y0), labeled["target"],
+                                                      ce_weight=hp.beta_1 * lam)}
 
     def compute_losses(self, labeled, unlabeled):
         hp = self.hp

@@ -66,6 +66,12 @@ the run length is epochs × iterations per epoch (code: 30 000 iterations), ramp
 fractions of it while ``refine_start`` stays an absolute count; nnU-Net's planned normalisation
 (instance norm) replaces BatchNorm in the rectification network; unlabeled batch = labeled batch.
 Region-based and ignore-label datasets are not supported (colours need mutually exclusive labels).
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): the authors' sigmoid ramp of the
+consistency weight over their whole 30 000-iteration run → ``rampup_fraction = 1.0`` within
+[200, 30 000] iterations after the supervised burn-in (3 % of the run, 100–1000 iterations, at most
+a quarter; the authors have none); during the burn-in only the segmentation network trains (the
+rectifier's losses need pseudo labels); rectified supervision (step 3) never runs during it.
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ from semidiff_nnunet.plugins.diffrect.losses import (
 )
 from semidiff_nnunet.plugins.diffrect.networks import AUTHORS_DROPOUT, rectification_net_from_plans
 from semidiff_nnunet.plugins.diffrect.rectification import LatentRectification
-from semidiff_nnunet.training import BaseHParams, OptimStep, SemiSupervisedTrainer, ramps
+from semidiff_nnunet.training import BaseHParams, OptimStep, SemiSupervisedTrainer
 
 
 @dataclass
@@ -161,7 +167,7 @@ class DiffRectTrainer(SemiSupervisedTrainer):
                           active=lambda: self.iteration > self.hp.refine_start))
 
     def consistency_weight(self) -> float:
-        return self.hp.consistency * ramps.sigmoid_rampup(self.iteration, self.hp.rampup_fraction * self.total_iterations)
+        return self.ramp(self.hp.consistency, self.hp.rampup_fraction)
 
     def _guidance(self, a, b, batch: int, device) -> torch.Tensor:
         return calibration_guidance(a, b, self.num_classes, self.hp.guidance_scale).to(device).expand(batch)

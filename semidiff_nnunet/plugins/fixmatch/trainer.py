@@ -24,6 +24,10 @@ Deviations:
   0.1); we follow the paper;
 * nnU-Net's network, Dice+CE with deep supervision and poly LR for the supervised part; the
   unlabeled loss uses the full-resolution output only.
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): the paper uses λ_u from the first
+step with no ramp; here the unlabeled term starts after the engine's supervised burn-in (3 % of the
+run, 100–1000 iterations, at most a quarter) and then has its full weight (no ramp, as the paper).
 """
 
 from __future__ import annotations

@@ -10,9 +10,7 @@ this project compare against; the paper is silent on segmentation):
 * ``consistency = 0.1`` (SSL4MIS ``--consistency``), ``ema_decay = 0.99`` (``--ema_decay``),
   α = min(1 − 1/(step + 1), 0.99);
 * sigmoid ramp-up ``exp(-5(1 - t/L)^2)``; SSL4MIS ramps over ``consistency_rampup = 200``
-  "epochs" of 150 iterations = 30 000 iterations = its whole ACDC schedule. We express the
-  length as a fraction of the run's iterations, ``rampup_fraction = 1.0`` (deviation: SSL4MIS
-  counts absolute iterations; nnU-Net's schedules are 250 000 iterations long);
+  "epochs" of 150 iterations = 30 000 iterations = its whole ACDC schedule (see "Schedule" below);
 * teacher input noise ``clamp(N(0, 0.1²), -0.2, 0.2)`` (SSL4MIS ``noise``);
 * the student predicts on the unlabeled patch without noise, the consistency is the MSE of
   softmax probabilities averaged over all voxels and classes (SSL4MIS ``softmax_mse_loss``).
@@ -20,6 +18,12 @@ this project compare against; the paper is silent on segmentation):
 Deviations: nnU-Net's network, augmentation, Dice+CE with deep supervision and poly LR are
 used for the supervised part; the consistency uses the full-resolution output only.
 The student predicts at inference (as SSL4MIS evaluates ``model``, not ``ema_model``).
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): SSL4MIS adds no unlabeled loss before
+iteration 1000 of its 30 000 → the supervised burn-in (3 % of the run, 100–1000 iterations, at most
+a quarter of the run); its sigmoid ramp over the whole 30 000 iterations → ``rampup_fraction = 1.0``
+within [200, 30 000] iterations, starting after the burn-in.
+The EMA teacher follows the student from the first iteration (also during the burn-in).
 """
 
 from __future__ import annotations

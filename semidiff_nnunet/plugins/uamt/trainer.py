@@ -26,6 +26,12 @@ Deviations: the paper's teacher also uses Monte-Carlo dropout; nnU-Net's planned
 no dropout layers, so the T passes differ by input noise only (as in SSL4MIS's U-Net runs,
 whose U-Net has dropout). nnU-Net's network, augmentation, Dice+CE with deep supervision and
 poly LR for the supervised part; consistency on the full-resolution output only.
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): SSL4MIS adds no unlabeled loss before
+iteration 1000 of its 30 000 → the supervised burn-in (3 % of the run, 100–1000 iterations, at most
+a quarter of the run); its sigmoid ramp over the whole 30 000 iterations → ``rampup_fraction = 1.0``
+within [200, 30 000] iterations, starting after the burn-in.
+The uncertainty threshold's ramp uses the same policy (``threshold_rampup_fraction``).
 """
 
 from __future__ import annotations

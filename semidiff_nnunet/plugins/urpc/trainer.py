@@ -25,6 +25,11 @@ Deviations:
 * the outputs are resized with (bi/tri)linear interpolation (SSL4MIS: nearest);
 * dropout drops whole channels (n-D ``Dropout2d``); with fewer than 4 decoder heads in the
   plans, all heads are used.
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): SSL4MIS adds no unlabeled loss before
+iteration 1000 of its 30 000 → the supervised burn-in (3 % of the run, 100–1000 iterations, at most
+a quarter of the run); its sigmoid ramp over the whole 30 000 iterations → ``rampup_fraction = 1.0``
+within [200, 30 000] iterations, starting after the burn-in.
 """
 
 from __future__ import annotations
