@@ -438,3 +438,38 @@ def test_memory_bank_identical_on_two_gloo_ranks(tmp_path):
         assert torch.equal(s0[key], s1[key]), key
     assert s0["count"].tolist() == [1, 1]
     assert torch.allclose(s0["features"][1, 0], torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+
+
+class _CopyingDS(torch.nn.Module):
+    """A DS that has learnt to copy: its logits are its noisy label input channels (× 10)."""
+
+    def forward(self, x, t):
+        return x[:, 1:] * 10
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_ds_pseudo_labels_from_noise_cannot_copy_the_input_label(dim):
+    """Under the training forward a copying DS returns CS's own pseudo label (the literal rule's
+    fault); its prediction from pure noise carries nothing of it (chance agreement, 1/K)."""
+    from semidiff_nnunet.diffusion import labels_to_onehot
+    from semidiff_nnunet.plugins.diffcl.networks import LabelDiffusion
+
+    torch.manual_seed(0)
+    k, shape = 3, (16, 16) if dim == 2 else (6, 8, 8)
+    ds = LabelDiffusion(_CopyingDS())
+    x = torch.randn(8, 1, *shape)
+    pseudo_cs = torch.randint(0, k, (8, *shape))
+    copied = ds(x, labels_to_onehot(pseudo_cs, k), t=torch.full((8,), 0.1)).argmax(1)  # low t: almost clean
+    assert (copied == pseudo_cs).float().mean() > 0.95
+    agree = (ds.from_noise(x, k).argmax(1) == pseudo_cs).float().mean().item()
+    assert abs(agree - 1 / k) < 0.05
+
+
+def test_confidence_mask_leaves_out_unconfident_pixels():
+    logits = torch.randn(2, 3, 8, 8)
+    labels = torch.randint(0, 3, (2, 8, 8))
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[:, :4] = True
+    masked = L.dice_ce(logits, labels, 1.0, mask=mask)
+    assert masked.item() == pytest.approx(L.dice_ce(logits[:, :, :4], labels[:, :4], 1.0).item(), rel=1e-5)
+    assert masked.item() != pytest.approx(L.dice_ce(logits, labels, 1.0).item(), rel=1e-3)

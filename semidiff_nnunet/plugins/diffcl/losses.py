@@ -28,12 +28,17 @@ __all__ = ["soft_dice_loss", "dice_ce", "cross_pseudo_supervision", "MemoryBank"
            "label_propagation_loss"]
 
 
-def soft_dice_loss(logits: Tensor, labels: Tensor, include_background: bool = False, smooth: float = 1e-5) -> Tensor:
+def soft_dice_loss(logits: Tensor, labels: Tensor, include_background: bool = False, smooth: float = 1e-5,
+                   mask: Tensor | None = None) -> Tensor:
     """1 − mean_c 2Σ p_c y_c / (Σ p_c + Σ y_c) (eq. 8/20), sums over the batch and space (batch Dice,
     as the V-Net SSL code bases compute it on LA). Background is left out unless asked (nnU-Net,
-    and the LA code's foreground-only Dice); with a single class it is used anyway."""
+    and the LA code's foreground-only Dice); with a single class it is used anyway. ``mask``
+    (B, *spatial) in {0, 1}: only those pixels count."""
     probs = torch.softmax(logits.float(), 1)
     onehot = labels_to_onehot(labels, probs.shape[1], dtype=probs.dtype)
+    if mask is not None:
+        m = mask.unsqueeze(1).to(probs.dtype)
+        probs, onehot = probs * m, onehot * m
     dims = (0, *range(2, probs.ndim))
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
@@ -43,29 +48,39 @@ def soft_dice_loss(logits: Tensor, labels: Tensor, include_background: bool = Fa
     return 1 - dice.mean()
 
 
-def dice_ce(logits: Tensor, labels: Tensor, ce_weight: float = 1.0, include_background: bool = False) -> Tensor:
+def dice_ce(logits: Tensor, labels: Tensor, ce_weight: float = 1.0, include_background: bool = False,
+            mask: Tensor | None = None) -> Tensor:
     """D(softmax(logits), labels) + ``ce_weight``·CE(logits, labels) (eq. 6–9 with λ = ``ce_weight``).
-    ``logits`` (B, C, *spatial); ``labels`` (B, *spatial), treated as constants."""
+    ``logits`` (B, C, *spatial); ``labels`` (B, *spatial), treated as constants; ``mask`` (B, *spatial)
+    in {0, 1}: the pixels that count (e.g. confident pseudo labels), all when None."""
     labels = labels.detach().long()
-    loss = soft_dice_loss(logits, labels, include_background)
+    loss = soft_dice_loss(logits, labels, include_background, mask=mask)
     if ce_weight:
-        loss = loss + ce_weight * F.cross_entropy(logits.float(), labels)
+        if mask is None:
+            ce = F.cross_entropy(logits.float(), labels)
+        else:
+            m = mask.to(torch.float32)
+            ce = (F.cross_entropy(logits.float(), labels, reduction="none") * m).sum() / m.sum().clamp_min(1.0)
+        loss = loss + ce_weight * ce
     return loss
 
 
 def cross_pseudo_supervision(logits_cs: Tensor, logits_ds: Tensor, lambda_cs: float = 1.0,
                              lambda_ds: float = 1.0, pseudo_cs: Tensor | None = None,
-                             pseudo_ds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                             pseudo_ds: Tensor | None = None, mask_cs: Tensor | None = None,
+                             mask_ds: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(L_p^c, L_p^d) of eq. 7 and 6 on unlabeled patches.
 
     L_p^d = D(P̃, Ŷ) + λ₁ E(P̃, Ŷ) with Ŷ = argmax of the CS logits; L_p^c = D(P̂, Ỹ) + λ₂ E(P̂, Ỹ)
     with Ỹ = argmax of the DS logits. ``lambda_ds`` = λ₁, ``lambda_cs`` = λ₂. Pseudo labels carry no
     gradient, so L_p^c trains only CS and L_p^d only DS. Symmetric: swapping the networks (and the
-    λs) swaps the two losses. ``pseudo_cs``/``pseudo_ds``: the argmaxes when the caller has them.
+    λs) swaps the two losses. ``pseudo_cs``/``pseudo_ds``: the argmaxes when the caller has them;
+    ``mask_cs``/``mask_ds``: which pixels of CS's / DS's pseudo labels are used (confidence masking).
     """
     pseudo_cs = logits_cs.detach().argmax(1) if pseudo_cs is None else pseudo_cs
     pseudo_ds = logits_ds.detach().argmax(1) if pseudo_ds is None else pseudo_ds
-    return dice_ce(logits_cs, pseudo_ds, lambda_cs), dice_ce(logits_ds, pseudo_cs, lambda_ds)
+    return (dice_ce(logits_cs, pseudo_ds, lambda_cs, mask=mask_ds),
+            dice_ce(logits_ds, pseudo_cs, lambda_ds, mask=mask_cs))
 
 
 # ------------------------------------------------------------------------------------------ memory bank

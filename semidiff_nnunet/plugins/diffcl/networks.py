@@ -89,6 +89,13 @@ class LabelDiffusion(nn.Module):
         y_t = self.scheduler.q_sample(y0.float() * self.label_scale, t).to(x.dtype)
         return self.network(torch.cat([x, y_t], 1), t * 1000)
 
+    def from_noise(self, x: Tensor, num_classes: int) -> Tensor | list[Tensor]:
+        """DS's prediction from the image alone: Y_1 = ε ~ N(0, I) (B, K, *spatial) at t = 1, so no
+        label — ground truth or pseudo — can be copied from the input."""
+        y_t = torch.randn((x.shape[0], num_classes, *x.shape[2:]), device=x.device, dtype=x.dtype)
+        t = torch.ones(x.shape[0], device=x.device)
+        return self.network(torch.cat([x, y_t], 1), t * 1000)
+
 
 class ProjectionHead(nn.Module):
     """Per-pixel MLP: (N, F) → (N, d) (a 1×1-conv head applied to the pixels actually used)."""

@@ -29,7 +29,7 @@ d_state 16, d_conv 4, expand 2 (SegMamba).
 Our choices where the paper is silent (all exposed as hyperparameters):
 
 * HF-Mamba placement ``hfm_stage = -1`` (the bottleneck: fewest tokens for the O(L) scan, see
-  ``networks/hf_mamba.py``), a residual around it (``hfm_residual``), the 2D inter-slice scan runs
+  :mod:`.hf_mamba`), a residual around it (``hfm_residual``), the 2D inter-slice scan runs
   over rows (``slice_scan_2d``), the HPF stop band is a disk/ball of normalised radius HF;
 * label diffusion: continuous time t ~ U(0, 1) with the cosine γ(t) of DDP (``noise_schedule``),
   Y_0 the one-hot label in {0, 1} as eq. 5 writes it (``label_scale`` multiplies it), the DS
@@ -44,9 +44,23 @@ Our choices where the paper is silent (all exposed as hyperparameters):
 * projection head: Linear(F, F)-ReLU-Linear(F, ``proj_dim = 32``) per pixel on the decoders'
   last feature maps (F = the plans' first-stage width), shared by DS and CS (Table 1 has one F);
   the memory bank is filled after the DS forward of the same step, before the anchors are drawn;
-* CPS Dice is the batch soft Dice over foreground classes (as nnU-Net's, background left out);
-  the μ's are not ramped (Table 2 puts λ(t) on β only); ``unsup_rampup=True`` scales μ₁, μ₂
-  by λ(t)/2.
+* CPS Dice is the batch soft Dice over foreground classes (as nnU-Net's, background left out).
+
+Where we depart from a literal reading, because the literal one trains CS on its own labels from
+step 0 (measured on PH2: Diff-CL 0.66 vs supervised 0.77 Dice), all ``--set``-able:
+
+* Table 2 is ambiguous on what λ(t) multiplies (β in eq. 18-19; the text speaks of the
+  unsupervised terms). We ramp μ₁, μ₂ — and with μ₂ the contrastive η — with the engine's policy
+  (``unsup_rampup = True``, ``rampup_fraction = 1.0``: after the supervised burn-in, a sigmoid
+  ramp; ``unsup_rampup = False`` gives the unramped μ's), and keep λ(t) on β;
+* the supervised CE weight is ``max(ce_floor, β·λ(t))`` with ``ce_floor = 1`` (nnU-Net's CE
+  weight): β·λ(t) alone is ≈ 0.001 at the start and ≈ 0.08 on average, leaving CS almost without
+  CE supervision (``ce_floor = 0`` is the paper-literal β·λ(t));
+* DS's pseudo labels Ỹ (CS's cross target, and the memory bank's "correctly predicted" test) come
+  from one DS prediction from the image and pure noise at t = 1 (``ds_pseudo_label = "noise"``):
+  at low t the training forward sees Y_0 almost noise-free, and on unlabeled patches Y_0 is CS's
+  own argmax, so its argmax would hand CS's label back (``"forward"`` is that literal reading);
+* optional confidence masking of both cross targets (``cps_confidence``, 0 = off).
 
 Deviations forced by nnU-Net: planned U-Net instead of V-Net, nnU-Net's augmentation, SGD (0.99
 Nesterov, poly LR) for both networks and the head, patch-based training; deep supervision on the
@@ -55,8 +69,9 @@ datasets are not supported (CPS needs mutually exclusive labels).
 
 Schedule, mapped onto the engine's policy (``BaseHParams``): Diff-CL has no burn-in; the engine's
 supervised burn-in (3 % of the run, 100–1000 iterations, at most a quarter) trains CS and DS on the
-labels only (DS denoising the noisy ground truth) before CPS and the contrastive term start;
-λ(t) keeps its Gaussian shape over the whole run (t_max = the run), as the paper states.
+labels only (DS denoising the noisy ground truth) before CPS and the contrastive term start, then
+μ₁, μ₂ (and η) ramp in as above; λ(t) keeps its Gaussian shape over the whole run (t_max = the
+run), as the paper states.
 """
 
 from __future__ import annotations
@@ -92,7 +107,11 @@ class DiffCLHParams(BaseHParams):
     eta: float = 0.007
     hf_threshold: float = 0.5
     # ours (see the module docstring)
-    unsup_rampup: bool = False
+    unsup_rampup: bool = True
+    rampup_fraction: float = 1.0
+    ce_floor: float = 1.0
+    ds_pseudo_label: str = "noise"
+    cps_confidence: float = 0.0
     hfm_stage: int = -1
     hfm_residual: bool = True
     slice_scan_2d: bool = True
@@ -145,6 +164,9 @@ class DiffCLTrainer(SemiSupervisedTrainer):
             raise SemidiffError("diffcl needs mutually exclusive labels; region-based datasets are not supported.")
         if hp.cl_reduction not in ("sum", "mean"):
             raise SemidiffError(f"--set cl_reduction={hp.cl_reduction}: choose sum (eq. 15) or mean.")
+        if hp.ds_pseudo_label not in ("noise", "forward"):
+            raise SemidiffError(f"--set ds_pseudo_label={hp.ds_pseudo_label}: choose noise (DS from pure noise, "
+                                f"the default) or forward (the training forward, which can copy its input).")
         self.num_classes = lm.num_segmentation_heads
         unet = self.build_planned_network(num_input_channels=self.num_input_channels + self.num_classes)
         ds = LabelDiffusion(TimestepConditionedUNet(unet, hp.time_embedding_dim), hp.noise_schedule, hp.label_scale)
@@ -154,14 +176,32 @@ class DiffCLTrainer(SemiSupervisedTrainer):
         self.memory_bank = self.register_state(
             "memory_bank", MemoryBank(self.num_classes, hp.proj_dim, hp.bank_size, hp.bank_per_step, self.device))
 
+    def ce_weights(self) -> tuple[float, float]:
+        """(CS, DS) weights of the supervised CE: β·λ(t) (eq. 18-19) with ``ce_floor`` under it."""
+        hp, lam = self.hp, gaussian_rampup(self.iteration, self.total_iterations, scale=2.0)
+        return max(hp.ce_floor, hp.beta_2 * lam), max(hp.ce_floor, hp.beta_1 * lam)
+
     def supervised_losses(self, labeled):
         """Burn-in: CS and DS learn from the labels only (DS denoises the noisy ground truth)."""
-        hp, lam = self.hp, gaussian_rampup(self.iteration, self.total_iterations, scale=2.0)
+        ce_c, ce_d = self.ce_weights()
         y0 = labels_to_onehot(self.labels_of(labeled), self.num_classes, ignore_index=self.label_manager.ignore_label)
-        return {"supervised_cs": self.supervised_loss(self.network(labeled["data"]), labeled["target"],
-                                                      ce_weight=hp.beta_2 * lam),
+        return {"supervised_cs": self.supervised_loss(self.network(labeled["data"]), labeled["target"], ce_weight=ce_c),
                 "supervised_ds": self.supervised_loss(self.ds(labeled["data"], y0=y0), labeled["target"],
-                                                      ce_weight=hp.beta_1 * lam)}
+                                                      ce_weight=ce_d)}
+
+    def ds_labels(self, x: torch.Tensor, ds_logits: torch.Tensor, ds_features: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DS's hard labels Ỹ (B, *spatial) and the decoder features they come from.
+
+        ``ds_pseudo_label="noise"`` (default): one DS prediction from the image and pure noise (t = 1),
+        without gradient, so DS cannot hand CS's own pseudo label back (at low t the training forward
+        sees it almost noise-free). ``"forward"``: the training forward's argmax (paper-literal)."""
+        if self.hp.ds_pseudo_label == "forward":
+            return ds_logits.detach().argmax(1), ds_features
+        ds = unwrap(self.ds)
+        with torch.no_grad(), captured_output(ds.network.decoder.stages[-1]) as feat:
+            logits = self.highest_resolution(ds.from_noise(x, self.num_classes))
+        return logits.argmax(1), feat["out"]
 
     def compute_losses(self, labeled, unlabeled):
         hp = self.hp
@@ -176,29 +216,34 @@ class DiffCLTrainer(SemiSupervisedTrainer):
             out_dl, out_du = self.joint_forward(self.ds, x_l, x_u, y0=torch.cat([y0_l, y0_u]))  # eq. 5, lines 6-7
         n_l = x_l.shape[0]
 
-        lam = gaussian_rampup(self.iteration, self.total_iterations, scale=2.0)  # λ(t)
-        sup_c = self.supervised_loss(out_cl, labeled["target"], ce_weight=hp.beta_2 * lam)  # eq. 19
-        sup_d = self.supervised_loss(out_dl, labeled["target"], ce_weight=hp.beta_1 * lam)  # eq. 18
-        pred_dl = self.highest_resolution(out_dl).detach().argmax(1)  # Ỹ (DS labels)
-        pred_du = self.highest_resolution(out_du).detach().argmax(1)
+        ce_c, ce_d = self.ce_weights()
+        sup_c = self.supervised_loss(out_cl, labeled["target"], ce_weight=ce_c)  # eq. 19
+        sup_d = self.supervised_loss(out_dl, labeled["target"], ce_weight=ce_d)  # eq. 18
+        logits_d = torch.cat([self.highest_resolution(out_dl), self.highest_resolution(out_du)])
+        pred_d, feat_d = self.ds_labels(torch.cat([x_l, x_u]), logits_d, ds_feat["out"])
+        pred_dl, pred_du = pred_d[:n_l], pred_d[n_l:]  # Ỹ (DS labels)
+        masks = (None, None)
+        if hp.cps_confidence > 0:  # optional: only confident pixels of each cross target
+            masks = tuple((torch.softmax(o.detach().float(), 1).amax(1) >= hp.cps_confidence)
+                          for o in (self.highest_resolution(out_cu), self.highest_resolution(out_du)))
         cps_c, cps_d = cross_pseudo_supervision(self.highest_resolution(out_cu), self.highest_resolution(out_du),
-                                                hp.lambda_2, hp.lambda_1, pseudo_c, pred_du)
+                                                hp.lambda_2, hp.lambda_1, pseudo_c, pred_du, *masks)
 
         # label propagation (eq. 11-15): bank of correct DS labeled pixels, CS unlabeled pixels
-        self.memory_bank.update(_pixels(ds_feat["out"][:n_l]), y_l.reshape(-1), pred_dl.reshape(-1),
-                                project=self.projector)
+        self.memory_bank.update(_pixels(feat_d[:n_l]), y_l.reshape(-1), pred_dl.reshape(-1), project=self.projector)
         cs_u = _pixels(cs_feat["out"][n_l:])
         pick = torch.randperm(cs_u.shape[0], device=cs_u.device)[: hp.cl_samples]
         anchors = self.memory_bank.sample(hp.cl_anchors)
         l_cl = label_propagation_loss(anchors, self.projector(cs_u[pick]), hp.cl_topk, hp.cl_temperature,
                                       hp.cl_reduction)
 
-        ramp = lam / 2 if hp.unsup_rampup else 1.0
+        ramp = self.ramp(1.0, hp.rampup_fraction) if hp.unsup_rampup else 1.0  # μ₁, μ₂ and η ramp in
         mu_1, mu_2 = hp.mu_1 * ramp, hp.mu_2 * ramp
         return {"supervised_cs": sup_c, "supervised_ds": sup_d,
                 "cps_cs": mu_2 * cps_c, "cps_ds": mu_1 * cps_d,  # eq. 16, 17, 22
                 "contrastive": mu_2 * hp.eta * l_cl,
-                "_lambda": torch.tensor(lam), "_contrastive_raw": l_cl.detach(),
+                "_lambda": torch.tensor(gaussian_rampup(self.iteration, self.total_iterations, scale=2.0)),
+                "_unsup_ramp": torch.tensor(ramp), "_contrastive_raw": l_cl.detach(),
                 "_bank_fill": self.memory_bank.count.float().mean().detach()}
 
 
