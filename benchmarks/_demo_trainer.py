@@ -42,4 +42,5 @@ def started_trainer(cls, name: str, plans_name: str, configuration: str, dataset
     t.print_to_log_file = lambda *a, **k: None
     t.on_train_start()
     t.on_train_epoch_start()
+    t.iteration = getattr(t, "burnin_iterations", 0)  # measure the method's full step, not the burn-in
     return t

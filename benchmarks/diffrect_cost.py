@@ -51,7 +51,8 @@ def worker(args) -> dict:
     name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "diffrect_cost_")
     t = started_trainer(api.method_trainer(args.worker), name, args.plans, configuration, dataset_json, device,
                         {"labeled": LabeledSpec(fraction=0.5).to_json(),
-                         "hparams": {"refine_start": 0} if args.worker == "diffrect" else {}})
+                         "hparams": {"refine_start": 0.0, "refine_min_updates": 0, "rect_gate": False}
+                         if args.worker == "diffrect" else {}})
     batch = next(t.dataloader_train)
     if t.dataloader_unlabeled is not None:
         unl = next(t.dataloader_unlabeled)

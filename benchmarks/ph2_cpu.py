@@ -30,7 +30,7 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None)
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="a hyperparameter of one method, e.g. diffrect:refine_start=40 (repeatable)")
+                   help="a hyperparameter of one method, e.g. diffrect:refine_start=0.25 (repeatable)")
     args = p.parse_args()
 
     data = os.environ.get("SEMIDIFF_TEST_DATA")

@@ -147,7 +147,7 @@ def trainer2d(demo2d):
 
     plans = planning.load_plans(demo2d, "semidiffDemoPlans")
     plans["continue_training"] = False
-    RunConfig(labeled=LabeledSpec.parse("0.5"), hparams={"refine_start": 0}).write(plans)
+    RunConfig(labeled=LabeledSpec.parse("0.5"), hparams={"refine_start": 0.0, "refine_min_updates": 0}).write(plans)
     dataset_json = json.loads((planning.preprocessed_folder(demo2d) / "dataset.json").read_text(encoding="utf-8"))
     t = DiffRectTrainer(plans, "2d", 0, dataset_json, torch.device("cpu"))
     t.print_to_log_file = lambda *a, **k: None
@@ -186,9 +186,10 @@ def test_gradients_reach_rectifier_not_through_rectified_labels(trainer2d):
     (terms["supervised"] + terms["unsupervised"]).backward()
     assert _grad_norms(t.network) > 0 and _grad_norms(t.rectifier) == 0
     # step 3: the rectified labels come from the rectifier without a graph; the loss trains only the segmenter
-    x_u, cond, tau = carry["x_u"], carry["cond_colour"], carry["guidance"]
+    x_u, cond, tau = carry["x_w"][2:], carry["cond_colour"][2:], carry["guidance"][2:]
     y_r = t.rectified_pseudo_labels(x_u, cond, tau)
     assert not y_r.requires_grad and y_r.shape == (2, *t.configuration_manager.patch_size)
+    assert t.rectifier.training  # sampled in eval mode, then back to training mode
     t.network.zero_grad(set_to_none=True)
     ce_dice(t.highest_resolution(t.network(x_u)), y_r).backward()
     assert _grad_norms(t.network) > 0 and _grad_norms(t.rectifier) == 0
@@ -217,15 +218,17 @@ def test_train_step_takes_the_rectification_step(trainer2d):
     t = trainer2d
     labeled, unlabeled = _batches(t)
     t.dataloader_unlabeled = iter(lambda: unlabeled, None)
+    t.hp.rect_gate = False
     start = _snapshot(t)
-    t.iteration, t.hp.refine_start = 5, 5  # not yet past refine_start: no rectification step
+    it = t.burnin_iterations + 10
+    t.iteration, t.hp.refine_start = it, 0.9  # starts at half the run: not yet
     out = t.train_step(labeled)
-    assert "term/rectified" not in out and t.iteration == 6
+    assert "term/rectified" not in out and t.iteration == it + 1
     without = _snapshot(t)
     _restore(t, start)
-    t.iteration, t.hp.refine_start = 5, 0  # past refine_start
+    t.iteration, t.hp.refine_start = it, 0.0  # started
     out = t.train_step(labeled)
-    assert out["term/rectified"] > 0 and t.iteration == 6
+    assert out["term/rectified"] > 0 and t.iteration == it + 1
     with_rect = _snapshot(t)
     assert out["loss"] == pytest.approx(sum(float(out[k]) for k in out if k.startswith("term/") and "/_" not in k),
                                         rel=1e-5)
@@ -233,10 +236,37 @@ def test_train_step_takes_the_rectification_step(trainer2d):
         assert torch.equal(without["rect"][k], with_rect["rect"][k]), k
     assert any(not torch.equal(without["network"][k], with_rect["network"][k]) for k in without["network"])
     t.dataloader_unlabeled = None
+    t.hp.rect_gate = True
+
+
+@pytest.mark.slow  # plans the demo dataset
+def test_rectified_supervision_is_off_while_the_rectifier_loses_on_labeled_patches(trainer2d, monkeypatch):
+    t = trainer2d
+    labeled, unlabeled = _batches(t)
+    carry = {}
+    t.compute_step_losses(labeled, unlabeled, carry)
+    y_l = t.labels_of(labeled)
+    t.iteration = t.rect_start + 5
+
+    def rectifier_labels(labeled_part):
+        def sample(x, cond, tau):
+            out = torch.zeros((x.shape[0], *x.shape[2:]), dtype=torch.long)
+            out[:2] = labeled_part
+            return out
+        return sample
+
+    monkeypatch.setattr(t, "rectified_pseudo_labels", rectifier_labels((y_l + 1) % 3))  # wrong everywhere
+    terms = t.rectified_supervision(labeled, unlabeled, carry)
+    assert terms["_rect_dice_labeled"] < terms["_seg_dice_labeled"]
+    assert terms["_rect_weight"] == 0 and terms["rectified"] == 0 and not terms["rectified"].requires_grad
+    monkeypatch.setattr(t, "rectified_pseudo_labels", rectifier_labels(y_l))  # the ground truth
+    terms = t.rectified_supervision(labeled, unlabeled, carry)
+    assert terms["_rect_dice_labeled"] > terms["_seg_dice_labeled"]
+    assert terms["_rect_weight"] > 0 and terms["rectified"].requires_grad
 
 
 # ----------------------------------------------------------------------------- end to end
-SHORT = ["--epochs", "2", "--iters-per-epoch", "2", "--no-val", "--set", "refine_start=1"]
+SHORT = ["--epochs", "2", "--iters-per-epoch", "2", "--no-val", "--set", "refine_start=1", "--set", "rect_gate=false"]
 
 
 @pytest.mark.slow
@@ -249,11 +279,11 @@ def test_2d_cli_train_and_stock_predict(demo2d, run_cli, tmp_path):
     ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert set(ck["semidiff"]["networks"]) == {"network", "rectifier"} and "rectifier" in ck["semidiff"]["optimizers"]
     assert ck["semidiff"]["iteration"] == 4
-    # the rectification step runs from iteration 2 (> refine_start = 1): not in epoch 0, in epoch 1
+    # rectified supervision starts at half the run (iteration 2): not in epoch 0, in epoch 1
     assert math.isnan(ck["logging"]["term/rectified"][0]) and ck["logging"]["term/rectified"][1] > 0
     assert ck["network_weights"].keys() == ck["semidiff"]["networks"]["network"].keys()
     run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
-    assert run["hparams"]["refine_start"] == 1 and run["hparams"]["num_timesteps"] == 10
+    assert run["hparams"]["refine_start"] == 1.0 and run["hparams"]["num_timesteps"] == 10
 
     pred = tmp_path / "pred"
     code, _, err = run_cli("predict", "-d", demo2d, "-m", "diffrect", "--labeled", "0.2", "-c", "2d",

@@ -512,7 +512,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 step_terms = step.compute(labeled, unlabeled, carry)
                 summed = [v for k, v in step_terms.items() if not k.startswith("_")]
                 loss = summed[0] if len(summed) == 1 else torch.stack([v.float() for v in summed]).sum()
-            self.backward_and_step(loss, optimizers, [m for _, m, _ in nets])
+            if loss.requires_grad:  # a step whose loss is off this iteration updates nothing
+                self.backward_and_step(loss, optimizers, [m for _, m, _ in nets])
             clash = set(step_terms) & set(terms)
             if clash:
                 raise ValueError(f"optimisation step {step.name!r} returns terms already returned by an earlier "

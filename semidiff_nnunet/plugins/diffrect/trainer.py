@@ -16,9 +16,11 @@ network. One training iteration (authors' ``train_diffrect_ACDC.py``):
    y_ref)) where y_ref is the thresholded W2G output; L = CE+Dice(ref_s, y_ref) + a'²·comp' +
    L_Lat-U, weighted by w(t). Steps 1 and 2 share one backward: their graphs share no parameter
    and every target is detached, so this equals the authors' two separate optimiser steps;
-3. after ``refine_start`` iterations (eq. 14): DDIM-sample the rectification network on the weak
-   unlabeled views conditioned on colour(y_w), threshold → y_r (no gradient), forward the updated
-   segmentation network again and take a separate optimiser step on ``rect_weight``·CE+Dice(·, y_r).
+3. rectified supervision (eq. 14), once it has started (see "Schedule"): DDIM-sample the
+   rectification network (eval mode) on the weak views conditioned on colour(y_w), threshold → y_r
+   (no gradient), forward the updated segmentation network again on the unlabeled views and take a
+   separate optimiser step on w_r·CE+Dice(·, y_r) — only while the rectifier's labels beat the
+   segmentation network's on the labeled patches (Dice against the ground truth, ``rect_gate``).
    This is a second declared optimisation step (:meth:`DiffRectTrainer.optimisation_steps`).
 
 Defaults and their sources (code = authors' ``train_diffrect_ACDC.py`` / ``networks/unet_de.py``):
@@ -27,8 +29,11 @@ Defaults and their sources (code = authors' ``train_diffrect_ACDC.py`` / ``netwo
 * ``consistency = 0.1`` with a sigmoid ramp-up over the whole run, ``rampup_fraction = 1.0``
   (code: ``0.1·sigmoid_rampup(iter // 150, 200)`` = 30 000 iterations = its whole run);
   ``ref_consistency_weight = -1`` means the rectification's S2W term uses the same w(t) (code);
-* ``refine_start = 1000`` iterations (``--refine_start``; strictly after, 0-based, as the code);
-  ``rect_weight = 1`` (code: weight 1, no ramp);
+* rectified supervision: code ``--refine_start 1000`` of 30 000 iterations, weight 1, no ramp →
+  ``refine_start = 0.033`` of the run, but not before ``refine_min_updates = 500`` rectifier updates
+  after the burn-in (and at the latest at half the run), then ``rect_weight = 1`` ramped in
+  (sigmoid, ``rect_rampup_fraction = 0.1`` of the run within the policy's bounds) — ours: the code's
+  absolute start and full weight trust a rectifier that may not be trained yet;
 * LFR: ``num_timesteps = 10`` (``--ts``), ``beta_schedule = "cosine"`` (``--ldm_beta_sch``),
   x0-prediction, MSE latent loss, ``sample_steps = 2`` DDIM steps over [9, 0] with η = 0
   (``--ts_sample``), ``clip_sample = True`` (guided-diffusion ``clip_denoised`` default: the
@@ -63,7 +68,7 @@ full-resolution output; the segmentation optimiser is nnU-Net's SGD (momentum 0.
 weight decay 3e-5, poly LR per epoch) instead of momentum 0.9 / 1e-4 with poly per iteration;
 the rectification optimiser keeps a constant LR of 0.01 as in the authors' code (a quirk we keep);
 the run length is epochs × iterations per epoch (code: 30 000 iterations), ramp lengths are
-fractions of it while ``refine_start`` stays an absolute count; nnU-Net's planned normalisation
+fractions of it (see "Schedule"); nnU-Net's planned normalisation
 (instance norm) replaces BatchNorm in the rectification network; unlabeled batch = labeled batch.
 Region-based and ignore-label datasets are not supported (colours need mutually exclusive labels).
 
@@ -95,7 +100,7 @@ from semidiff_nnunet.plugins.diffrect.losses import (
 )
 from semidiff_nnunet.plugins.diffrect.networks import AUTHORS_DROPOUT, rectification_net_from_plans
 from semidiff_nnunet.plugins.diffrect.rectification import LatentRectification
-from semidiff_nnunet.training import BaseHParams, OptimStep, SemiSupervisedTrainer
+from semidiff_nnunet.training import BaseHParams, OptimStep, SemiSupervisedTrainer, ramps
 
 
 @dataclass
@@ -104,8 +109,11 @@ class DiffRectHParams(BaseHParams):
     consistency: float = 0.1
     rampup_fraction: float = 1.0
     ref_consistency_weight: float = -1.0
-    refine_start: int = 1000
+    refine_start: float = 0.033
+    refine_min_updates: int = 500
     rect_weight: float = 1.0
+    rect_rampup_fraction: float = 0.1
+    rect_gate: bool = True
     num_timesteps: int = 10
     sample_steps: int = 2
     beta_schedule: str = "cosine"
@@ -164,7 +172,15 @@ class DiffRectTrainer(SemiSupervisedTrainer):
     def optimisation_steps(self):
         return (OptimStep("segmentation+rectifier", self.compute_step_losses),  # steps 1 and 2
                 OptimStep("rectified", self.rectified_supervision, networks=("network",),  # step 3 (eq. 14)
-                          active=lambda: self.iteration > self.hp.refine_start))
+                          active=lambda: self.iteration >= self.rect_start))
+
+    @property
+    def rect_start(self) -> int:
+        """First iteration of rectified supervision: ``refine_start`` × run, not before
+        ``refine_min_updates`` rectifier updates after the burn-in, at the latest at half the run."""
+        hp = self.hp
+        start = max(int(round(hp.refine_start * self.total_iterations)), self.burnin_iterations + hp.refine_min_updates)
+        return min(start, self.total_iterations // 2)
 
     def consistency_weight(self) -> float:
         return self.ramp(self.hp.consistency, self.hp.rampup_fraction)
@@ -209,8 +225,8 @@ class DiffRectTrainer(SemiSupervisedTrainer):
         comp_r, a_r = complementary_loss(p_ref, torch.softmax(ref_s.float(), 1))
         ref_unsup = ce_dice(ref_s, pl_ref) + a_r * comp_r + lat_u
 
-        # what step 3 rectifies: the weak unlabeled views, their colour(y_w) and guidance
-        carry.update(x_u=x_u, cond_colour=cond_w[n_l:], guidance=tau_l[n_l:])
+        # what step 3 rectifies (weak views, colour(y_w), guidance) and judges it by (labeled patches)
+        carry.update(x_w=x_w, cond_colour=cond_w, guidance=tau_l, n_l=n_l, y_l=y_l, pl_l=pl_w[:n_l])
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "unsupervised": w * unsup,
                 "rect_supervised": ref_sup,
@@ -219,13 +235,27 @@ class DiffRectTrainer(SemiSupervisedTrainer):
                 "_guidance_l": tau_l[0], "_guidance_u": tau_u[0],
                 "_consistency_weight": torch.tensor(w)}
 
-    def rectified_pseudo_labels(self, x_u, cond_colour, guidance) -> torch.Tensor:
-        """y_r: DDIM sample of the rectification network, thresholded; (B, *spatial), no gradient."""
-        logits = self.lfr.sample(self.rectifier, x_u, cond_colour, guidance)
+    def rectified_pseudo_labels(self, x, cond_colour, guidance) -> torch.Tensor:
+        """y_r: DDIM sample of the rectification network (eval mode), thresholded; (B, *spatial), no gradient."""
+        was_training = self.rectifier.training
+        self.rectifier.eval()
+        try:
+            logits = self.lfr.sample(self.rectifier, x, cond_colour, guidance)
+        finally:
+            self.rectifier.train(was_training)
         return confident_pseudo_label(torch.softmax(logits.float(), 1), self.hp.conf_thresh)
 
     def rectified_supervision(self, labeled, unlabeled, carry: dict):
-        """Step 3 (eq. 14): the updated segmentation network learns from the rectified labels y_r."""
-        y_r = self.rectified_pseudo_labels(carry["x_u"], carry["cond_colour"], carry["guidance"])
-        logits = self.highest_resolution(self.network(carry["x_u"]))
-        return {"rectified": self.hp.rect_weight * ce_dice(logits, y_r)}
+        """Step 3 (eq. 14): the updated segmentation network learns from the rectified labels y_r of the
+        unlabeled views, while the rectifier's labels beat the network's own on the labeled patches."""
+        hp, n_l, c = self.hp, carry["n_l"], self.num_classes
+        y_r = self.rectified_pseudo_labels(carry["x_w"], carry["cond_colour"], carry["guidance"])
+        rect_dice = 1 - calibration_guidance(y_r[:n_l], carry["y_l"], c, scale=1.0)
+        seg_dice = 1 - calibration_guidance(carry["pl_l"], carry["y_l"], c, scale=1.0)
+        ramp = ramps.sigmoid_rampup(self.iteration - self.rect_start, self.ramp_length(hp.rect_rampup_fraction))
+        w = hp.rect_weight * ramp * float(not hp.rect_gate or bool(rect_dice > seg_dice))
+        logged = {"_rect_weight": torch.tensor(w), "_rect_dice_labeled": rect_dice, "_seg_dice_labeled": seg_dice}
+        if w == 0:  # no loss with a graph: the engine takes no optimiser step (no momentum, no decay)
+            return {"rectified": torch.zeros(()), **logged}
+        logits = self.highest_resolution(self.network(carry["x_w"][n_l:]))
+        return {"rectified": w * ce_dice(logits, y_r[n_l:]), **logged}
