@@ -4,7 +4,9 @@ Runs that finished are skipped, interrupted ones resumed. Each run predicts the 
 (``imagesTs``/``labelsTs`` when the dataset has both, else the fold's validation cases) and is
 evaluated with :mod:`semidiff_nnunet.evaluation`. Writes ``benchmark.csv`` (one row per run),
 ``benchmark.md`` (mean ± std over seeds, one row per method, one column group per fraction,
-best in bold) and ``benchmark.png`` (Dice vs labeled fraction, one line per method, error bars).
+best in bold), ``benchmark.png`` (Dice vs labeled fraction, one line per method, error bars) and
+``benchmark_cases.png`` (held-out cases — supervised's best, median and worst — with the image, the
+reference and every method's prediction, at the first labeled fraction and seed).
 """
 
 from __future__ import annotations
@@ -112,7 +114,19 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
     md = markdown_table(rows, methods, labeled, title=f"{name}, {configuration}, fold {fold}, held out: {held_desc}")
     (out / "benchmark.md").write_text(md, encoding="utf-8")
     plot(rows, methods, labeled, out / "benchmark.png", title=f"{name} ({configuration})")
+    _case_figure(name, runs, labeled[0], seeds[0], images, labels, out / "benchmark_cases.png")
     return {"runs": runs, "rows": rows, "output": out, "markdown": md, "held_out": held_desc}
+
+
+def _case_figure(name, runs, labeled, seed, images, labels, path: Path) -> None:
+    from semidiff_nnunet.evaluation.figures import case_grid
+
+    chosen = {r.method: r.info.fold_folder / "benchmark_predictions" for r in runs
+              if r.labeled == labeled and r.seed == seed}
+    summaries = {m: json.loads((folder / "summary.json").read_text(encoding="utf-8")) for m, folder in chosen.items()}
+    ds = json.loads((planning.raw_folder(name) / "dataset.json").read_text(encoding="utf-8"))
+    case_grid(images, labels, chosen, summaries, path, ds["file_ending"], ds,
+              title=f"{name}: held-out cases, labeled {labeled}, seed {seed}")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

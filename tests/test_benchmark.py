@@ -50,6 +50,7 @@ def test_benchmark_cli(demo2d, run_cli, tmp_path):
     md = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
     assert "Dice @ 0.3" in md and "HD95 @ 3" in md and md.count("**") >= 4
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
+    assert (tmp_path / "benchmark_cases.png").stat().st_size > 1000  # held-out cases with every prediction
     code, out, err = run_cli(*args, "--dry-run")
     assert out.count("done") == 4  # finished runs are skipped
     code, out, err = run_cli(*args, "--set", "nonsense=1")

@@ -503,3 +503,37 @@ def test_unreadable_or_empty_reference_folder(tmp_path):
     (pred_dir / "bad.nii.gz").write_text("not an image", encoding="utf-8")
     with pytest.raises(SemidiffError, match="No nnU-Net reader can open"):
         evaluate_folder(str(pred_dir), str(ref_dir), labels=[1])
+
+
+def test_case_grid_picks_best_median_worst_and_draws_every_method(tmp_path):
+    """benchmark_cases.png: the reference method's best, median and worst held-out cases (3D: the slice
+    with the most reference foreground), the image, the reference and each method's overlay."""
+    import SimpleITK as sitk
+
+    from semidiff_nnunet.evaluation import evaluate_folder
+    from semidiff_nnunet.evaluation.figures import case_grid, pick_cases
+
+    assert pick_cases({"a": 0.9, "b": 0.1, "c": float("nan"), "d": 0.5, "e": 0.7}, 3) == [
+        ("best", "a"), ("median", "d"), ("worst", "c")]
+    rng = np.random.RandomState(0)
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    preds = {m: tmp_path / m for m in ("supervised", "mean-teacher")}
+    for f in (images, labels, *preds.values()):
+        f.mkdir()
+    for i in range(4):
+        ref = np.zeros((6, 12, 12), np.uint8)
+        ref[3, 2:9, 2:9] = 1  # most foreground in slice 3
+        ref[1, 4:6, 4:6] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(rng.rand(6, 12, 12).astype(np.float32)), str(images / f"c{i}_0000.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(ref), str(labels / f"c{i}.nii.gz"))
+        for k, folder in enumerate(preds.values()):
+            pred = ref.copy()
+            pred[3, 2:2 + i + k] = 0  # case i loses i rows: c0 best, c3 worst
+            sitk.WriteImage(sitk.GetImageFromArray(pred), str(folder / f"c{i}.nii.gz"))
+    ds = {"labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}
+    summaries = {m: evaluate_folder(str(f), str(labels), dataset_json=ds) for m, f in preds.items()}
+    out = case_grid(images, labels, preds, summaries, tmp_path / "cases.png", ".nii.gz", ds)
+    assert out.stat().st_size > 1000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(out)).shape[1] > 4 * 200  # image, reference and 2 methods side by side
