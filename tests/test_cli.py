@@ -151,6 +151,58 @@ def test_ctrl_c_that_python_swallowed_still_stops_the_training(cli_env):
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()][-1].startswith("Interrupted: ")
 
 
+DYING_WORKERS_TRAIN = """
+import os, signal, sys, time
+from semidiff_nnunet import api
+from semidiff_nnunet.cli.main import main
+
+def train(*args, progress=None, **kwargs):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)
+    except KeyboardInterrupt:  # what batchgenerators makes of workers that Ctrl-C killed first
+        raise RuntimeError("One or more background workers are no longer alive.") from None
+
+api.train = train
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_that_killed_the_workers_first_is_an_interruption(cli_env):
+    proc = subprocess.run([sys.executable, "-c", DYING_WORKERS_TRAIN, "train", "990"], env=cli_env,
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()][-1].startswith("Interrupted: ")
+
+
+FORKING_TRAIN = """
+import multiprocessing, os, signal, sys, time
+from semidiff_nnunet import api
+from semidiff_nnunet.cli.main import main
+
+def worker():
+    time.sleep(3)  # an augmentation worker; a KeyboardInterrupt here prints "Process ...: Traceback"
+
+def train(*args, progress=None, **kwargs):
+    multiprocessing.get_context("fork").Process(target=worker, daemon=True).start()
+    time.sleep(1)
+    os.killpg(0, signal.SIGINT)  # Ctrl-C in a terminal: every process of the foreground group
+    time.sleep(3)
+
+api.train = train
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_reaches_the_cli_not_its_forked_workers(cli_env):
+    proc = subprocess.run([sys.executable, "-c", FORKING_TRAIN, "train", "990"], env=cli_env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=120, start_new_session=True)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        "Interrupted: the run's last checkpoint (checkpoint_latest.pth, written every --save-every epochs) is kept; "
+        "run the same command with --continue to resume it."]
+
+
 # ---------------------------------------------------------------------------------------------- listing
 def _imported_modules(importtime_stderr: str) -> set[str]:
     names = set()

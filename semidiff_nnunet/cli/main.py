@@ -469,16 +469,17 @@ def main(args: list[str] | None = None) -> None:
     _tolerant_streams()
     click_errors, aborts, exits = _typer_exception_classes()
     # Ctrl-C in a terminal also stops nnU-Net's augmentation workers; the training may then fail with
-    # "background workers are no longer alive" before it sees the KeyboardInterrupt: remember the signal
-    # (unless SIGINT is ignored, as for a background job) and report an interruption either way.
+    # "background workers are no longer alive" before it sees the KeyboardInterrupt, or Python may swallow
+    # the KeyboardInterrupt in a finaliser: remember the signal (unless SIGINT is ignored, as for a
+    # background job) and report an interruption either way.
     _running["sigint"] = False
     previous = signal.getsignal(signal.SIGINT)
     unraisable_hook = sys.unraisablehook
     if previous is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _quiet_swallowed_interrupt(unraisable_hook)
         _forked_children_ignore_ctrl_c()
         _running["active"] = True
-        sys.unraisablehook = _quiet_swallowed_interrupt(unraisable_hook)
     try:
         rv = app(args=args, prog_name="semidiff", standalone_mode=False)
     except SemidiffError as e:
