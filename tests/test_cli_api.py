@@ -4,6 +4,7 @@ fold checked against the split. A stand-in trainer class records what ``api.trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -145,8 +146,8 @@ def test_train_hands_the_run_config_and_the_progress_to_the_trainer(fakes, plann
     assert trainer.progress_at_training is progress  # set before training starts
     assert "progress" not in trainer.plans["semidiff"]
     assert RunConfig.read(trainer.plans) == RunConfig(
-        method="stages", labeled=LabeledSpec.parse("2"), seed=3, hparams={"unlabeled_batch_size": 0, "weight": 0.25,
-                                                                           "rampup_fraction": 1.0},
+        method="stages", labeled=LabeledSpec.parse("2"), seed=3,
+        hparams={**dataclasses.asdict(BaseHParams()), "weight": 0.25, "rampup_fraction": 1.0},
         phases={"pretrain": "0.5"}, num_epochs=4, num_iterations_per_epoch=5, num_val_iterations_per_epoch=0,
         save_every=1)
     assert trainer.plans["continue_training"] is False
