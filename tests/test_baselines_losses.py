@@ -268,6 +268,7 @@ def _shift_teacher(t, seed: int = 3) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 def test_mean_teacher_losses_by_hand(tiny2d):
     """The documented example, value by value: Dice+CE on the labeled patches; w(t)·mean over voxels and
     classes of (softmax(student(x_u)) − softmax(teacher(x_u + clamp(N(0, σ²), −c, c))))² with
@@ -309,6 +310,7 @@ def test_mean_teacher_losses_by_hand(tiny2d):
     (300, 0.97, 0.0),  # then the decay
     (2, 1 - 1 / 3, 0.2),  # inside a 4-iteration supervised burn-in the teacher follows the student all the same
 ])
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 def test_mean_teacher_train_step_moves_the_teacher_by_the_ema_rule(tiny2d, iteration, alpha, burnin):
     """After the optimiser step of iteration i: θ' ← α θ' + (1 − α) θ, α = min(1 − 1/(i + 1), ema_decay)."""
     from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
@@ -332,6 +334,7 @@ def test_mean_teacher_train_step_moves_the_teacher_by_the_ema_rule(tiny2d, itera
 
 
 # ---------------------------------------------------------------------------------------------- UA-MT
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 def test_uamt_losses_by_hand_and_threshold_follows_its_ramp(tiny2d):
     from semidiff_nnunet.plugins.uamt import UAMTTrainer
 
@@ -374,6 +377,7 @@ def test_uamt_losses_by_hand_and_threshold_follows_its_ramp(tiny2d):
     assert all(p.grad is None for p in t.teacher.module.parameters()) and _grads(t.network) > 0
 
 
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 def test_uamt_after_step_moves_the_teacher_by_the_ema_rule(tiny2d):
     from semidiff_nnunet.plugins.uamt import UAMTTrainer
 
@@ -390,6 +394,7 @@ def test_uamt_after_step_moves_the_teacher_by_the_ema_rule(tiny2d):
 
 
 # ---------------------------------------------------------------------------------------------- CPS
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 def test_cps_trainer_terms_match_cross_entropy_of_each_others_argmax(tiny2d):
     from semidiff_nnunet.plugins.cps import CPSTrainer
 
@@ -429,6 +434,7 @@ def test_cps_trainer_terms_match_cross_entropy_of_each_others_argmax(tiny2d):
                                                + F.cross_entropy(g2, g1.argmax(1))).item(), rel=1e-5)
 
 
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 @pytest.mark.parametrize("burnin", [0.0, 0.2])  # after / inside a supervised burn-in: both learn from the labels
 def test_cps_train_step_trains_both_networks(tiny2d, burnin):
     from semidiff_nnunet.plugins.cps import CPSTrainer
@@ -446,6 +452,7 @@ def test_cps_train_step_trains_both_networks(tiny2d, burnin):
 
 
 # ---------------------------------------------------------------------------------------------- FixMatch
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 def test_fixmatch_trainer_pseudo_labels_confident_weak_pixels_for_the_strong_view(tiny2d):
     from semidiff_nnunet.plugins.fixmatch import FixMatchTrainer
 
@@ -479,6 +486,7 @@ def test_fixmatch_trainer_pseudo_labels_confident_weak_pixels_for_the_strong_vie
 
 
 # ---------------------------------------------------------------------------------------------- entropy min
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 def test_entropy_min_trainer_uses_unlabeled_patches_only_by_default(tiny2d):
     from semidiff_nnunet.plugins.entropy_min import EntropyMinTrainer
 
@@ -497,6 +505,7 @@ def test_entropy_min_trainer_uses_unlabeled_patches_only_by_default(tiny2d):
 
 
 # ---------------------------------------------------------------------------------------------- CCT
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 @BOTH_DIMS
 def test_cct_aux_decoders_see_perturbed_features_and_do_not_train_the_main_decoder(tiny):
     from semidiff_nnunet.plugins.cct import AuxiliaryDecoders, CCTTrainer
@@ -550,6 +559,7 @@ def test_cct_aux_decoders_see_perturbed_features_and_do_not_train_the_main_decod
 
 
 # ---------------------------------------------------------------------------------------------- URPC
+@pytest.mark.slow  # the demo datasets, planned with nnU-Net
 @BOTH_DIMS
 def test_urpc_perturbs_only_the_lower_heads_and_matches_its_loss(tiny):
     from semidiff_nnunet.networks.perturbations import perturbed_inputs
