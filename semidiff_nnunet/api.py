@@ -442,6 +442,8 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     check_fold(info.dataset, fold)
     if info.finished:
         if continue_training:
+            if final_validation and not (info.fold_folder / "validation" / "summary.json").is_file():
+                _validate_only(info, plans, configuration, fold, opts)  # killed during its final validation
             return info
         raise SemidiffError(f"This run already finished ({info.fold_folder}); use another --seed or --labeled, "
                             f"or delete the folder to train it again.")
@@ -471,6 +473,26 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
         if final_validation:
             trainer.perform_actual_validation(False)
     return info
+
+
+def _validate_only(info: RunInfo, plans: dict, configuration: str, fold, opts) -> None:
+    """The final validation of a finished run whose validation never completed (the process was killed
+    during it): rebuild the trainer with the run's own configuration (from its checkpoint), load the final
+    weights and validate; nothing is trained."""
+    import torch
+
+    from semidiff_nnunet.training.run_config import RunConfig
+
+    checkpoint = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    RunConfig.from_json((checkpoint.get("semidiff") or {}).get("run")).write(plans)
+    plans["continue_training"] = True
+    activate_trainer_shim()
+    dataset_json = json.loads((planning.preprocessed_folder(info.dataset) / "dataset.json").read_text(encoding="utf-8"))
+    with _results_root(info.run_root):
+        trainer = opts.trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                                   device=opts.device)
+        trainer.load_checkpoint(checkpoint)
+        trainer.perform_actual_validation(False)
 
 
 def plan_and_train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0,

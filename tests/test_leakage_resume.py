@@ -29,12 +29,12 @@ def leak2d(workspace):
                                     num_test=0, shape=(32, 32), max_features=8, batch_size=2, seed=5)
 
 
-def _train(name, method="mean-teacher", labeled="0.5", epochs=2, **kw):
+def _train(name, method="mean-teacher", labeled="0.5", epochs=2, final_validation=False, **kw):
     from semidiff_nnunet import api
 
     return api.train(name, method, labeled=labeled, seed=0, configuration="2d", fold=0, device="cpu",
                      epochs=epochs, iters_per_epoch=3, plans_name=PLANS, val_iters_per_epoch=1,
-                     final_validation=False, show_progress=False, **kw)
+                     final_validation=final_validation, show_progress=False, **kw)
 
 
 def _state(info) -> dict:
@@ -165,3 +165,30 @@ def test_interrupted_run_resumes_exactly(leak2d, n_proc_da, monkeypatch):
     _assert_same(reference["logging"]["train_losses"], resumed["logging"]["train_losses"])
     _assert_same(reference["logging"]["term/consistency"], resumed["logging"]["term/consistency"])
     assert reference["semidiff"]["iteration"] == resumed["semidiff"]["iteration"] == 9
+
+
+def test_continue_validates_a_run_killed_during_its_final_validation(leak2d, monkeypatch):
+    """A run killed while validating has checkpoint_final but no validation: --continue validates it,
+    and only that (the weights stay those of the finished run)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from semidiff_nnunet import api
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    _restore_preprocessed(leak2d)
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(leak2d, labeled="4", final_validation=True)
+    monkeypatch.undo()
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    info = api.run_info(leak2d, "mean-teacher", "4", 0, "2d", 0, PLANS)
+    final = info.fold_folder / "checkpoint_final.pth"
+    before = final.read_bytes()
+    assert not (info.fold_folder / "validation" / "summary.json").exists()
+    _train(leak2d, labeled="4", final_validation=True, continue_training=True)
+    summary = json.loads((info.fold_folder / "validation" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["metric_per_case"] and final.read_bytes() == before
