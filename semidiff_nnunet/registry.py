@@ -58,6 +58,7 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
         self._entries: dict[str, dict[str, Entry]] | None = None
+        self.duplicates: dict[tuple[str, str], list[Entry]] = {}
         if load_entry_points:
             self._load_entry_points()
 
@@ -98,6 +99,7 @@ class Registry:
         if self._entries is not None:
             return self._entries
         entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self.duplicates: dict[tuple[str, str], list[Entry]] = {}
         for kind, hook_name in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in reversed(hook.get_hookimpls()):  # registration order
@@ -111,14 +113,16 @@ class Registry:
                                       traceback.format_exc()))
                     continue
                 for spec in specs:
+                    entry = Entry(spec, impl.plugin_name, dist)
                     if spec.name in entries[kind]:
-                        other = entries[kind][spec.name]
-                        raise DuplicateNameError(
-                            f"The {kind.replace('_', ' ')} name {spec.name!r} is registered twice: by plugin "
-                            f"{other.provider!r} ({other.distribution}) and by plugin {impl.plugin_name!r} ({dist}); "
-                            f"uninstall or rename one of them."
-                        )
-                    entries[kind][spec.name] = Entry(spec, impl.plugin_name, dist)
+                        # listing keeps working (the first provider is shown, the clash is a failure);
+                        # using the name is refused (``entry``)
+                        clash = self.duplicates.setdefault((kind, spec.name), [entries[kind][spec.name]])
+                        clash.append(entry)
+                        self.failures.append(PluginFailure(impl.plugin_name, dist, self._duplicate_message(
+                            kind, spec.name, clash), ""))
+                        continue
+                    entries[kind][spec.name] = entry
         self._entries = entries
         return entries
 
@@ -128,15 +132,30 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self._collect()[kind])
 
+    @staticmethod
+    def _duplicate_message(kind: str, name: str, clash: list[Entry]) -> str:
+        providers = " and by ".join(f"plugin {e.provider!r} ({e.distribution})" for e in clash)
+        return (f"The {kind.replace('_', ' ')} name {name!r} is registered twice: by {providers}; "
+                f"uninstall or rename one of them.")
+
     def entry(self, kind: str, name: str) -> Entry:
         found = self._collect()[kind]
+        if (kind, name) in self.duplicates:
+            raise DuplicateNameError(self._duplicate_message(kind, name, self.duplicates[(kind, name)]))
         if name in found:
             return found[name]
         label = kind.replace("_", " ")
+        failed = [f for f in self.failures if f.name == name]
+        if failed:
+            f = failed[0]
+            raise UnknownNameError(f"The {label} {name!r} is unavailable: its plugin {f.name!r} ({f.distribution}) "
+                                   f"failed to load ({f.error}); fix or reinstall it (`semidiff plugins` shows "
+                                   f"the details).")
         close = difflib.get_close_matches(name, list(found), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         known = ", ".join(sorted(found)) or "none"
-        raise UnknownNameError(f"Unknown {label} {name!r}.{hint} Registered: {known}.")
+        broken = f" {len(self.failures)} plugin(s) failed to load: see `semidiff plugins`." if self.failures else ""
+        raise UnknownNameError(f"Unknown {label} {name!r}.{hint} Registered: {known}.{broken}")
 
     def get(self, kind: str, name: str):
         return self.entry(kind, name).spec

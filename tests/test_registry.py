@@ -6,7 +6,7 @@ import pytest
 
 from semidiff_nnunet import MethodSpec, hookimpl
 from semidiff_nnunet.errors import DuplicateNameError, UnknownNameError
-from semidiff_nnunet.registry import Registry
+from semidiff_nnunet.registry import PluginFailure, Registry
 
 
 def _plugin(name, method_names):
@@ -36,13 +36,27 @@ def test_unknown_name_suggests_closest():
     assert "Did you mean 'mean-teacher'" in str(e.value) and "Registered: cps, mean-teacher" in str(e.value)
 
 
-def test_duplicate_name_names_both_providers():
+def test_duplicate_name_names_both_providers_and_listing_still_works():
     reg = Registry(load_entry_points=False)
-    reg.register(_plugin("a", ["x"]), "plugin-a", "dist-a")
+    reg.register(_plugin("a", ["x", "y"]), "plugin-a", "dist-a")
     reg.register(_plugin("b", ["x"]), "plugin-b", "dist-b")
+    assert reg.names("method") == ["x", "y"]  # the diagnostic commands still list what is installed
+    assert any("plugin-a" in f.error and "plugin-b" in f.error for f in reg.failures)
+    assert reg.method("y")  # other names stay usable
     with pytest.raises(DuplicateNameError) as e:
-        reg.names("method")
+        reg.method("x")  # using the clashing name is refused, naming both providers
     assert "plugin-a" in str(e.value) and "plugin-b" in str(e.value)
+
+
+def test_method_of_a_plugin_that_failed_to_load_says_so():
+    reg = Registry(load_entry_points=False)
+    reg.register(_plugin("ok", ["fine"]), "ok")
+    reg.failures.append(PluginFailure("my-method", "my-dist", "ImportError: no module named 'mamba_ssm'", ""))
+    with pytest.raises(UnknownNameError, match=r"'my-method' is unavailable: its plugin 'my-method' \(my-dist\) "
+                                               r"failed to load \(ImportError: no module named 'mamba_ssm'\)"):
+        reg.method("my-method")
+    with pytest.raises(UnknownNameError, match="1 plugin\\(s\\) failed to load"):
+        reg.method("other")
 
 
 def test_broken_plugin_is_reported_and_others_still_load(monkeypatch, tmp_path):
