@@ -319,7 +319,7 @@ def _preprocessed_complete(name: str, folder: Path) -> bool:
     if not folder.is_dir():
         return False
     raw = planning.raw_folder(name)
-    ds = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
+    ds = planning.dataset_json(raw)
     ids = {f.name[: -len(ds["file_ending"])] for f in (raw / "labelsTr").iterdir() if f.name.endswith(ds["file_ending"])}
     have = {f.name[:-4] for f in folder.iterdir() if f.name.endswith(".pkl")}
     unl_ok = True
@@ -457,7 +457,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
         shutil.rmtree(info.fold_folder)  # an attempt that died before its first checkpoint
 
     activate_trainer_shim()
-    dataset_json = json.loads((planning.preprocessed_folder(info.dataset) / "dataset.json").read_text(encoding="utf-8"))
+    dataset_json = planning.dataset_json(planning.preprocessed_folder(info.dataset))
     RunConfig(method=method, labeled=opts.labeled, seed=seed, hparams=hparams_to_dict(hp), phases=phases,
               num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch,
               num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every).write(plans)
@@ -487,7 +487,7 @@ def _validate_only(info: RunInfo, plans: dict, configuration: str, fold, opts) -
     RunConfig.from_json((checkpoint.get("semidiff") or {}).get("run")).write(plans)
     plans["continue_training"] = True
     activate_trainer_shim()
-    dataset_json = json.loads((planning.preprocessed_folder(info.dataset) / "dataset.json").read_text(encoding="utf-8"))
+    dataset_json = planning.dataset_json(planning.preprocessed_folder(info.dataset))
     with _results_root(info.run_root):
         trainer = opts.trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                                    device=opts.device)
@@ -583,7 +583,7 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
     input, output = Path(input), Path(output)
     if not input.is_dir():
         raise SemidiffError(f"Input folder {input} does not exist.")
-    dataset_json = json.loads((info.model_folder / "dataset.json").read_text(encoding="utf-8"))
+    dataset_json = planning.dataset_json(info.model_folder)
     fe = dataset_json["file_ending"]
     n_ch = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     cases: dict[str, list[str]] = {}
@@ -637,7 +637,7 @@ def evaluate(dataset: str | int | None, pred: str | Path, ref: str | Path, outpu
         name = planning.dataset_name(dataset)
         for candidate in (planning.raw_folder(name) / "dataset.json", planning.preprocessed_folder(name) / "dataset.json"):
             if candidate.is_file():
-                dataset_json = json.loads(candidate.read_text(encoding="utf-8"))
+                dataset_json = planning.read_json(candidate, required=("labels",))
                 break
     output_file = Path(output_file) if output_file else pred / "summary.json"
     return evaluate_folder(str(pred), str(ref), dataset_json=dataset_json, output_file=str(output_file),
@@ -666,8 +666,8 @@ def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, 
     name = planning.dataset_name(dataset)
     raw = planning.raw_folder(name)
     pre = planning.preprocessed_folder(name)
-    ds = json.loads((raw / "dataset.json").read_text(encoding="utf-8")) if (raw / "dataset.json").is_file() else \
-        json.loads((pre / "dataset.json").read_text(encoding="utf-8"))
+    ds = planning.dataset_json(raw) if (raw / "dataset.json").is_file() else \
+        planning.dataset_json(pre)
     fe = ds["file_ending"]
     ids = sorted(f.name[: -len(fe)] for f in (raw / "labelsTr").iterdir() if f.name.endswith(fe))
     splits_file = pre / "splits_final.json"
@@ -743,7 +743,7 @@ def run_demo(dim: int = 2, device: str = "cpu", methods: list[str] | None = None
         predict(name, m, raw / "imagesTs", pred, labeled=labeled, seed=seed, configuration=configuration,
                 device=device, plans_name=DEMO_PLANS)
         summary = evaluate(name, pred, raw / "labelsTs")
-        names = {str(v): k for k, v in json.loads((raw / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
+        names = {str(v): k for k, v in planning.dataset_json(raw)["labels"].items()}
         labels = sorted(summary["mean"])
         result["labels"] = [names.get(k, k) for k in labels]
         result["dice"][m] = {**{names.get(k, k): summary["mean"][k]["Dice"] for k in labels},

@@ -53,7 +53,7 @@ def held_out(name: str, fold, seed_for_split: int = 0) -> tuple[Path, Path, str]
     if (raw / "imagesTs").is_dir() and (raw / "labelsTs").is_dir() and any((raw / "labelsTs").iterdir()):
         return raw / "imagesTs", raw / "labelsTs", "imagesTs/labelsTs"
     split = api.split(name, "1.0", seed_for_split, fold)
-    ds = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
+    ds = planning.dataset_json(raw)
     fe = ds["file_ending"]
     folder = paths.runs_root() / "heldout" / name / f"fold_{fold}"
     images, labels = folder / "images", folder / "labels"
@@ -124,7 +124,7 @@ def _case_figure(name, runs, labeled, seed, images, labels, path: Path) -> None:
     chosen = {r.method: r.info.fold_folder / "benchmark_predictions" for r in runs
               if r.labeled == labeled and r.seed == seed}
     summaries = {m: json.loads((folder / "summary.json").read_text(encoding="utf-8")) for m, folder in chosen.items()}
-    ds = json.loads((planning.raw_folder(name) / "dataset.json").read_text(encoding="utf-8"))
+    ds = planning.dataset_json(planning.raw_folder(name))
     case_grid(images, labels, chosen, summaries, path, ds["file_ending"], ds,
               title=f"{name}: held-out cases, labeled {labeled}, seed {seed}")
 

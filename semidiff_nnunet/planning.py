@@ -59,12 +59,36 @@ def plans_name_for(gpu_memory_target: float | None, plans_name: str | None) -> s
     return f"nnUNetPlans_{gpu_memory_target:g}GB".replace(".", "p")
 
 
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A JSON file as a dict; invalid JSON or a missing ``required`` key is one sentence naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SemidiffError(f"{path} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise SemidiffError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the "
+                            f"file.") from None
+    if not isinstance(data, dict):
+        raise SemidiffError(f"{path} must hold a JSON object ({{...}}); fix the file.")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise SemidiffError(f"{path} has no {', '.join(repr(k) for k in missing)} entry; add it (nnU-Net's "
+                            f"dataset.json needs channel_names, labels, numTraining and file_ending).")
+    return data
+
+
+def dataset_json(folder: Path) -> dict:
+    """``folder/dataset.json`` (a raw, preprocessed or model folder), checked for what semidiff reads."""
+    return read_json(Path(folder) / "dataset.json", required=("labels", "file_ending"))
+
+
 def load_plans(name: str, plans_name: str) -> dict:
     path = preprocessed_folder(name) / f"{plans_name}.json"
     if not path.is_file():
         raise SemidiffError(f"No plans {plans_name!r} for {name} ({path} is missing); run "
                             f"`semidiff plan-and-train` (or nnUNetv2_plan_and_preprocess) first.")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def verify_raw_dataset(name: str, num_processes: int = 2) -> None:
@@ -162,9 +186,9 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
     pseudo = raw / "labelsPseudo"
     if not unl.is_dir() and not pseudo.is_dir():
         return 0
-    dataset_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
-    file_ending = dataset_json["file_ending"]
-    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    ds = dataset_json(raw)
+    file_ending = ds["file_ending"]
+    n_channels = len(ds.get("channel_names", ds.get("modality", {})))
     plans_manager = PlansManager(str(preprocessed_folder(name) / f"{plans_name}.json"))
     cm = plans_manager.get_configuration(configuration)
     out_base = preprocessed_folder(name) / cm.data_identifier
@@ -183,7 +207,7 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
                 raise SemidiffError(f"imagesUnlabeled/ case {case} has {len(files)} channel file(s), the dataset "
                                     f"declares {n_channels}.")
         out = Path(str(out_base) + "__unlabeled")
-        count += _write_cases(out, cases, None, pp, plans_manager, cm, dataset_json, save_seg=False)
+        count += _write_cases(out, cases, None, pp, plans_manager, cm, ds, save_seg=False)
     if pseudo.is_dir():
         images = {}
         for f in sorted(pseudo.iterdir()):
@@ -197,7 +221,7 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
             images[case] = files
         out = Path(str(out_base) + "__pseudo")
         _write_cases(out, images, {c: str(pseudo / f"{c}{file_ending}") for c in images}, pp, plans_manager, cm,
-                     dataset_json, save_seg=True)
+                     ds, save_seg=True)
     return count
 
 
