@@ -537,3 +537,18 @@ def test_case_grid_picks_best_median_worst_and_draws_every_method(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(str(out)).shape[1] > 4 * 200  # image, reference and 2 methods side by side
+    # 2D cases (nnU-Net reads them as Z = 1)
+    for f in (images, labels, *preds.values()):
+        for old in f.iterdir():
+            old.unlink()
+    for i in range(3):
+        ref = np.zeros((12, 12), np.uint8)
+        ref[2:9, 2:9] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(rng.rand(12, 12).astype(np.float32)), str(images / f"d{i}_0000.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(ref), str(labels / f"d{i}.nii.gz"))
+        for folder in preds.values():
+            pred = ref.copy()
+            pred[2:2 + i] = 0
+            sitk.WriteImage(sitk.GetImageFromArray(pred), str(folder / f"d{i}.nii.gz"))
+    summaries = {m: evaluate_folder(str(f), str(labels), dataset_json=ds) for m, f in preds.items()}
+    assert case_grid(images, labels, preds, summaries, tmp_path / "cases2d.png", ".nii.gz", ds).stat().st_size > 1000

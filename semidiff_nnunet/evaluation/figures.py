@@ -44,9 +44,9 @@ def pick_cases(dice: dict[str, float], n: int = 3) -> list[tuple[str, str]]:
 
 
 def _slice(volume: np.ndarray, z: int | None) -> np.ndarray:
-    """(C or 1, Z, Y, X) → (Y, X) at ``z`` (first channel)."""
+    """(C or 1, Z, Y, X) → (Y, X) at ``z`` (first channel; 2D data has Z = 1 and ``z`` None)."""
     v = volume[0]
-    return v[z] if v.ndim == 3 else v
+    return v[z if z is not None else 0] if v.ndim == 3 else v
 
 
 def _display(image: np.ndarray) -> np.ndarray:
