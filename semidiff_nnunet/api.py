@@ -568,10 +568,26 @@ def _resumed_settings(info: RunInfo, trainer_cls, hp, overrides: dict, phases: d
 
 
 # ---------------------------------------------------------------------------------------------- predict
+def input_cases(folder: Path, file_ending: str) -> tuple[dict[str, list[str]], list[str]]:
+    """(case id → its channel files, names of the files that do not follow nnU-Net's CASE_XXXX naming)."""
+    cases: dict[str, list[str]] = {}
+    skipped = []
+    for f in sorted(Path(folder).iterdir()):
+        stem = f.name[: -len(file_ending)] if f.name.endswith(file_ending) else ""
+        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+            cases.setdefault(stem[:-5], []).append(str(f))
+        elif f.is_file():
+            skipped.append(f.name)
+    return cases, skipped
+
+
 def predict(dataset: str | int, method: str, input: str | Path, output: str | Path, labeled: str = "1.0",
             seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "auto",
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
-            use_mirroring: bool = True, show_progress: bool = True) -> Path:
+            use_mirroring: bool = True, show_progress: bool = True,
+            log: Callable[[str], None] | None = None) -> Path:
+    """Segment every case of ``input`` (nnU-Net naming, CASE_XXXX.ext) into ``output``; files that do not
+    follow the naming are skipped and named through ``log``."""
     folds = tuple(parse_fold(f) for f in folds)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -586,10 +602,10 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
     dataset_json = planning.dataset_json(info.model_folder)
     fe = dataset_json["file_ending"]
     n_ch = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    cases: dict[str, list[str]] = {}
-    for f in sorted(input.iterdir()):
-        if f.name.endswith(fe) and len(f.name) > len(fe) + 5 and f.name[-len(fe) - 5] == "_":
-            cases.setdefault(f.name[: -len(fe) - 5], []).append(str(f))
+    cases, skipped = input_cases(input, fe)
+    if skipped and log is not None:
+        log(f"skipped {len(skipped)} file(s) in {input} not named CASE_0000{fe} (nnU-Net's naming): "
+            + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     if not cases:
         raise SemidiffError(f"{input} holds no images named CASE_0000{fe}; use nnU-Net's file naming.")
     # one file per channel, or one file holding all channels (RGB PNG, nnU-Net's natural-image reader)
@@ -649,6 +665,13 @@ def summary_table_rows(summary: dict) -> list[list]:
     from semidiff_nnunet.evaluation import summary_table_rows as rows
 
     return rows(summary)
+
+
+def summary_notes(summary: dict) -> list[str]:
+    """What the table leaves out, one sentence each (NaN counts, stray values, extra files, units)."""
+    from semidiff_nnunet.evaluation import summary_notes as notes
+
+    return notes(summary)
 
 
 # ---------------------------------------------------------------------------------------------- split

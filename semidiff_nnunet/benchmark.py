@@ -102,7 +102,8 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                         folds=(fold,), device=device, plans_name=plans_name, show_progress=show_progress)
             api.evaluate(name, pred, labels, summary_file)
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        row = {"method": r.method, "labeled": r.labeled, "seed": r.seed, "n_cases": len(summary["metric_per_case"])}
+        row = {"method": r.method, "labeled": r.labeled, "seed": r.seed, "n_cases": len(summary["metric_per_case"]),
+               "distance_unit": summary.get("distance_unit", "mm")}
         for metric in METRICS:
             row[metric] = summary["foreground_mean"].get(metric, float("nan"))
         for label, values in sorted(summary["mean"].items()):
@@ -181,7 +182,9 @@ def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD
                 cells.append(f"**{text}**" if best.get((metric, lab)) == m else text)
         lines.append("| " + " | ".join(cells) + " |")
     n_seeds = sorted({r["seed"] for r in rows})
-    lines += ["", f"Foreground-mean metrics over {len(n_seeds)} seed(s) {n_seeds}; HD95 in mm."]
+    unit = "px" if rows and all(r.get("distance_unit") == "px" for r in rows) else "mm"
+    lines += ["", f"Foreground-mean metrics over {len(n_seeds)} seed(s) {n_seeds}; HD95 in {unit}"
+              + (" (the images carry no physical spacing)." if unit == "px" else ".")]
     return "\n".join(lines) + "\n"
 
 

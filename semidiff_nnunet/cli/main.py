@@ -188,7 +188,8 @@ def predict(
     _announce_workspace()
     folder = api.predict(dataset, method, input, output, labeled=labeled, seed=seed, configuration=configuration,
                          folds=tuple(fold), device=device, plans_name=plans or "nnUNetPlans",
-                         checkpoint=checkpoint, use_mirroring=not no_mirroring)
+                         checkpoint=checkpoint, use_mirroring=not no_mirroring,
+                         log=lambda message: console.print(f"[yellow]Warning:[/yellow] {escape(message)}."))
     console.print(f"[green]Predictions written to[/green] {escape(str(folder))}")
 
 
@@ -205,12 +206,15 @@ def evaluate(
     """Dice, Jaccard, HD95 and ASD per class; writes summary.json (nnU-Net's fields plus ours)."""
     _announce_workspace()
     summary = api.evaluate(dataset, pred, ref, output_file, num_processes)
+    unit = summary.get("distance_unit", "mm")
     table = Table(title=f"Evaluation of {escape(str(pred))}")
-    for col in ("label", "Dice", "Jaccard", "HD95", "ASD"):
+    for col in ("label", "Dice", "Jaccard", f"HD95 ({unit})", f"ASD ({unit})"):
         table.add_column(col, justify="right")
     for row in api.summary_table_rows(summary):
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else escape(str(v)) for v in row])
     out.print(table)
+    for note in api.summary_notes(summary):
+        out.print(f"Note: {escape(note)}.")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from semidiff_nnunet.evaluation.folder import (
     TABLE_COLUMNS,
     evaluate_case,
     evaluate_folder,
+    summary_notes,
     summary_table_rows,
 )
 from semidiff_nnunet.evaluation.metrics import (
@@ -42,6 +43,7 @@ __all__ = [
     "evaluate_folder",
     "hd95",
     "jaccard",
+    "summary_notes",
     "summary_table_rows",
     "surface_distances",
 ]

@@ -41,7 +41,7 @@ from semidiff_nnunet.evaluation.metrics import (
     normalize_labels,
 )
 
-__all__ = ["evaluate_folder", "evaluate_case", "summary_table_rows", "TABLE_COLUMNS"]
+__all__ = ["evaluate_folder", "evaluate_case", "summary_table_rows", "summary_notes", "TABLE_COLUMNS"]
 
 #: Below this many cases the evaluation runs in the calling process (a spawn pool costs seconds to start).
 MIN_CASES_FOR_POOL = 8
@@ -181,11 +181,16 @@ def evaluate_case(
             f"Reference {reference_file} has {ref.ndim} spatial axes but {len(spacing)} spacing values."
         )
     metrics = compute_metrics(pred, ref, labels, spacing=spacing, ignore_label=ignore_label)
+    allowed = {0} | {int(v) for lab in labels for v in (lab if isinstance(lab, tuple) else (lab,))}
+    if ignore_label is not None:
+        allowed.add(int(ignore_label))
+    unexpected = sorted(int(v) for v in np.unique(pred) if int(v) not in allowed)
     return {
         "reference_file": reference_file,
         "prediction_file": prediction_file,
         "spacing": spacing,
         "metrics": {label_key(lab): m for lab, m in metrics.items()},
+        "unexpected_values": unexpected,
     }
 
 
@@ -290,6 +295,17 @@ def evaluate_folder(
         per_case = [evaluate_case(*job) for job in jobs]
 
     means, foreground_mean, nan_count = _aggregate(per_case, label_list)
+    unexpected: dict[str, list[str]] = {}
+    for case in per_case:
+        for v in case["unexpected_values"]:
+            unexpected.setdefault(str(v), []).append(os.path.basename(case["prediction_file"]))
+    extra = sorted(n for n in os.listdir(pred_folder)
+                   if n.endswith(file_ending) and n not in set(names) and os.path.isfile(os.path.join(pred_folder, n)))
+    label_names = {}
+    if ds is not None and isinstance(ds.get("labels"), dict):
+        for name, value in ds["labels"].items():
+            key = label_key(tuple(value) if isinstance(value, list) else value)
+            label_names[key] = str(name)
     summary = {
         "metric_per_case": per_case,
         "mean": means,
@@ -303,7 +319,13 @@ def evaluate_folder(
             "reader": rw_class.__name__,
             "reference_folder": ref_folder,
             "prediction_folder": pred_folder,
+            "label_names": label_names,
         },
+        # images without a physical spacing (PNG, BMP, JPG read by nnU-Net's natural-image reader) measure
+        # distances in pixels
+        "distance_unit": "px" if rw_class.__name__ == "NaturalImage2DIO" else "mm",
+        "unexpected_prediction_values": unexpected,
+        "extra_predictions": extra,
         "definitions": dict(DEFINITIONS),
     }
     if output_file is not None:
@@ -312,6 +334,29 @@ def evaluate_folder(
         with open(output_file, "w", encoding="utf-8") as f:
             json.dump(summary, f, sort_keys=True, indent=4)  # nnU-Net: sort_keys, NaN as NaN
     return summary
+
+
+def summary_notes(summary: Mapping) -> list[str]:
+    """What the table does not show, one sentence each: NaN values left out of the means, prediction
+    values that are not labels, prediction files without a reference, the distance unit."""
+    notes = []
+    names = (summary.get("config") or {}).get("label_names") or {}
+    n = summary.get("n_cases", len(summary.get("metric_per_case", [])))
+    for key, counts in sorted((summary.get("nan_count") or {}).items()):
+        bad = {m: c for m, c in counts.items() if c and m in ("Dice", "HD95", "ASD")}
+        if bad:
+            label = _fmt_label(key, names)
+            notes.append(f"label {label}: " + ", ".join(f"{m} NaN in {c} of {n} cases" for m, c in bad.items())
+                         + " (left out of the mean; see nan_count in summary.json)")
+    for value, files in sorted((summary.get("unexpected_prediction_values") or {}).items(), key=lambda kv: int(kv[0])):
+        notes.append(f"predictions hold the value {value}, which is not a label, in {len(files)} case(s) (e.g. "
+                     f"{files[0]}); those voxels count as no class")
+    extra = summary.get("extra_predictions") or []
+    if extra:
+        notes.append(f"{len(extra)} prediction file(s) have no reference and were not evaluated (e.g. {extra[0]})")
+    if summary.get("distance_unit") == "px":
+        notes.append("HD95 and ASD are in pixels: the images carry no physical spacing")
+    return notes
 
 
 def _fmt_label(key: Any, label_names: Mapping | None) -> str:
@@ -348,6 +393,8 @@ def summary_table_rows(
         lab = key_to_label(key)
         return (1, lab) if isinstance(lab, tuple) else (0, (lab,))
 
+    if label_names is None:
+        label_names = (summary.get("config") or {}).get("label_names") or None
     rows = [row(_fmt_label(k, label_names), summary["mean"][k]) for k in sorted(summary["mean"], key=order)]
     rows.append(row("foreground mean", summary["foreground_mean"]))
     return rows
