@@ -306,3 +306,27 @@ def test_burnin_trains_on_labels_only_without_drawing_unlabeled_batches(demo2d, 
     assert Counting.drawn == 1 and {"term/consistency", "term/_consistency_weight"} <= set(out)
     assert out["term/_consistency_weight"] == pytest.approx(0.1 * np.exp(-5.0))
     t.dataloader_unlabeled = None
+
+
+@pytest.mark.slow  # plans the demo dataset
+def test_a_step_whose_loss_is_off_updates_nothing(demo2d, results):
+    """A declared step that returns a loss without a graph (DiffRect's gated rectified supervision) is
+    logged but takes no optimiser step: no momentum, no weight decay moves the network."""
+
+    class OffStep(TwoPhaseTrainer):
+        phases = ()
+
+        def optimisation_steps(self):
+            return (OptimStep("off", lambda lab, unl, carry: {"off": torch.zeros(())}, networks=("network",)),)
+
+    t = _trainer(demo2d, cls=OffStep)
+    t.initialize()
+    t.optimizer.state.clear()
+    before = _params(t.network)
+    batch = {"data": torch.randn(2, 1, 32, 32),
+             "target": [torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 8, 8)]}
+    for p in t.network.parameters():  # a stale gradient that a step would apply
+        p.grad = torch.ones_like(p)
+    out = t.train_step(batch)
+    assert out["term/off"] == 0 and not t.optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in _params(t.network).items())
