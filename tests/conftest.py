@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["nnUNet_compile"] = "false"
+# A shell that starts the suite as a background job without job control makes SIGINT ignored, and
+# the CLI subprocesses would inherit that (the Ctrl-C tests then see no interrupt). A handler here is
+# reset to the default in every exec'd child, so the children get Python's KeyboardInterrupt again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
