@@ -440,6 +440,9 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
         raise SemidiffError(f"{info.dataset} is not preprocessed for {configuration!r}; run "
                             f"`semidiff plan-and-train {info.dataset} -c {configuration} ...` first.")
     check_fold(info.dataset, fold)
+    if not info.fold_folder.is_dir():  # a new run: a split that cannot be drawn fails before any folder exists
+        check_split(info.dataset, plans["configurations"][configuration], plans_name, configuration, fold,
+                    opts.labeled, seed)
     if info.finished:
         if continue_training:
             if final_validation and not (info.fold_folder / "validation" / "summary.json").is_file():
@@ -531,6 +534,35 @@ def check_fold(name: str, fold: int | str) -> None:
         n, where = 5, "nnU-Net's default split"
     if int(fold) >= n:
         raise SemidiffError(f"--fold {fold}: {name} has {n} folds ({where}); pick 0..{n - 1} or all.")
+
+
+def fold_keys(name: str, ident_folder: Path, fold: int | str) -> tuple[list[str], list[str]]:
+    """(training, validation) case ids of ``fold`` as nnU-Net's ``do_split`` will take them, without writing
+    anything (nnU-Net writes its default 5-fold split only when the trainer starts)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    keys = sorted(infer_dataset_class(str(ident_folder)).get_identifiers(str(ident_folder)))
+    if fold == "all":
+        return keys, keys
+    splits_file = planning.preprocessed_folder(name) / "splits_final.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text(encoding="utf-8"))
+    else:
+        splits = generate_crossval_split(keys, seed=12345, n_splits=5)
+    return list(splits[int(fold)]["train"]), list(splits[int(fold)]["val"])
+
+
+def check_split(name: str, config: dict, plans_name: str, configuration: str, fold: int | str, labeled,
+                seed: int) -> None:
+    """Draw the run's labeled split once before anything is created, so that ``--labeled 1000`` on a
+    48-case fold or a labels file naming validation/unknown cases fails with one sentence and leaves no
+    run folder behind."""
+    from semidiff_nnunet.training.splits import make_semi_split
+
+    ident = config.get("data_identifier", f"{plans_name}_{configuration}")
+    train_keys, val_keys = fold_keys(name, planning.preprocessed_folder(name) / ident, fold)
+    make_semi_split(train_keys, val_keys, labeled, seed)
 
 
 def _resumed_settings(info: RunInfo, trainer_cls, hp, overrides: dict, phases: dict[str, str]):

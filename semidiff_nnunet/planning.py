@@ -34,8 +34,9 @@ def dataset_name(dataset: str | int) -> str:
             raise RuntimeError(name)
     except RuntimeError:
         raise SemidiffError(
-            f"Dataset {text} was not found in nnUNet_raw ({os.environ['nnUNet_raw']}), nnUNet_preprocessed or "
-            f"nnUNet_results; convert it first (semidiff convert ...) or set nnUNet_raw.") from None
+            f"Dataset {text} was not found in nnUNet_raw ({os.environ['nnUNet_raw']}) or nnUNet_preprocessed "
+            f"({os.environ['nnUNet_preprocessed']}); convert it first (semidiff convert ...) or point nnUNet_raw "
+            f"at the folder that holds it.") from None
     return name
 
 

@@ -21,6 +21,7 @@ def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
     code, out, err = run_cli("plan-and-train", demo2d, "-m", "mean-teacher", "--labeled", "0.2", "-c", "2d",
                              *SHORT, *TINY)
     assert code == 0, err
+    assert "perform_everything_on_device" not in out + err  # nnU-Net's CPU warning during validation
     from semidiff_nnunet import api
 
     info = api.run_info(demo2d, "mean-teacher", "0.2", 0, "2d", 0, "semidiffDemoPlans")
@@ -100,6 +101,33 @@ def test_user_mistakes_get_one_sentence(demo2d, run_cli, args, message):
                                       if args[0] in ("train", "predict") else []))
     assert code == 1
     assert message in err and "Traceback" not in err + out
+
+
+def test_unknown_dataset_names_the_folders_searched(workspace, run_cli):
+    code, out, err = run_cli("split", "-d", "Dataset998_Nope", "--labeled", "0.1")
+    assert code == 1 and "Traceback" not in out + err
+    text = err.replace("\n", "")
+    assert os.environ["nnUNet_raw"] in text and os.environ["nnUNet_preprocessed"] in text
+
+
+def test_a_split_that_cannot_be_drawn_leaves_no_run_folder(demo2d, run_cli, tmp_path):
+    from semidiff_nnunet import api, paths
+
+    validation = api.split(demo2d, "0.2").validation
+    for labeled, message, tag in [
+        ("1000", "asks for more labeled cases", "lab1000"),
+        (validation[0], "validation case", None),
+        ("demotr_999", "not training cases", None),
+    ]:
+        if tag is None:  # a labels file
+            f = tmp_path / f"{labeled}.txt"
+            f.write_text(labeled + "\n", encoding="utf-8")
+            labeled = str(f)
+        before = sorted(p.name for p in paths.runs_root().iterdir()) if paths.runs_root().is_dir() else []
+        code, out, err = run_cli("train", demo2d, "-m", "supervised", "--labeled", labeled, "-c", "2d", *SHORT, *TINY)
+        assert code == 1 and message in err.replace("\n", " ") and "Traceback" not in out + err, err
+        after = sorted(p.name for p in paths.runs_root().iterdir()) if paths.runs_root().is_dir() else []
+        assert after == before, f"--labeled {labeled} left {set(after) - set(before)}"
 
 
 def test_dataset_failing_integrity_check(workspace, run_cli):

@@ -63,8 +63,6 @@ from semidiff_nnunet.training.unlabeled import (
 )
 
 PSEUDO_SUFFIX = "__pseudo"
-# kept importable from here for code written against earlier versions
-rng_state, set_rng_state = ckpt.rng_state, ckpt.set_rng_state
 
 
 def seed_everything(seed: int) -> None:
@@ -84,6 +82,35 @@ def _env(name: str, value: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+class _DropLines:
+    """A stdout that swallows printed lines containing ``text`` (and the newline ``print`` writes after them)."""
+
+    def __init__(self, stream, text: str):
+        self.stream, self.text, self._dropped = stream, text, False
+
+    def write(self, s: str) -> int:
+        if self.text in s or (self._dropped and s == "\n"):
+            self._dropped = self.text in s
+            return len(s)
+        self._dropped = False
+        return self.stream.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _drop_printed(text: str):
+    import sys
+
+    old = sys.stdout
+    sys.stdout = _DropLines(old, text)
+    try:
+        yield
+    finally:
+        sys.stdout = old
 
 
 class PhasePolyLR:
@@ -642,6 +669,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_train_end(self):
         super().on_train_end()
         self._shutdown_loaders()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # nnU-Net's validation asks its predictor for perform_everything_on_device=True on every device and
+        # prints a warning on CPU each time; the fallback it announces is the right behaviour there
+        with _drop_printed("perform_everything_on_device=True is only supported for cuda"):
+            return super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ checkpoints
     def _restore_rng(self, state: dict) -> None:
