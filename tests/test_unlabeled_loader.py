@@ -99,3 +99,20 @@ def test_strong_view_is_the_weak_view_plus_more(loader_parts):
                                      strong_transforms=Shift(c))
         batch = next(loader)
         assert torch.allclose(batch["data_strong"] - batch["data"], torch.full_like(batch["data"], c), atol=1e-6)
+
+
+@pytest.mark.slow  # demo2d: a dataset planned and preprocessed with nnU-Net
+def test_two_strong_views_are_independent_draws_on_one_weak_view(loader_parts):
+    """``strong_views=2`` (UniMatch): data_strong and data_strong_2 share the weak view's crop and
+    geometry but draw their strong perturbations independently."""
+    dataset, lm, _, _ = loader_parts
+    geometric = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1))])
+    identity = ComposeTransforms([])
+    noisy = ComposeTransforms([GaussianNoiseTransform(noise_variance=(0.5, 0.5), p_per_channel=1)])
+    loader = UnlabeledDataLoader(dataset, 4, (32, 32), (32, 32), lm, geometric, identity, strong_transforms=noisy,
+                                 strong_views=2)
+    batch = next(loader)
+    assert {"data", "data_strong", "data_strong_2"} <= set(batch)
+    d1, d2 = batch["data_strong"] - batch["data"], batch["data_strong_2"] - batch["data"]
+    assert abs(d1.std().item() - 0.5) < 0.05 and abs(d2.std().item() - 0.5) < 0.05  # both from the weak view
+    assert abs(torch.corrcoef(torch.stack([d1.flatten(), d2.flatten()]))[0, 1].item()) < 0.1  # independent

@@ -17,3 +17,15 @@ def captured_output(module: nn.Module):
         yield store
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def replaced_output(module: nn.Module, fn):
+    """``with replaced_output(net.encoder, f): net(x)`` → inside the block, whatever ``module`` returns
+    is replaced by ``f(output)`` before the rest of the network reads it (e.g. UniMatch's feature
+    perturbation of the encoder's skips); the hook is removed on exit, so inference never sees it."""
+    handle = module.register_forward_hook(lambda _m, _i, out: fn(out))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -135,6 +135,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     hparams_class: ClassVar[type] = BaseHParams
     #: False for methods that never look at unlabeled data (``supervised``): no loader is built
     uses_unlabeled: ClassVar[bool] = True
+    #: independent strong views of each unlabeled patch when ``get_strong_transforms`` gives transforms
+    strong_views: ClassVar[int] = 1
     #: ordered stages of a run (empty: one phase, the whole run)
     phases: ClassVar[tuple[Phase, ...]] = ()
     #: stop with a clear error after this many consecutive steps whose loss is NaN or infinite (a
@@ -217,7 +219,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         return self.network
 
     def get_strong_transforms(self):
-        """Return a batchgeneratorsv2 transform for a strong view of unlabeled patches, or None."""
+        """Return a batchgeneratorsv2 transform for a strong view of unlabeled patches, or None. The
+        unlabeled batch then holds ``data_strong`` (and ``data_strong_2``... when the class attribute
+        ``strong_views`` > 1: independent draws on the same weak view)."""
         return None
 
     # ------------------------------------------------------------------ helpers for methods
@@ -429,7 +433,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         batch_size = self.hp.unlabeled_batch_size or self.batch_size
         loader = UnlabeledDataLoader(UnlabeledDataset(sources), batch_size, initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
-                                     geometric, intensity, self.get_strong_transforms())
+                                     geometric, intensity, self.get_strong_transforms(), self.strong_views)
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             return SingleThreadedAugmenter(loader, None)

@@ -96,11 +96,14 @@ class UnlabeledDataLoader(nnUNetDataLoader):
     Crops are uniform random (no foreground oversampling, no ignore-label steering). The weak view
     is nnU-Net's augmentation (geometry, then intensity); the strong view is the weak view plus
     ``strong_transforms`` (if given), applied to a copy of the weak view: the strong view's
-    perturbations always contain the weak one's (FixMatch's "weak + strong" order).
+    perturbations always contain the weak one's (FixMatch's "weak + strong" order). With
+    ``strong_views=k > 1`` the strong transforms are drawn k times independently on the same weak
+    view: ``data_strong``, ``data_strong_2``, ... ``data_strong_k`` (UniMatch's two strong views).
     """
 
     def __init__(self, data: UnlabeledDataset, batch_size: int, patch_size, final_patch_size, label_manager,
-                 geometric: BasicTransform, intensity: BasicTransform, strong_transforms: BasicTransform | None = None):
+                 geometric: BasicTransform, intensity: BasicTransform, strong_transforms: BasicTransform | None = None,
+                 strong_views: int = 1):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
                          probabilistic_oversampling=False, transforms=None)
@@ -108,10 +111,16 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         self.geometric = geometric
         self.intensity = intensity
         self.strong_transforms = strong_transforms
+        self.strong_views = max(1, int(strong_views))
+
+    @staticmethod
+    def strong_key(view: int) -> str:
+        """The batch key of strong view ``view`` (0-based): data_strong, data_strong_2, ..."""
+        return "data_strong" if view == 0 else f"data_strong_{view + 1}"
 
     def generate_train_batch(self):
         keys = self.get_indices()
-        weak_all = strong_all = None
+        weak_all, strong_all = None, [None] * self.strong_views
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
                 data, _, _, _ = self._data.load_case(key)
@@ -125,14 +134,15 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                 if weak_all is None:
                     weak_all = torch.empty((self.batch_size, *weak.shape), dtype=torch.float32)
                 weak_all[j] = weak
-                if self.strong_transforms is not None:
+                for v in range(self.strong_views if self.strong_transforms is not None else 0):
                     strong = self.strong_transforms(image=weak.clone())["image"]
-                    if strong_all is None:
-                        strong_all = torch.empty((self.batch_size, *strong.shape), dtype=torch.float32)
-                    strong_all[j] = strong
+                    if strong_all[v] is None:
+                        strong_all[v] = torch.empty((self.batch_size, *strong.shape), dtype=torch.float32)
+                    strong_all[v][j] = strong
         batch = {"data": weak_all, "keys": keys}
-        if strong_all is not None:
-            batch["data_strong"] = strong_all
+        for v, views in enumerate(strong_all):
+            if views is not None:
+                batch[self.strong_key(v)] = views
         return batch
 
 
