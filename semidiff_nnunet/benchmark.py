@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semidiff_nnunet import api, paths, planning
+from semidiff_nnunet.errors import SemidiffError
 
 METRICS = ("Dice", "Jaccard", "HD95", "ASD")
 
@@ -45,6 +46,29 @@ def plan_runs(dataset, methods, labeled, seeds, configuration, fold, plans_name)
             for s in seeds:
                 runs.append(PlannedRun(m, lab, s, api.run_info(dataset, m, lab, s, configuration, fold, plans_name)))
     return runs
+
+
+def different_settings(run: PlannedRun, epochs: int | None, iters_per_epoch: int | None, overrides: dict) -> str:
+    """How an existing (finished or resumable) run's stored settings differ from what this benchmark asks
+    for ("" when they agree or nothing exists): a table must never mix budgets or hyperparameters."""
+    stored_file = run.info.fold_folder / "semidiff_run.json"
+    if not stored_file.is_file():
+        return ""
+    stored = json.loads(stored_file.read_text(encoding="utf-8"))
+    for key, wanted in (("num_epochs", epochs), ("num_iterations_per_epoch", iters_per_epoch)):
+        if wanted is not None and stored.get(key) not in (None, wanted):
+            return f"{key}={stored[key]}, not {wanted}"
+    from semidiff_nnunet.training.hparams import hparams_to_dict
+
+    opts = api.check_train_options(run.method, run.labeled, overrides=overrides, device="cpu")
+    given = json.loads(json.dumps(hparams_to_dict(opts.hparams)))
+    old = stored.get("hparams") or {}
+    for key in sorted(given):
+        if key in old and old[key] != given[key]:
+            return f"{key}={old[key]!r}, not {given[key]!r}"
+    if (stored.get("phase_overrides") or {}) != dict(opts.phases):
+        return f"phase lengths {stored.get('phase_overrides') or {}}, not {dict(opts.phases)}"
+    return ""
 
 
 def held_out(name: str, fold, seed_for_split: int = 0) -> tuple[Path, Path, str]:
@@ -81,6 +105,12 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
     for m in methods:
         api.method_trainer(m)
     runs = plan_runs(name, methods, labeled, seeds, configuration, fold, plans_name)
+    for r in runs:
+        reason = different_settings(r, epochs, iters_per_epoch, (overrides or {}).get(r.method, {}))
+        if reason:
+            raise SemidiffError(f"{r.method} labeled {r.labeled} seed {r.seed} already has a run in "
+                                f"{r.info.fold_folder} trained with {reason}; delete that folder or point "
+                                f"SEMIDIFF_HOME elsewhere to benchmark these settings.")
     if dry_run:
         return {"runs": runs}
     images, labels, held_desc = held_out(name, fold)

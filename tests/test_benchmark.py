@@ -33,6 +33,31 @@ def test_aggregate_and_markdown():
 
 
 @pytest.mark.slow
+def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
+    """A benchmark must not report a run trained with another budget or other hyperparameters."""
+    import json
+
+    from semidiff_nnunet import api
+    from semidiff_nnunet.benchmark import PlannedRun, different_settings
+    from semidiff_nnunet.training.hparams import hparams_to_dict
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    hp = json.loads(json.dumps(hparams_to_dict(api.check_train_options("mean-teacher", "0.1").hparams)))
+    (fold / "semidiff_run.json").write_text(json.dumps({"num_epochs": 8, "num_iterations_per_epoch": 50,
+                                                        "hparams": hp, "phase_overrides": {}}), encoding="utf-8")
+    info = api.RunInfo("D", "mean-teacher", "MeanTeacherTrainer", "lab0.1", 0, "2d", 0, "P", tmp_path, tmp_path, fold)
+    run = PlannedRun("mean-teacher", "0.1", 0, info)
+    assert different_settings(run, 8, 50, {}) == ""
+    assert different_settings(run, None, None, {}) == ""  # nothing asked: any budget
+    assert "num_epochs=8, not 20" in different_settings(run, 20, 50, {})
+    assert "num_iterations_per_epoch=50, not 25" in different_settings(run, 8, 25, {})
+    assert "consistency=0.1, not 0.3" in different_settings(run, 8, 50, {"consistency": "0.3"})
+    assert different_settings(PlannedRun("mean-teacher", "0.1", 1, api.RunInfo(
+        "D", "mean-teacher", "MeanTeacherTrainer", "lab0.1", 1, "2d", 0, "P", tmp_path, tmp_path,
+        tmp_path / "fold_1")), 20, 50, {}) == ""  # no run yet
+
+
 def test_benchmark_cli(demo2d, run_cli, tmp_path):
     args = ["benchmark", demo2d, "-m", "supervised,mean-teacher", "--labeled", "0.3,3", "--seeds", "0",
             "-c", "2d", "--epochs", "1", "--iters-per-epoch", "2", "--plans", "semidiffDemoPlans", "--device", "cpu",
