@@ -613,6 +613,19 @@ def input_cases(folder: Path, file_ending: str) -> tuple[dict[str, list[str]], l
     return cases, skipped
 
 
+def trained_variants(info: RunInfo, fold, checkpoint: str = "checkpoint_final.pth") -> list[str]:
+    """The (plans, configuration) pairs this method/labeled/seed was trained with, for a hint when the
+    asked one does not exist (e.g. ``--plans nnUNetPlans_0.5GB`` where planning wrote ``_0p5GB``)."""
+    found = []
+    folder = info.run_root / info.dataset
+    prefix = f"{info.trainer}__"
+    for model in sorted(folder.glob(f"{prefix}*__*")) if folder.is_dir() else []:
+        if (model / f"fold_{fold}" / checkpoint).is_file():
+            plans, _, config = model.name[len(prefix):].rpartition("__")
+            found.append(f"--plans {plans} -c {config}")
+    return found
+
+
 def predict(dataset: str | int, method: str, input: str | Path, output: str | Path, labeled: str = "1.0",
             seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "auto",
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
@@ -627,7 +640,10 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
     for f in folds:
         ck = info.model_folder / f"fold_{f}" / checkpoint
         if not ck.is_file():
-            raise SemidiffError(f"No trained model at {ck}; train it first (semidiff plan-and-train ... --fold {f}).")
+            others = trained_variants(info, f, checkpoint)
+            hint = (f"; this run exists with {', '.join(others)} — pass that with --plans/-c" if others else
+                    f"; train it first (semidiff plan-and-train ... --fold {f})")
+            raise SemidiffError(f"No trained model at {ck}{hint}.")
     input, output = Path(input), Path(output)
     if not input.is_dir():
         raise SemidiffError(f"Input folder {input} does not exist.")

@@ -153,6 +153,11 @@ def test_gpu_memory_target_plans_under_their_own_name(demo2d, run_cli):
     info = api.run_info(demo2d, "supervised", "3", 0, "2d", 0, "nnUNetPlans_2GB")
     assert (info.fold_folder / "checkpoint_final.pth").is_file()
     assert info.model_folder.name == "SupervisedTrainer__nnUNetPlans_2GB__2d"
+    # predicting with a plans name that was never trained names the one that was
+    code, out, err = run_cli("predict", "-d", demo2d, "-m", "supervised", "--labeled", "3", "-c", "2d",
+                             "--plans", "nnUNetPlans_2.0GB", "-i", raw(demo2d) / "imagesTs", "-o", "/tmp/unused",
+                             "--device", "cpu")
+    assert code == 1 and "--plans nnUNetPlans_2GB -c 2d" in err.replace("\n", ""), err
 
 
 def test_pseudo_labels_are_preprocessed_for_unlabeled_cases_only(workspace):
