@@ -2,22 +2,21 @@
 
 * :func:`build_cs_network` — CS: the planned network with HF-Mamba (:mod:`.hf_mamba`, eq. 10)
   after one encoder stage;
-* :class:`TimestepConditionedUNet` — DS's backbone: a planned U-Net whose encoder stages get a
-  per-channel shift ``Linear(SiLU(temb))`` of the diffusion time (forward hooks on the stages, so
-  any encoder nnU-Net plans works unchanged);
+* :class:`TimestepConditionedUNet` — DS's backbone (shared, in
+  :mod:`semidiff_nnunet.networks.timestep_unet`, re-exported here): a planned U-Net whose encoder
+  stages get a per-channel shift ``Linear(SiLU(temb))`` of the diffusion time;
 * :class:`LabelDiffusion` — the DS diffusion head: the network plus its label noise (eq. 5);
 * :class:`ProjectionHead` — the per-pixel projection of the contrastive term (eq. 11–15).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import Tensor, nn
 
-from semidiff_nnunet.diffusion import ContinuousScheduler, TimestepEmbedding
+from semidiff_nnunet.diffusion import ContinuousScheduler
+from semidiff_nnunet.networks.timestep_unet import TimestepConditionedUNet  # noqa: F401 (re-exported)
 from semidiff_nnunet.plugins.diffcl.hf_mamba import insert_hf_mamba
 
 
@@ -32,44 +31,6 @@ def build_cs_network(plans_manager, configuration_manager, num_input_channels: i
     return insert_hf_mamba(net, stage, hf_threshold=hf_threshold, d_state=d_state, d_conv=d_conv, expand=expand,
                            slice_scan=slice_scan_2d or not is_2d, scan_backend=scan_backend, chunk_size=chunk_size,
                            residual=residual)
-
-
-class TimestepConditionedUNet(nn.Module):
-    """DS: a planned U-Net whose encoder stages get ``Linear(SiLU(temb))`` added (per channel).
-
-    forward(x, t): ``x`` (B, C_in, *spatial) (image ⊕ Y_t), ``t`` (B,) → the U-Net's output. The
-    projections are zero-initialised, so DS starts as the planned network.
-    """
-
-    def __init__(self, unet: nn.Module, embedding_dim: int = 128):
-        super().__init__()
-        self.unet = unet
-        hidden = 2 * embedding_dim
-        self.time_embed = TimestepEmbedding(embedding_dim, hidden)
-        self.time_proj = nn.ModuleList(nn.Linear(hidden, c) for c in unet.encoder.output_channels)
-        for proj in self.time_proj:
-            nn.init.zeros_(proj.weight)
-            nn.init.zeros_(proj.bias)
-        self._emb: Tensor | None = None
-        for i, stage in enumerate(unet.encoder.stages):
-            stage.register_forward_hook(functools.partial(self._add_time, i))
-
-    def _add_time(self, index: int, _module, _inputs, output: Tensor) -> Tensor:
-        if self._emb is None:  # the U-Net called on its own
-            return output
-        shift = self.time_proj[index](self._emb).to(output.dtype)
-        return output + shift.view(*shift.shape, *([1] * (output.ndim - 2)))
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.unet.decoder
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor | list[Tensor]:
-        self._emb = nn.functional.silu(self.time_embed(t))
-        try:
-            return self.unet(x)
-        finally:
-            self._emb = None
 
 
 class LabelDiffusion(nn.Module):

@@ -1,8 +1,12 @@
 """``superdiffusion``: diffusion teacher pretraining, then teacher–student co-training (Ciampi, Lagani,
-Amato, Falchi).
+Amato, Falchi 2025).
 
-The method's trainer lives in :mod:`.trainer`; this module only registers it, so that listing
-methods imports neither torch nor nnU-Net.
+The method is in :mod:`.trainer` (module docstring: defaults with their sources, deviations, the
+schedule), its two pathways and the inference module in :mod:`.networks` (built on the shared
+:mod:`semidiff_nnunet.networks.timestep_unet`). Phase ``pretrain`` trains the teacher's mask and
+image pathways label-free by cycle consistency; phase ``cotrain`` trains teacher and student with
+CPS, nnU-Net's supervised loss and R rounds of diffusion. This module only registers the method, so
+that listing methods imports neither torch nor nnU-Net.
 """
 
 from semidiff_nnunet import MethodSpec, hookimpl

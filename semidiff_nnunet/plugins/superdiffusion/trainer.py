@@ -1,0 +1,430 @@
+"""``superdiffusion``: Ciampi, Lagani, Amato, Falchi, "Semi-Supervised Biomedical Image Segmentation via
+Diffusion Models and Teacher-Student Co-Training" (2025). The paper's repository is empty; the working
+code is the authors' ``hebbian-bootstraping-semi-supervised-medical-imaging`` at ``191fa2a^`` ("code"
+below; see ``IMPLEMENTATION_NOTES.md`` §C).
+
+Networks (:mod:`.networks`), all nnU-Net's planned U-Net for the run's configuration (2D or 3D, one
+code path: everything comes from the plans) made timestep-conditioned with the shared
+:class:`~semidiff_nnunet.networks.timestep_unet.TimestepConditionedUNet`:
+
+* **teacher mask pathway** f_m (``network``): image ⊕ noisy K-channel mask → clean-mask logits x0;
+* **teacher image pathway** f_i (``image``): noisy image ⊕ mask (2·p − 1) → ε, the image recovered
+  by eq. 3 (the paper prints "+ sqrt(1/A_t − 1)·v̂"; the inversion of eq. 1 — DDPM's, and the
+  code's library — has a minus, which we use);
+* **student mask pathway** (``student``): same architecture as f_m, fresh initialisation (the
+  code's "twin"; the student's image pathway is never used in the code, so we do not build it).
+
+Two phases (:class:`~semidiff_nnunet.training.Phase`):
+
+1. ``pretrain`` (eq. 5–7), **no label at all**: on the images of every training patch — the
+   labeled stream's ``data`` and the unlabeled stream's, never ``target`` — m̂ = f_m(i, q(0|t), t),
+   then ĩ = q(i|t'), v̂ = f_i(ĩ, 2·softmax(m̂) − 1, t') and the cycle loss; gradients reach f_m
+   through the mask (as in the code). Only ``network`` and ``image`` are updated.
+   *Class identity*: nothing in phase 1 says which channel means which class, and we do not train
+   the code's 3×3 read-out on ground truth. The phase-2 supervised loss on the labeled cases (on
+   the teacher's mask pathway itself) fixes it, while λ is still near 0 (linear ramp from 0).
+2. ``cotrain`` (eq. 8–16): teacher (from phase 1) and student, both trained, on labeled ⊕
+   unlabeled patches, one optimisation step over the three networks:
+   L = L_sup + λ·[L_semi + (1/R)·Σ_r L_align,r + (1/R)·Σ_r L_reconstr,r] with
+   L_sup = nnU-Net's Dice+CE with deep supervision for teacher and student (eq. 10 is CE only;
+   the issue asks for nnU-Net's loss); L_semi = CE(S, argmax T) + CE(T, argmax S) on all patches
+   (eq. 9, 16; full resolution); rounds r = 1..R (eq. 11–14): î_r = eq. 3 of f_i(q(i|t'),
+   m_{r−1}, t'), m_r = f_m(î_r, q(0|t''), t''), L_align,r = CE(m_r, l̂) with l̂ the label on
+   labeled patches and argmax(student) on unlabeled ones, L_reconstr,r the reconstruction loss.
+   **Chained rounds** (paper, default): m_{r−1} is the previous round's mask (m_0 = the teacher's
+   first mask); ``chained_rounds = False`` gives the code's behaviour, every round re-drawn from
+   m_0 (its loop resets ``pj = p2``). As in the code, the mask fed to f_i and î fed to f_m are
+   detached, so L_align trains f_m and L_reconstr trains f_i.
+
+Inference (``build_network_architecture`` returns it, so stock ``nnUNetv2_predict`` and ``semidiff
+predict`` run the same module on the image alone): one mask-pathway forward from pure noise at the
+fixed time ``infer_t`` (default T − 1: v_m at full noise, eq. 5; the code draws a random t). The
+noise is deterministic: ``infer_noise = "fixed"`` draws it from a generator seeded with
+``infer_seed`` on every call (every tile of the sliding window sees the same field; ``"zeros"``
+uses v_m = 0); ``infer_draws = K`` > 1 averages the softmax of K seeded draws. The predicting
+network is whichever of teacher and student has the higher mean foreground Dice on
+``select_batches`` validation batches of the fold at the end of the run (``predictor = "auto"``,
+code: best val Jaccard of the two); recorded in the checkpoint (state ``selection``) and in
+``superdiffusion_selection.json`` in the fold folder. Without validation cases the teacher is
+kept. ``predictor = "teacher" | "student"`` fixes it.
+
+Defaults and their sources:
+
+* T = ``num_timesteps = 1000`` (paper App. A, code); ``beta_schedule = "linear"`` (paper App. A:
+  β from 1e-4 to 0.02; the code passes no schedule, so lucidrains' default applies — ``sigmoid``
+  in 2.x, ``--set beta_schedule=sigmoid``); t ~ U{0..T−1} in training (eq. 5, code);
+* ``rounds = 5`` (paper §4.3: R = 5 "a reasonable trade-off"; the code's scripts use 3, 5, 10);
+* ``lambda_max = 5`` (paper App. A), all three λ's equal (paper §3.3, code), ramped linearly from 0
+  to λ_max over phase 2 (paper: λ_max·epoch/max_epochs; code (epoch+1)/num_epochs), per iteration
+  here (``rampup_fraction = 1.0`` of phase 2, see "Schedule");
+* ``lr = 0.01`` in phase 2 (paper App. A and code) and ``lr_pretrain = 0.01`` (nnU-Net's; the
+  code pretrains with Adam 1e-3), with nnU-Net's SGD (``optimizer = "sgd"``: momentum 0.99,
+  Nesterov, weight decay 3e-5) and nnU-Net's poly LR restarted at each phase.
+  ``optimizer = "adam"`` is the paper's Adam (β 0.9/0.99, weight decay 5e-5) at the same LRs;
+* ``time_embedding_dim = 64`` (code: SinusoidalPosEmb(64)); hidden 128 (ours; code 256 → 64);
+* phase shares: ``pretrain`` 0.5 of the run, ``cotrain`` the rest (code: 200 pretraining epochs,
+  then 200 co-training epochs); ``--set phase.pretrain=0.3`` or ``=40`` (epochs) changes it;
+* ``recon_loss = "eps"``: MSE(v̂, v) (code: lucidrains' ``pred_noise`` loss). ``"image"`` is the
+  paper's literal (i − î)² of eq. 7/14, which equals the ε-MSE weighted by (1 − ᾱ_t)/ᾱ_t and
+  explodes at large t (≈ 2.5·10⁴ at t = T − 1 with the linear schedule);
+* CPS and alignment use CE (paper eq. 9, 13; the code uses softmax Dice).
+
+Our choices where paper and code are silent or unusable here, all ``--set``-able:
+
+* the mask pathway's input is q(0 | t) = sqrt(1 − ᾱ_t)·v_m, the paper's "noise added to a zero
+  tensor" (the code one-hot encodes an all-background mask there);
+* the "clean mask" handed to f_i is softmax(m̂) mapped to [−1, 1] (the code passes the raw x0
+  output, unbounded); nnU-Net's normalised image is f_i's x0 (the code rescales to [−1, 1]);
+* the time embedding is added to every encoder stage (zero-initialised, the shared
+  TimestepConditionedUNet) rather than once after the first convolution (code);
+* independent t and noise per network and per pathway call (code);
+* î is clamped to the batch's intensity range before f_m sees it (lucidrains clips x̂0 to its data
+  range; at large t eq. 3 amplifies ε̂'s error by 1/sqrt(ᾱ_t));
+* inference time, noise and draws as above; teacher wins ties in the selection.
+
+Deviations forced by nnU-Net: planned U-Net (instance norm, nnU-Net depth and widths, deep
+supervision on the supervised term) instead of the code's DDPM U-Net; patches with nnU-Net's
+augmentation instead of 128×128 resized images; a truly 3D network in 3D (the code's "3D" is a 2D
+net on the central slice); poly LR per phase instead of warm-up + step decay; the unlabeled batch
+is not truncated to the labeled batch size. Region-based datasets are not supported (CPS needs
+mutually exclusive labels); DDP is not tested (the pathways are called through ``unwrap``).
+Phase 1 reads no label, but nnU-Net's labeled loader still places a third of the labeled crops on
+foreground (``oversample_foreground_percent``), which looks at label maps to choose *where* a
+labeled patch is cut; no label value reaches the networks.
+
+Schedule, mapped onto the engine's policy (``BaseHParams``): the supervised burn-in is off
+(``burnin = 0``, ``burnin_min = 0``): it would train on labels during the label-free phase 1, and
+a run that sets it is refused. The λ ramp is this method's own: linear over ``rampup_fraction`` ×
+the phase-2 iterations within [``rampup_min``, ``rampup_max``], capped by phase 2's length, starting
+at phase 2's first iteration; phase 1 has no unlabeled weight to ramp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semidiff_nnunet.diffusion import onehot_to_signed, q_sample
+from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.networks.timestep_unet import TimestepConditionedUNet
+from semidiff_nnunet.plugins.superdiffusion.networks import INFER_NOISE, MaskPathway, reconstruct_image
+from semidiff_nnunet.training import (
+    BaseHParams,
+    OptimStep,
+    Phase,
+    SemiSupervisedTrainer,
+    ramps,
+    run_hparams,
+    unwrap,
+)
+
+PRETRAIN, COTRAIN = "pretrain", "cotrain"
+SELECTION_FILE = "superdiffusion_selection.json"
+
+
+@dataclass
+class SuperDiffusionHParams(BaseHParams):
+    # the engine's burn-in is off: phase 1 is label-free (see "Schedule")
+    burnin: float = 0.0
+    burnin_min: int = 0
+    # diffusion (paper App. A)
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    time_embedding_dim: int = 64
+    # co-training (paper §3.3, §4.3, App. A)
+    rounds: int = 5
+    chained_rounds: bool = True
+    lambda_max: float = 5.0
+    rampup_fraction: float = 1.0
+    recon_loss: str = "eps"
+    # optimisation
+    optimizer: str = "sgd"
+    lr_pretrain: float = 0.01
+    lr: float = 0.01
+    # inference
+    infer_t: int = -1
+    infer_noise: str = "fixed"
+    infer_seed: int = 0
+    infer_draws: int = 1
+    predictor: str = "auto"
+    select_batches: int = 10
+
+
+def mask_pathway(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                 enable_deep_supervision: bool = True, hp: SuperDiffusionHParams | None = None) -> MaskPathway:
+    """f_m on image ⊕ K-channel mask from the plans, with the run's hyperparameters (default: read from the plans)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    hp = hp or run_hparams(plans_manager, SuperDiffusionHParams)
+    unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager,
+                                                    num_input_channels + num_output_channels, num_output_channels,
+                                                    enable_deep_supervision)
+    return MaskPathway(TimestepConditionedUNet(unet, hp.time_embedding_dim), num_output_channels, hp.beta_schedule,
+                       hp.num_timesteps, hp.infer_t, hp.infer_noise, hp.infer_seed, hp.infer_draws)
+
+
+def _full(output) -> Tensor:
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def _sample_t(n: int, num_timesteps: int, device, generator: torch.Generator | None = None) -> Tensor:
+    return torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
+
+
+def _randn(shape, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    return torch.randn(tuple(shape), device=like.device, dtype=torch.float32, generator=generator)
+
+
+def recon_loss(x: Tensor, noise: Tensor, eps_hat: Tensor, noisy: Tensor, alpha_bar: Tensor, kind: str) -> Tensor:
+    """L_reconstr: ``"eps"`` MSE(v̂, v) (code), ``"image"`` MSE(î, i) with î from eq. 3 (paper eq. 7, 14)."""
+    if kind == "eps":
+        return F.mse_loss(eps_hat.float(), noise)
+    return F.mse_loss(reconstruct_image(noisy.float(), eps_hat.float(), alpha_bar), x.float())
+
+
+def image_pathway(image_net: nn.Module, x: Tensor, mask_probs: Tensor, alpha_bars: Tensor, num_timesteps: int,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """f_i on a freshly noised image: (ε̂, v, ĩ, ᾱ_t') with ĩ = q(x | t'), t' ~ U{0..T−1} (eq. 6, 11)."""
+    t = _sample_t(x.shape[0], num_timesteps, x.device, generator)
+    ab = alpha_bars[t]
+    noise = _randn(x.shape, x, generator)
+    noisy = q_sample(x.float(), ab, noise).to(x.dtype)
+    eps_hat = image_net(torch.cat([noisy, onehot_to_signed(mask_probs).to(x.dtype)], 1), t)
+    return eps_hat, noise, noisy, ab
+
+
+def cycle_loss(f_m: MaskPathway, f_i: nn.Module, x: Tensor, kind: str = "eps",
+               generator: torch.Generator | None = None) -> Tensor:
+    """Phase 1 (eq. 5–7) on images ``x`` only: m̂ = f_m(x, q(0|t), t); f_i(q(x|t'), m̂, t') reconstructs x."""
+    n, k, T = x.shape[0], f_m.num_classes, f_m.num_timesteps
+    t = _sample_t(n, T, x.device, generator)
+    logits = _full(f_m.from_noise(x, _randn((n, k, *x.shape[2:]), x, generator), t))
+    eps_hat, noise, noisy, ab = image_pathway(f_i, x, logits.float().softmax(1), f_m.alphas_cumprod, T, generator)
+    return recon_loss(x, noise, eps_hat, noisy, ab, kind)
+
+
+def diffusion_rounds(f_m: MaskPathway, f_i: nn.Module, x: Tensor, first_mask_logits: Tensor, rounds: int,
+                     chained: bool, kind: str = "eps", generator: torch.Generator | None = None
+                     ) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Multiple rounds of diffusion (eq. 11–14): per round (m_r logits, L_reconstr,r, the mask f_i was
+    conditioned on). Chained (paper): round r is conditioned on m_{r−1}; independent (code): every
+    round on the first mask m_0. Conditions and î are detached (code)."""
+    first = first_mask_logits.detach().float().softmax(1)
+    lo, hi = x.detach().min(), x.detach().max()
+    cond, out = first, []
+    n, k, T = x.shape[0], f_m.num_classes, f_m.num_timesteps
+    for _ in range(rounds):
+        eps_hat, noise, noisy, ab = image_pathway(f_i, x, cond, f_m.alphas_cumprod, T, generator)
+        loss = recon_loss(x, noise, eps_hat, noisy, ab, kind)
+        x_hat = reconstruct_image(noisy.float(), eps_hat.detach().float(), ab).clamp(lo, hi).to(x.dtype)
+        t = _sample_t(n, T, x.device, generator)
+        m_r = _full(f_m.from_noise(x_hat, _randn((n, k, *x.shape[2:]), x, generator), t)).float()
+        out.append((m_r, loss, cond))
+        cond = m_r.detach().softmax(1) if chained else first
+    return out
+
+
+def cross_pseudo_supervision(teacher_logits: Tensor, student_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 9: (CE(student, argmax teacher), CE(teacher, argmax student)); targets detached."""
+    t, s = teacher_logits.float(), student_logits.float()
+    return F.cross_entropy(s, t.detach().argmax(1)), F.cross_entropy(t, s.detach().argmax(1))
+
+
+class _Selection:
+    """Which network predicts (checkpointed): ``choice`` and the validation scores it came from."""
+
+    def __init__(self, choice: str):
+        self.choice, self.scores = choice, {}
+
+    def state_dict(self) -> dict:
+        return {"choice": self.choice, "scores": dict(self.scores)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.choice, self.scores = state["choice"], dict(state.get("scores", {}))
+
+
+class SuperDiffusionTrainer(SemiSupervisedTrainer):
+    method_name = "superdiffusion"
+    hparams_class = SuperDiffusionHParams
+    phases = (Phase(PRETRAIN, share=0.5, summary="label-free two-pathway cycle consistency (teacher)"),
+              Phase(COTRAIN, summary="teacher-student CPS, supervised loss, rounds of diffusion"))
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return mask_pathway(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                            enable_deep_supervision)
+
+    # ------------------------------------------------------------------ setup
+    def build_method(self):
+        hp, lm = self.hp, self.label_manager
+        if lm.has_regions:
+            raise SemidiffError("superdiffusion needs mutually exclusive labels; region-based datasets are not "
+                                "supported (cross pseudo supervision takes an argmax).")
+        checks = {"recon_loss": (hp.recon_loss, ("eps", "image")), "optimizer": (hp.optimizer, ("sgd", "adam")),
+                  "predictor": (hp.predictor, ("auto", "teacher", "student")),
+                  "infer_noise": (hp.infer_noise, INFER_NOISE)}
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise SemidiffError(f"--set {key}={value}: choose one of {', '.join(allowed)}.")
+        if hp.rounds < 0:
+            raise SemidiffError(f"--set rounds={hp.rounds}: give a number of rounds >= 0.")
+        if self.burnin_iterations > 0:
+            raise SemidiffError("superdiffusion's first phase is label-free, and the supervised burn-in would train "
+                                "on labels in it; keep burnin=0 and burnin_min=0.")
+        self.num_classes = lm.num_segmentation_heads
+        self.student = self.register_network("student", self.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels, self.num_classes,
+            self.enable_deep_supervision))
+        c_img = self.num_input_channels
+        image_unet = self.build_planned_network(deep_supervision=False, num_input_channels=c_img + self.num_classes,
+                                                num_output_channels=c_img)
+        self.image = self.register_network("image", TimestepConditionedUNet(image_unet, hp.time_embedding_dim))
+        self.selection = self.register_state("selection", _Selection("teacher" if hp.predictor == "auto"
+                                                                     else hp.predictor))
+
+    def _optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+        if self.hp.optimizer == "adam":  # paper App. A
+            return torch.optim.Adam(module.parameters(), lr, betas=(0.9, 0.99), weight_decay=5e-5)
+        return torch.optim.SGD(module.parameters(), lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
+
+    def on_phase_start(self, phase):
+        pretrain = phase.name == PRETRAIN
+        lr = self.hp.lr_pretrain if pretrain else self.hp.lr
+        for name in ("network", "image") if pretrain else ("network", "image", "student"):
+            module = self.network if name == "network" else self.extra_networks[name]
+            self.restart_optimizer(name, self._optimizer(module, lr))
+
+    def optimisation_steps(self):
+        return (OptimStep("cycle", self.pretrain_losses, networks=("network", "image"), phases=(PRETRAIN,)),
+                OptimStep("co-training", self.cotrain_losses, networks=("network", "image", "student"),
+                          phases=(COTRAIN,)))
+
+    def compute_losses(self, labeled, unlabeled):
+        step = self.pretrain_losses if self.current_phase.name == PRETRAIN else self.cotrain_losses
+        return step(labeled, unlabeled, {})
+
+    # ------------------------------------------------------------------ phase 1
+    @staticmethod
+    def images_only(labeled: dict, unlabeled: dict | None) -> Tensor:
+        """The images of every training patch of the iteration (labeled ⊕ unlabeled), never a label."""
+        parts = [labeled["data"]] + ([unlabeled["data"]] if unlabeled is not None else [])
+        return torch.cat(parts)
+
+    def pretrain_losses(self, labeled, unlabeled, carry):
+        x = self.images_only(labeled, unlabeled)
+        return {"cycle": cycle_loss(unwrap(self.network), unwrap(self.image), x, self.hp.recon_loss)}
+
+    # ------------------------------------------------------------------ phase 2
+    def lambda_weight(self) -> float:
+        """λ: linear from 0 to λ_max over ``rampup_fraction`` × phase 2 (within the policy's bounds)."""
+        hp = self.hp
+        span = next(s for s in self.phase_spans if s.name == COTRAIN)
+        start, n = span.start * self.num_iterations_per_epoch, len(span) * self.num_iterations_per_epoch
+        length = min(max(int(round(hp.rampup_fraction * n)), hp.rampup_min), hp.rampup_max, n)
+        return hp.lambda_max * ramps.linear_rampup(self.iteration - start + 1, length)
+
+    def cotrain_losses(self, labeled, unlabeled, carry):
+        hp, k = self.hp, self.num_classes
+        teacher, student, f_i = unwrap(self.network), unwrap(self.student), unwrap(self.image)
+        x_l = labeled["data"]
+        x = self.images_only(labeled, unlabeled)
+        n, n_l, T = x.shape[0], x_l.shape[0], hp.num_timesteps
+        noise_shape = (n, k, *x.shape[2:])
+        out_t = teacher.from_noise(x, _randn(noise_shape, x), _sample_t(n, T, x.device))  # eq. 8
+        out_s = student.from_noise(x, _randn(noise_shape, x), _sample_t(n, T, x.device))
+        lab = slice(0, n_l)
+        sup_t = self.supervised_loss(self.batch_part(out_t, lab), labeled["target"])  # eq. 10 (Dice+CE, DS)
+        sup_s = self.supervised_loss(self.batch_part(out_s, lab), labeled["target"])
+        logits_t, logits_s = _full(out_t).float(), _full(out_s).float()
+        cps_s, cps_t = cross_pseudo_supervision(logits_t, logits_s)  # eq. 9, on labeled and unlabeled (eq. 15-16)
+
+        # l̂ (eq. 13): the label where there is one, the student's argmax elsewhere
+        target = logits_s.detach().argmax(1)
+        ignore = self.label_manager.ignore_label if self.label_manager.has_ignore_label else -100
+        target[:n_l] = self.labels_of(labeled)
+        align, recon = [], []
+        for m_r, rec, _ in diffusion_rounds(teacher, f_i, x, logits_t, hp.rounds, hp.chained_rounds, hp.recon_loss):
+            align.append(F.cross_entropy(m_r, target, ignore_index=ignore))
+            recon.append(rec)
+        zero = logits_t.sum() * 0
+        l_align = torch.stack(align).mean() if align else zero
+        l_recon = torch.stack(recon).mean() if recon else zero
+        lam = self.lambda_weight()
+        return {"supervised_teacher": sup_t, "supervised_student": sup_s,
+                "cps": lam * (cps_s + cps_t), "align": lam * l_align, "reconstruction": lam * l_recon,
+                "_lambda": torch.tensor(lam), "_align_raw": l_align.detach(), "_reconstruction_raw": l_recon.detach()}
+
+    # ------------------------------------------------------------------ which network predicts
+    def inference_network(self) -> nn.Module:
+        return self.student if self.selection.choice == "student" else self.network
+
+    def validation_scores(self, num_batches: int) -> dict[str, float]:
+        """Mean foreground Dice of teacher and student (one deterministic inference forward each) on
+        ``num_batches`` validation batches of the fold (nnU-Net's validation patches)."""
+        lm = self.label_manager
+        fg = [c for c in range(self.num_classes) if c != 0]
+        counts = {name: np.zeros((len(fg), 3)) for name in ("teacher", "student")}
+        nets = {"teacher": unwrap(self.network), "student": unwrap(self.student)}
+        modes = {name: net.training for name, net in nets.items()}
+        try:
+            with torch.no_grad():
+                for _ in range(num_batches):
+                    batch = self._to_device(next(self.dataloader_val))
+                    y = self.labels_of(batch)
+                    valid = y != lm.ignore_label if lm.has_ignore_label else torch.ones_like(y, dtype=torch.bool)
+                    for name, net in nets.items():
+                        net.eval()
+                        with self.autocast():
+                            pred = _full(net(batch["data"])).argmax(1)
+                        for i, c in enumerate(fg):
+                            p, g = (pred == c) & valid, (y == c) & valid
+                            counts[name][i] += [(p & g).sum().item(), (p & ~g).sum().item(), (~p & g).sum().item()]
+        finally:
+            for name, net in nets.items():
+                net.train(modes[name])
+        scores = {}
+        for name, c in counts.items():
+            denom = 2 * c[:, 0] + c[:, 1] + c[:, 2]
+            dice = [2 * tp / d for (tp, _, _), d in zip(c, denom) if d > 0]
+            scores[name] = float(np.mean(dice)) if dice else float("nan")
+        return scores
+
+    def select_predictor(self) -> None:
+        """``predictor = "auto"``: keep the network with the higher validation Dice (teacher on ties or
+        without validation cases); record the choice."""
+        if self.hp.predictor == "auto":
+            has_val = self.semi_split is not None and len(self.semi_split.validation) > 0
+            if has_val and self.hp.select_batches > 0 and self.dataloader_val is not None:
+                scores = self.validation_scores(self.hp.select_batches)
+                self.selection.scores = scores
+                student_better = np.isfinite(scores["student"]) and (
+                    not np.isfinite(scores["teacher"]) or scores["student"] > scores["teacher"])
+                self.selection.choice = "student" if student_better else "teacher"
+            else:
+                self.selection.choice = "teacher"
+        if self.local_rank == 0:
+            self.print_to_log_file(f"superdiffusion: predicting with the {self.selection.choice} "
+                                   f"(validation Dice {self.selection.scores or 'not measured'})")
+            with open(os.path.join(self.output_folder, SELECTION_FILE), "w", encoding="utf-8") as f:
+                json.dump({"predictor": self.selection.choice, "rule": self.hp.predictor,
+                           "validation_dice": self.selection.scores}, f, indent=2)
+
+    def on_train_end(self):
+        self.select_predictor()  # before checkpoint_final is written (its network_weights are the chosen net)
+        super().on_train_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # nnU-Net validates self.network; validate the network that was exported
+        chosen, teacher = self.inference_network(), self.network
+        self.network = chosen
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.network = teacher

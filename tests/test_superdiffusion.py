@@ -1,0 +1,356 @@
+"""SuperDiffusion: eq. 3, the label-free cycle loss, CPS, rounds of diffusion, the inference module, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from helpers import assert_stock_predictor_matches, load_image, raw
+
+from semidiff_nnunet.diffusion import alphas_cumprod_from_betas, get_beta_schedule, q_sample
+from semidiff_nnunet.networks.timestep_unet import TimestepConditionedUNet
+from semidiff_nnunet.plugins.superdiffusion.networks import MaskPathway, reconstruct_image
+from semidiff_nnunet.plugins.superdiffusion.trainer import (
+    SuperDiffusionHParams,
+    SuperDiffusionTrainer,
+    cross_pseudo_supervision,
+    cycle_loss,
+    diffusion_rounds,
+)
+
+K = 3  # classes of the toy problems
+
+
+def _unet(dim: int, in_ch: int, out_ch: int, ds: bool = False) -> PlainConvUNet:
+    conv, norm = (torch.nn.Conv2d, torch.nn.InstanceNorm2d) if dim == 2 else (torch.nn.Conv3d, torch.nn.InstanceNorm3d)
+    return PlainConvUNet(in_ch, 3, [4, 8, 8], conv, 3, [1, 2, 2], 1, out_ch, 1, True, norm, {"affine": True},
+                         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=ds)
+
+
+def _pathways(dim: int = 2, c_img: int = 1, ds: bool = False, **kw):
+    f_m = MaskPathway(TimestepConditionedUNet(_unet(dim, c_img + K, K, ds), 16), K, **kw)
+    f_i = TimestepConditionedUNet(_unet(dim, c_img + K, c_img), 16)
+    return f_m, f_i
+
+
+# ----------------------------------------------------------------------------------------- eq. 3
+@pytest.mark.parametrize("schedule", ["linear", "sigmoid"])
+def test_eq3_recovers_the_image_exactly_from_the_true_noise(schedule):
+    ab = alphas_cumprod_from_betas(get_beta_schedule(schedule, 1000))  # float64
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    v = torch.randn_like(x)
+    t = torch.tensor([0, 10, 500, 900])
+    noisy = q_sample(x, ab[t], v)
+    assert torch.allclose(reconstruct_image(noisy, v, ab[t]), x, atol=1e-9, rtol=0)
+    # any other noise estimate gives another image (the sign of eq. 3's second term matters)
+    assert not torch.allclose(reconstruct_image(noisy, -v, ab[t]), x, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------- phase 1
+def test_cycle_loss_decreases_and_trains_both_pathways():
+    """A few Adam steps on one toy batch: the cycle loss falls below what predicting ε = 0 gives (1.0),
+    which needs the image pathway to read its noisy image; the mask pathway receives gradient."""
+    torch.manual_seed(0)
+    f_m, f_i = _pathways()
+    x = torch.randn(4, 1, 8, 8)
+    opt = torch.optim.Adam([*f_m.parameters(), *f_i.parameters()], 1e-2)
+    losses = []
+    for step in range(25):
+        opt.zero_grad()
+        loss = cycle_loss(f_m, f_i, x)
+        loss.backward()
+        if step == 0:
+            grads = [p.grad for p in f_m.net.unet.parameters() if p.grad is not None]
+            assert grads and any(g.abs().sum() > 0 for g in grads)  # gradient reaches f_m through the mask
+        opt.step()
+        losses.append(loss.item())
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < first and last < 0.8, (first, last)
+
+
+class _NoLabels(dict):
+    """A labeled batch whose ``target`` must not be read."""
+
+    def __getitem__(self, key):
+        if key == "target":
+            raise AssertionError("phase 1 read labeled['target']")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key == "target":
+            raise AssertionError("phase 1 read labeled['target']")
+        return super().get(key, default)
+
+
+def test_phase1_step_reads_no_label_and_ignores_label_values():
+    f_m, f_i = _pathways()
+    fake = types.SimpleNamespace(network=f_m, image=f_i, hp=SuperDiffusionHParams(),
+                                 images_only=SuperDiffusionTrainer.images_only)
+    x_l, x_u = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    labeled = _NoLabels(data=x_l, target=[torch.zeros(2, 1, 16, 16)])
+    torch.manual_seed(1)
+    a = SuperDiffusionTrainer.pretrain_losses(fake, labeled, {"data": x_u}, {})["cycle"]
+    # the same step with other label values in an ordinary dict gives the bit-identical loss
+    other = {"data": x_l, "target": [torch.randint(0, K, (2, 1, 16, 16)).float()]}
+    torch.manual_seed(1)
+    b = SuperDiffusionTrainer.pretrain_losses(fake, other, {"data": x_u}, {})["cycle"]
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------- phase 2
+def test_cps_is_symmetric_and_detaches_its_targets():
+    torch.manual_seed(0)
+    t = torch.randn(2, K, 6, 6, requires_grad=True)
+    s = torch.randn(2, K, 6, 6, requires_grad=True)
+    to_s, to_t = cross_pseudo_supervision(t, s)
+    swapped_to_s, swapped_to_t = cross_pseudo_supervision(s, t)
+    assert torch.equal(to_s, swapped_to_t) and torch.equal(to_t, swapped_to_s)
+    assert to_s.item() == pytest.approx(torch.nn.functional.cross_entropy(s, t.argmax(1)).item())
+    (g_t,) = torch.autograd.grad(to_s, t, allow_unused=True)  # the student's term moves only the student
+    assert g_t is None or g_t.abs().sum() == 0
+    (g_t,) = torch.autograd.grad(to_t, t)
+    assert g_t.abs().sum() > 0
+
+
+class _RecordingMask(torch.nn.Module):
+    """A deterministic 'mask pathway': logits depend on the image only."""
+
+    num_classes, num_timesteps = K, 1000
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod_from_betas(get_beta_schedule("linear", 1000)).float())
+        self.conv = torch.nn.Conv2d(1, K, 3, padding=1)
+
+    def from_noise(self, image, noise, t):
+        return self.conv(image)
+
+
+class _RecordingImage(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conditions = []
+        self.conv = torch.nn.Conv2d(1 + K, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        self.conditions.append(x[:, 1:].detach().clone())
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("chained", [True, False])
+def test_rounds_chained_vs_independent(chained):
+    """Chained (paper): round r is conditioned on round r−1's mask; independent (code): every round
+    on the teacher's first mask. Conditions are detached probabilities."""
+    torch.manual_seed(0)
+    f_m, f_i = _RecordingMask(), _RecordingImage()
+    x = torch.randn(2, 1, 8, 8)
+    first = torch.randn(2, K, 8, 8, requires_grad=True)
+    out = diffusion_rounds(f_m, f_i, x, first, 4, chained)
+    assert len(out) == 4
+    p0 = first.detach().softmax(1)
+    assert torch.allclose(out[0][2], p0)
+    for r in range(1, 4):
+        cond = out[r][2]
+        assert not cond.requires_grad
+        if chained:
+            assert torch.allclose(cond, out[r - 1][0].detach().softmax(1))
+            assert not torch.allclose(cond, p0)
+        else:
+            assert torch.equal(cond, p0)
+    # what f_i saw is 2·cond − 1
+    assert all(torch.allclose(seen, 2 * o[2] - 1) for seen, o in zip(f_i.conditions, out))
+    # alignment gradients reach the mask pathway, reconstruction gradients the image pathway
+    m_r, rec, _ = out[-1]
+    assert torch.autograd.grad(m_r.sum(), f_m.conv.weight)[0].abs().sum() > 0
+    assert torch.autograd.grad(rec, f_i.conv.weight)[0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------- inference
+@pytest.mark.parametrize("dim", [2, 3])
+def test_inference_module_is_deterministic_and_is_one_forward_from_noise(dim):
+    torch.manual_seed(0)
+    f_m, _ = _pathways(dim, ds=True, infer_t=-1)
+    f_m.eval()
+    shape = (16, 16) if dim == 2 else (8, 8, 8)
+    x = torch.randn(2, 1, *shape)
+    with torch.no_grad():
+        a, b = f_m(x), f_m(x)
+        assert isinstance(a, list) and all(torch.equal(p, q) for p, q in zip(a, b))
+        t = torch.full((2,), 999)
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn((2, K, *shape), generator=gen)
+        assert torch.equal(a[0], f_m.from_noise(x, v, t)[0])  # eq. 5 at T − 1 with the seeded noise
+        f_m.infer_noise = "zeros"
+        z = f_m(x)[0]
+        assert torch.equal(z, f_m(x)[0]) and not torch.equal(z, a[0])
+        f_m.infer_noise, f_m.infer_draws = "fixed", 3
+        probs = torch.stack([f_m.from_noise(x, torch.randn((2, K, *shape), generator=torch.Generator().manual_seed(k)),
+                                            t)[0].softmax(1) for k in range(3)]).mean(0)
+        assert torch.allclose(f_m(x)[0].softmax(1), probs, atol=1e-5)
+
+
+def test_mask_pathway_rejects_bad_settings():
+    with pytest.raises(ValueError, match="infer_t"):
+        _pathways(infer_t=1000)
+    with pytest.raises(ValueError, match="infer_noise"):
+        _pathways(infer_noise="random")
+
+
+# ----------------------------------------------------------------------------------------- CLI runs
+SHORT = ["--epochs", "3", "--iters-per-epoch", "2", "--set", "phase.pretrain=1", "--set", "rounds=2"]
+
+
+def _check_run(dataset, configuration, labeled):
+    from semidiff_nnunet import api
+
+    info = api.run_info(dataset, "superdiffusion", labeled, 0, configuration, 0, "semidiffDemoPlans")
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    semi = ck["semidiff"]
+    assert set(semi["networks"]) == {"network", "student", "image"} and set(semi["states"]) == {"selection"}
+    log = ck["logging"]
+    assert log["phase"] == ["pretrain", "cotrain", "cotrain"]
+    assert np.isfinite(log["term/cycle"][0]) and np.isnan(log["term/cycle"][1:]).all()
+    for term in ("supervised_teacher", "supervised_student", "cps", "align", "reconstruction"):
+        assert np.isnan(log[f"term/{term}"][0]) and np.isfinite(log[f"term/{term}"][1:]).all(), term
+    choice = semi["states"]["selection"]["choice"]
+    assert choice in ("teacher", "student")
+    exported = semi["networks"]["network" if choice == "teacher" else "student"]
+    assert all(torch.equal(ck["network_weights"][k], v) for k, v in exported.items())
+    recorded = json.loads((info.fold_folder / "superdiffusion_selection.json").read_text(encoding="utf-8"))
+    assert recorded["predictor"] == choice
+    return info
+
+
+@pytest.mark.slow
+def test_2d_superdiffusion_cli_both_phases_predict_and_stock_nnunet(demo2d, run_cli, tmp_path):
+    code, _, err = run_cli("plan-and-train", demo2d, "-m", "superdiffusion", "--labeled", "0.2", "-c", "2d", *SHORT,
+                           "--no-val", "--set", "infer_t=500", *TINY)
+    assert code == 0, err
+    info = _check_run(demo2d, "2d", "0.2")
+    pred = tmp_path / "pred"
+    code, _, err = run_cli("predict", "-d", demo2d, "-m", "superdiffusion", "--labeled", "0.2", "-c", "2d",
+                           "-i", raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "--device", "cpu", "--disable-tta")
+    assert code == 0, err
+    assert_stock_predictor_matches(run_cli, demo2d, "superdiffusion", "0.2", pred, tmp_path)
+    # the inference module stock nnU-Net rebuilds from the run folder uses the run's --set infer_t
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(str(info.model_folder / "plans.json"))
+    net = SuperDiffusionTrainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, False)
+    assert isinstance(net, MaskPathway) and net.infer_t == 500
+
+
+@pytest.mark.slow
+def test_3d_superdiffusion_cli_both_phases_and_predict(demo3d, run_cli, tmp_path):
+    code, _, err = run_cli("plan-and-train", demo3d, "-m", "superdiffusion", "--labeled", "2", "-c", "3d_fullres",
+                           *SHORT, "--no-val", *TINY)
+    assert code == 0, err
+    _check_run(demo3d, "3d_fullres", "2")
+    pred = tmp_path / "pred3d"
+    code, _, err = run_cli("predict", "-d", demo3d, "-m", "superdiffusion", "--labeled", "2", "-c", "3d_fullres",
+                           "-i", raw(demo3d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
+                           "--device", "cpu", "--disable-tta")
+    assert code == 0, err
+    ref = load_image(raw(demo3d) / "labelsTs" / "demots_000.nii.gz")
+    seg = load_image(pred / "demots_000.nii.gz")
+    assert seg.shape == ref.shape and set(np.unique(seg)) <= {0, 1, 2}
+
+
+# ----------------------------------------------------------------------------------------- the trainer
+PLANS = "semidiffDemoPlans"
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    return tmp_path / "results"
+
+
+def _trainer(dataset: str, epochs: int = 4, **config) -> SuperDiffusionTrainer:
+    from semidiff_nnunet import planning
+    from semidiff_nnunet.training import RunConfig
+    from semidiff_nnunet.training.splits import LabeledSpec
+
+    plans = planning.load_plans(dataset, PLANS)
+    plans["continue_training"] = False
+    config.setdefault("phases", {"pretrain": "1"})
+    config.setdefault("hparams", {"rounds": 2})
+    RunConfig(method="superdiffusion", labeled=LabeledSpec.parse("0.5"), num_epochs=epochs,
+              num_iterations_per_epoch=2, num_val_iterations_per_epoch=0, **config).write(plans)
+    dataset_json = json.loads((planning.preprocessed_folder(dataset) / "dataset.json").read_text(encoding="utf-8"))
+    t = SuperDiffusionTrainer(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    t.print_to_log_file = lambda *a, **k: None
+    return t
+
+
+def _params(*modules) -> dict:
+    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(modules) for k, v in m.state_dict().items()}
+
+
+def _one_step(dataset: str, epoch: int, target_seed: int) -> dict:
+    """One train_step of a fresh trainer at ``epoch`` on a fixed batch whose labels are drawn with ``target_seed``."""
+    import itertools
+
+    t = _trainer(dataset)
+    t.initialize()
+    t.current_epoch = epoch
+    t._enter_phase_of_current_epoch()
+    g = torch.Generator().manual_seed(123)
+    x_l, x_u = torch.randn(2, 1, 32, 32, generator=g), torch.randn(2, 1, 32, 32, generator=g)
+    y = torch.randint(0, 3, (2, 1, 32, 32), generator=torch.Generator().manual_seed(target_seed)).float()
+    with torch.no_grad():  # one target per deep-supervision output (the inference forward draws no global RNG)
+        target = [torch.nn.functional.interpolate(y, size=o.shape[2:], mode="nearest") for o in t.network(x_l)]
+    t.dataloader_unlabeled = itertools.repeat({"data": x_u})
+    torch.manual_seed(7)
+    t.train_step({"data": x_l, "target": target})
+    return _params(t.network, t.image, t.student)
+
+
+@pytest.mark.slow  # plans the demo dataset
+def test_phase1_weights_are_bit_identical_under_scrambled_labels(demo2d, results):
+    """The trainer's phase-1 step on a batch with scrambled labels gives bit-identical weights; the same
+    experiment in phase 2 (which learns from labels) does not — so the comparison can see label use."""
+    a, b = _one_step(demo2d, 0, target_seed=1), _one_step(demo2d, 0, target_seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _one_step(demo2d, 1, target_seed=1), _one_step(demo2d, 1, target_seed=2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # plans the demo dataset
+def test_resume_inside_the_cotraining_phase_is_exact(demo2d, results, monkeypatch):
+    import shutil
+
+    straight = _trainer(demo2d, save_every=1)
+    straight.initialize()
+    straight.run_training()
+    reference = _params(straight.network, straight.image, straight.student)
+    shutil.rmtree(results)
+
+    crashing = _trainer(demo2d, save_every=1)
+    original = SuperDiffusionTrainer.on_epoch_end
+
+    def crash_after_epoch_2(self):
+        original(self)  # checkpoint_latest holds epochs 0-2
+        if self.current_epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SuperDiffusionTrainer, "on_epoch_end", crash_after_epoch_2)
+    crashing.initialize()
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run_training()
+    monkeypatch.setattr(SuperDiffusionTrainer, "on_epoch_end", original)
+
+    resumed = _trainer(demo2d, save_every=1)
+    resumed.load_checkpoint(str(crashing.output_folder + "/checkpoint_latest.pth"))
+    assert resumed.current_epoch == 3 and resumed.current_phase.name == "cotrain"
+    assert resumed.extra_optimizers["student"][0].state  # restored, not fresh
+    resumed.run_training()
+    got = _params(resumed.network, resumed.image, resumed.student)
+    assert all(torch.equal(reference[k], got[k]) for k in got)
