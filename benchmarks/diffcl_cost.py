@@ -97,7 +97,7 @@ def main() -> dict:
     ds_in = torch.cat([x, y0], 1)
     cs = timed(lambda: _fwd_bwd(t.network, x), args.steps, args.warmup)
     ds = timed(lambda: _fwd_bwd(ds_net, ds_in, tt * 1000), args.steps, args.warmup)
-    for opt in t._all_optimizers():
+    for opt in [t.optimizer, *(o for o, _ in t.extra_optimizers.values())]:
         opt.zero_grad(set_to_none=True)
 
     plain = nnUNetTrainer.build_network_architecture(t.plans_manager, t.configuration_manager, t.num_input_channels,

@@ -142,6 +142,35 @@ def test_phases_steps_optimiser_restart_and_progress(demo2d, results):
     assert (results / demo2d / f"TwoPhaseTrainer__{PLANS}__2d" / "fold_0" / "progress.png").is_file()
 
 
+class LabelFreeFirstTrainer(TwoPhaseTrainer):
+    method_name = "label-free-test"
+    phases = (Phase("warmup", share=0.5, label_free=True), Phase("joint"))
+
+
+@pytest.mark.slow  # plans the demo dataset
+def test_a_label_free_phase_crops_without_looking_at_labels(demo2d, results, monkeypatch):
+    """During a ``label_free`` phase the labeled loader's workers start with foreground oversampling off
+    (crop positions independent of the labels); nnU-Net's oversampling is back in the next phase."""
+    from semidiff_nnunet.training.augmenters import EpochSeededAugmenter
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # worker processes copy the loader when they start
+    seen = []
+    original = EpochSeededAugmenter.start_epoch
+
+    def start_epoch(self, epoch):
+        if hasattr(self.data_loader, "oversample_foreground_percent"):
+            seen.append((epoch, self.data_loader.oversample_foreground_percent))
+        original(self, epoch)
+
+    monkeypatch.setattr(EpochSeededAugmenter, "start_epoch", start_epoch)
+    t = _trainer(demo2d, LabelFreeFirstTrainer)
+    t.initialize()
+    t.run_training()
+    nnunet = t.oversample_foreground_percent
+    assert nnunet > 0
+    assert seen == [(0, 0.0), (1, 0.0), (2, nnunet), (3, nnunet)]
+
+
 @pytest.mark.slow  # plans the demo dataset
 def test_phase_length_from_run_config(demo2d, results):
     t = _trainer(demo2d, phases={"warmup": "1"})

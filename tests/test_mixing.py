@@ -51,3 +51,17 @@ def test_paste_agrees_for_image_and_label(spatial):
     assert torch.equal(img[:, :1] == 1, mask) and torch.equal(img[:, 2:] == 1, mask)
     assert torch.equal(lab == 2, mask)
     assert torch.equal(paste(lab_a[:, 0], lab_b[:, 0], mask) == 2, mask[:, 0])  # (B, *spatial) maps
+
+
+def test_cutmix_box_aspect_ratio_spans_the_authors_range():
+    """UniMatch's obtain_cutmix_box: height/width ratio r ~ U(0.3, 1/0.3) on a square patch."""
+    g = torch.Generator().manual_seed(3)
+    mask = cutmix_box_mask(1500, (64, 64), p=1.0, generator=g)
+    ratios = []
+    for m in mask[:, 0]:
+        idx = m.nonzero()
+        h, w = (idx.max(0).values - idx.min(0).values + 1).tolist()
+        ratios.append(h / w)
+    ratios = torch.tensor(ratios)
+    assert ratios.min() < 0.4 and ratios.max() > 2.5
+    assert 0.8 < ratios.median() < 1.9  # uniform r: median near 1.8 before rejecting boxes that do not fit

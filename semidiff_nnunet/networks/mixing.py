@@ -7,7 +7,8 @@ same mask mixes images (all channels) and label maps, so image and label agree v
   ``generate_mask``: one box of ``round(2/3 · side)`` per axis at a uniformly random position,
   the same box for the whole batch in their code — here one per sample unless ``shared=True``);
 * :func:`cutmix_box_mask`: CutMix boxes as UniMatch's ``obtain_cutmix_box`` (area share
-  s ~ U(0.02, 0.4) of the patch, aspect ratio r ~ U(0.3, 1/0.3), drawn with probability p,
+  s ~ U(0.02, 0.4) of the patch, aspect ratio r ~ U(0.3, 1/0.3) relative to the patch's, drawn
+  with probability p,
   retried until the box fits); in 3D the same with the volume share s, sides
   s^(1/d) · patch side · aspect per axis, the aspects multiplying to 1.
 
@@ -60,12 +61,11 @@ def cutmix_box_mask(batch: int, spatial: Sequence[int], p: float = 0.5, area: tu
         if _rand(generator, 1).item() < p:
             for _attempt in range(100):
                 share = area[0] + (area[1] - area[0]) * _rand(generator, 1).item()
-                # aspects (log-uniform within ``ratio``) normalised to multiply to 1: the box covers
-                # share · patch; in 2D the width/height ratio of the box relative to the patch's is r
-                logs = [math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(generator, 1).item()
-                        for _ in range(d - 1)]
-                logs = [v / 2 for v in logs]  # r split between the two sides of each pair
-                aspects = [math.exp(v) for v in logs] + [1.0]
+                # aspect ratios r ~ U(ratio) (as the authors draw them), one per axis beyond the first;
+                # normalised so that the sides multiply to share · patch: in 2D, box height / width =
+                # r × patch height / width, the box covering share of the patch
+                aspects = [ratio[0] + (ratio[1] - ratio[0]) * _rand(generator, 1).item() for _ in range(d - 1)]
+                aspects = aspects + [1.0]
                 norm = math.prod(aspects) ** (1 / d)
                 sides = [int(round(share ** (1 / d) * n * a / norm)) for n, a in zip(spatial, aspects)]
                 if all(1 <= n <= s for n, s in zip(sides, spatial)):

@@ -14,6 +14,7 @@ its trainer (see ``SemiSupervisedTrainer``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ class Phase:
     share: float | None = None
     epochs: int | None = None
     summary: str = ""
+    #: the phase reads no label (e.g. SuperDiffusion's pretraining): the labeled loader then crops
+    #: uniformly at random instead of nnU-Net's foreground oversampling, so not even where its
+    #: patches are cut depends on a label
+    label_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def resolve_phases(declared: Sequence[Phase], overrides: dict[str, str], num_epo
     for p in declared:
         if p.name in overrides:
             share, epochs = parse_phase_length(p.name, overrides[p.name])
-            p = Phase(p.name, share, epochs, p.summary)
+            p = dataclasses.replace(p, share=share, epochs=epochs)
         phases.append(p)
     open_ended = [p.name for p in phases if p.share is None and p.epochs is None]
     if len(open_ended) > 1:

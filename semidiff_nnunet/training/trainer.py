@@ -209,7 +209,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_phase_start(self, phase: PhaseSpan) -> None:
         """Called when ``phase`` becomes active: at its first epoch, and when a resumed run continues
         inside it (before the checkpoint's optimiser states are restored, so an optimiser rebuilt
-        here receives them). Typical use: ``restart_optimizer``, freezing a network."""
+        here receives them). Typical use: ``restart_optimizer``, freezing a network. Not for copying
+        weights (e.g. initialising a teacher from the student): on ``--continue`` the networks' weights
+        are restored only after this hook; copy at the phase's first step instead (as BCP does)."""
 
     def after_step(self) -> None:
         """Called after every optimisation step of the iteration ``self.iteration`` (EMA updates)."""
@@ -374,9 +376,20 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.was_initialized:
             raise RuntimeError("initialize() called twice")
         super().initialize()
+        self.enable_hook_guards_if_compiled()
         self.build_method()
         self.logger.update_config({"semidiff": {"method": self.method_name, "hparams": hparams_to_dict(self.hp),
                                                 "labeled": self.labeled_spec.to_json(), "seed": self.seed}})
+
+    def enable_hook_guards_if_compiled(self) -> None:
+        """Methods add forward hooks during a forward (``captured_output``, ``replaced_output``: CCT,
+        UniMatch, Diff-CL); a network compiled by nnU-Net (CUDA) and traced without them would keep
+        ignoring them, so Dynamo must guard on module hooks (a process-wide Dynamo setting)."""
+        inner = getattr(self.network, "module", self.network)  # DDP
+        if hasattr(self.network, "_orig_mod") or hasattr(inner, "_orig_mod"):
+            import torch._dynamo
+
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
 
     def make_semi_split(self) -> SemiSplit:
         tr_keys, val_keys = self.do_split()
@@ -489,7 +502,19 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.on_phase_start(span)
 
     # ------------------------------------------------------------------ training
+    def _set_crop_policy(self) -> None:
+        """Labeled crops: nnU-Net's foreground oversampling, or uniform in a ``label_free`` phase (set
+        before the epoch's loader workers start, which copy the loader)."""
+        loader = getattr(self.dataloader_train, "data_loader", None)
+        if loader is None or not hasattr(loader, "oversample_foreground_percent"):
+            return
+        if not hasattr(self, "_oversample_foreground"):
+            self._oversample_foreground = loader.oversample_foreground_percent
+        loader.oversample_foreground_percent = 0.0 if self.current_phase.phase.label_free \
+            else self._oversample_foreground
+
     def on_train_epoch_start(self):
+        self._set_crop_policy()
         for gen in (self.dataloader_train, self.dataloader_unlabeled):
             if isinstance(gen, EpochSeededAugmenter):
                 gen.start_epoch(self.current_epoch)
