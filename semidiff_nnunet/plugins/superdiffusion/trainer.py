@@ -88,9 +88,9 @@ augmentation instead of 128×128 resized images; a truly 3D network in 3D (the c
 net on the central slice); poly LR per phase instead of warm-up + step decay; the unlabeled batch
 is not truncated to the labeled batch size. Region-based datasets are not supported (CPS needs
 mutually exclusive labels); DDP is not tested (the pathways are called through ``unwrap``).
-Phase 1 reads no label, but nnU-Net's labeled loader still places a third of the labeled crops on
-foreground (``oversample_foreground_percent``), which looks at label maps to choose *where* a
-labeled patch is cut; no label value reaches the networks.
+Phase 1 reads no label, also not through the crops: it is declared ``label_free``, so the engine's
+labeled loader cuts its patches uniformly at random during it (no foreground oversampling, which
+would look at label maps to choose *where* a patch is cut); phase 2 has nnU-Net's oversampling.
 
 Schedule, mapped onto the engine's policy (``BaseHParams``): the supervised burn-in is off
 (``burnin = 0``, ``burnin_min = 0``): it would train on labels during the label-free phase 1, and
@@ -252,7 +252,8 @@ class _Selection:
 class SuperDiffusionTrainer(SemiSupervisedTrainer):
     method_name = "superdiffusion"
     hparams_class = SuperDiffusionHParams
-    phases = (Phase(PRETRAIN, share=0.5, summary="label-free two-pathway cycle consistency (teacher)"),
+    phases = (Phase(PRETRAIN, share=0.5, summary="label-free two-pathway cycle consistency (teacher)",
+                    label_free=True),
               Phase(COTRAIN, summary="teacher-student CPS, supervised loss, rounds of diffusion"))
 
     @staticmethod
