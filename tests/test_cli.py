@@ -20,7 +20,7 @@ import pytest
 
 CLI = [sys.executable, "-m", "semidiff_nnunet.cli.main"]
 BUILTIN_METHODS = ("supervised", "mean-teacher", "uamt", "cps", "fixmatch", "urpc", "cct", "entropy-min",
-                   "diffrect", "diffcl", "unimatch", "bcp", "superdiffusion", "protodiff")
+                   "diffrect", "diffcl", "unimatch", "bcp", "superdiffusion", "protodiff", "semigda")
 HEAVY = ("torch", "nnunetv2", "dynamic_network_architectures", "batchgenerators", "SimpleITK")
 
 

@@ -19,7 +19,7 @@ from semidiff_nnunet.registry import Registry
 
 DIST = "semidiff-nnunet"
 BUILTIN_METHODS = ["bcp", "cct", "cps", "diffcl", "diffrect", "entropy-min", "fixmatch", "mean-teacher",
-                   "protodiff", "superdiffusion", "supervised", "uamt", "unimatch", "urpc"]
+                   "protodiff", "semigda", "superdiffusion", "supervised", "uamt", "unimatch", "urpc"]
 BUILTIN_CONVERTERS = ["acdc", "bcss", "brats2019", "busi", "cvc-clinicdb", "endoscapes2023", "generic", "glas", "hmeps",
                       "isic2018", "kvasir-seg", "la2018", "mosxav", "mscmrseg2019", "msd-prostate", "pancreas-ct",
                       "ph2", "polyp-pranet"]
