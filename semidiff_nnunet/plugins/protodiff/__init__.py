@@ -1,8 +1,11 @@
 """``protodiff``: prototype-anchored label diffusion that learns from noisy pseudo labels (Xi, Ma et al.,
 DGM4MICCAI 2025, arXiv 2507.16429).
 
-The method's trainer lives in :mod:`.trainer`; this module only registers it, so that listing
-methods imports neither torch nor nnU-Net.
+The method's trainer lives in :mod:`.trainer` (module docstring: defaults, sources, deviations, the
+schedule), its network in :mod:`.networks` (planned encoder, visual-specific branches, label encoder,
+latent projector, diffusion decoder, DDIM sampling inside ``forward``), its prototypes and losses
+(eq. 2, 3) in :mod:`.prototypes`. This module only registers it, so that listing methods imports
+neither torch nor nnU-Net.
 """
 
 from semidiff_nnunet import MethodSpec, hookimpl
