@@ -417,14 +417,19 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
           overrides: dict | Sequence[str] | None = None, continue_training: bool = False,
           plans_name: str = "nnUNetPlans", val_iters_per_epoch: int | None = None, save_every: int | None = None,
           final_validation: bool = True, show_progress: bool = True,
-          progress: TrainingProgress | None = None) -> RunInfo:
+          progress: TrainingProgress | None = None, nproc: int = 1) -> RunInfo:
     """Train one run; refuses to overwrite an existing run unless ``continue_training`` resumes it.
+
+    ``nproc`` > 1: a distributed run of that many ranks on this node (:mod:`semidiff_nnunet.training.
+    distributed`); under ``torchrun`` the ranks come from the environment instead.
 
     ``progress`` receives the training's progress (:mod:`semidiff_nnunet.training.progress`);
     ``show_progress`` keeps nnU-Net's own prints off the terminal (they still reach the training log).
     """
     opts = check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch,
                                val_iters_per_epoch, save_every)
+    _check_counts(nproc=nproc)
+    from semidiff_nnunet.training import distributed
     from semidiff_nnunet.training.hparams import hparams_to_dict
     from semidiff_nnunet.training.run_config import RunConfig
 
@@ -454,10 +459,17 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     if info.fold_folder.is_dir() and checkpoint is not None and not continue_training:
         raise SemidiffError(f"A run already exists in {info.fold_folder}; pass --continue to resume it.")
     hp, phases = opts.hparams, opts.phases
+    torchrun = distributed.init_from_env(opts.device) or distributed.world_size() > 1
+    world = distributed.world_size() if torchrun else nproc
     if continue_training and checkpoint is not None:
         hp, phases = _resumed_settings(info, opts.trainer_cls, hp, opts.hparam_overrides, phases)
-    if info.fold_folder.is_dir() and checkpoint is None and not continue_training:
+        _check_resumed_world_size(info, world)
+    if info.fold_folder.is_dir() and checkpoint is None and not continue_training and distributed.rank() == 0:
         shutil.rmtree(info.fold_folder)  # an attempt that died before its first checkpoint
+    if torchrun:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank starts before rank 0 has cleared a dead attempt
 
     activate_trainer_shim()
     dataset_json = planning.dataset_json(planning.preprocessed_folder(info.dataset))
@@ -465,17 +477,40 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
               num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch,
               num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every).write(plans)
     plans["continue_training"] = bool(continue_training and checkpoint is not None)
-    with _results_root(info.run_root):
-        with _quiet(show_progress):  # nnU-Net's banner goes to the training log
-            trainer = opts.trainer_cls(plans=plans, configuration=configuration, fold=fold,
-                                       dataset_json=dataset_json, device=opts.device)
-        trainer.progress = progress
-        if continue_training and checkpoint is not None:
-            trainer.load_checkpoint(str(checkpoint))
-        trainer.run_training()
-        if final_validation:
-            trainer.perform_actual_validation(False)
+    args = (opts.trainer_cls, plans, configuration, fold, dataset_json, info.run_root,
+            checkpoint if continue_training else None, final_validation, show_progress)
+    if nproc > 1 and not torchrun:
+        distributed.launch(nproc, opts.device, run_trainer, args, progress)
+    else:
+        run_trainer(*args, device=opts.device, progress=progress if distributed.rank() == 0 else None)
     return info
+
+
+def run_trainer(trainer_cls, plans: dict, configuration: str, fold, dataset_json: dict, run_root: Path,
+                checkpoint: Path | None, final_validation: bool, show_progress: bool, device, progress) -> None:
+    """Build the trainer, resume from ``checkpoint`` if given, train and validate (one process, or one
+    rank of a distributed run)."""
+    with _results_root(run_root):
+        with _quiet(show_progress):  # nnU-Net's banner goes to the training log
+            trainer = trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                                  device=device)
+        trainer.progress = progress
+        if checkpoint is not None:
+            trainer.load_checkpoint(str(checkpoint))
+        with _quiet(show_progress and trainer.local_rank != 0):
+            trainer.run_training()
+            if final_validation:
+                trainer.perform_actual_validation(False)
+
+
+def _check_resumed_world_size(info: RunInfo, world: int) -> None:
+    run_json = info.fold_folder / "semidiff_run.json"
+    if not run_json.is_file():
+        return
+    stored = int(json.loads(run_json.read_text(encoding="utf-8")).get("world_size", 1))
+    if stored != world:
+        raise SemidiffError(f"This run was trained with {stored} process(es); resume it with --nproc {stored} "
+                            f"(each rank's data stream and the batch split depend on it).")
 
 
 def _validate_only(info: RunInfo, plans: dict, configuration: str, fold, opts) -> None:
@@ -505,19 +540,19 @@ def plan_and_train(dataset: str | int, method: str, labeled: str = "1.0", seed: 
                    plans_name: str | None = None, gpu_memory_target: float | None = None,
                    num_processes: int = 2, val_iters_per_epoch: int | None = None, save_every: int | None = None,
                    final_validation: bool = True, show_progress: bool = True,
-                   progress: TrainingProgress | None = None) -> RunInfo:
+                   progress: TrainingProgress | None = None, nproc: int = 1) -> RunInfo:
     """Check the run's options, plan and preprocess ``dataset`` for ``configuration`` (steps already done
     are skipped), then :func:`train`."""
     check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch, val_iters_per_epoch,
                         save_every)
-    _check_counts(num_processes=num_processes)
+    _check_counts(num_processes=num_processes, nproc=nproc)
     pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
                                 plans_name=plans_name, num_processes=num_processes, show_progress=show_progress)
     return train(dataset, method, labeled=labeled, seed=seed, configuration=configuration, fold=fold, device=device,
                  epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=overrides,
                  continue_training=continue_training, plans_name=pname, val_iters_per_epoch=val_iters_per_epoch,
                  save_every=save_every, final_validation=final_validation, show_progress=show_progress,
-                 progress=progress)
+                 progress=progress, nproc=nproc)
 
 
 def check_fold(name: str, fold: int | str) -> None:

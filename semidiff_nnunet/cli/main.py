@@ -57,6 +57,10 @@ Continue = Annotated[bool, typer.Option("--continue", help="Resume an interrupte
 SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Write checkpoint_latest every N epochs "
                                                                     "(nnU-Net: 50).")]
 NoVal = Annotated[bool, typer.Option("--no-val", help="Skip the final validation of the fold.")]
+Nproc = Annotated[int, typer.Option("--nproc", "--num-gpus", metavar="N",
+                                     help="Train with N processes on this node (torch.distributed DDP): one per "
+                                          "GPU on CUDA, N CPU ranks with gloo under --device cpu; the global batch "
+                                          "is split over them. Under torchrun leave it at 1.")]
 Processes = Annotated[int, typer.Option("-np", "--num-processes", help="Worker processes for planning and "
                                                                      "preprocessing.")]
 
@@ -110,6 +114,7 @@ def plan_and_train(
     save_every: SaveEvery = None,
     no_val: NoVal = False,
     num_processes: Processes = 2,
+    nproc: Nproc = 1,
 ):
     """Plan and preprocess DATASET with nnU-Net (once), then train METHOD on a labeled fraction.
 
@@ -124,7 +129,7 @@ def plan_and_train(
                                   device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
                                   continue_training=cont, plans_name=plans, gpu_memory_target=gpu_memory_target,
                                   num_processes=num_processes, val_iters_per_epoch=val_iters, save_every=save_every,
-                                  final_validation=not no_val, show_progress=True, progress=bar)
+                                  final_validation=not no_val, show_progress=True, progress=bar, nproc=nproc)
     finally:
         bar.close()
     _report_run(info, t0)
@@ -147,6 +152,7 @@ def train(
     plans: Plans = None,
     save_every: SaveEvery = None,
     no_val: NoVal = False,
+    nproc: Nproc = 1,
 ):
     """Train METHOD on an already preprocessed dataset.
 
@@ -160,7 +166,8 @@ def train(
         info = api.train(dataset, method, labeled=labeled, seed=seed, configuration=configuration, fold=fold,
                          device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
                          continue_training=cont, plans_name=plans or "nnUNetPlans", val_iters_per_epoch=val_iters,
-                         save_every=save_every, final_validation=not no_val, show_progress=True, progress=bar)
+                         save_every=save_every, final_validation=not no_val, show_progress=True, progress=bar,
+                         nproc=nproc)
     finally:
         bar.close()
     _report_run(info, t0)

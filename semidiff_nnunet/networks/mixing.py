@@ -42,7 +42,7 @@ def random_box_mask(batch: int, spatial: Sequence[int], fraction: float = 2 / 3,
         raise ValueError(f"box fraction must be in (0, 1], got {fraction}")
     sides = [max(1, int(round(fraction * s))) for s in spatial]
     masks = []
-    for i in range(1 if shared else batch):
+    for _ in range(1 if shared else batch):
         starts = [int(_rand(generator, 1).item() * (s - n + 1)) for s, n in zip(spatial, sides)]
         masks.append(_box(spatial, sides, starts))
     out = torch.stack(masks * batch if shared else masks)[:, None]

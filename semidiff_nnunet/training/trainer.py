@@ -147,6 +147,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         cfg = RunConfig.read(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:
+            # nnU-Net assumes one GPU per rank, indexed by the global rank; here CPU ranks (gloo) work too,
+            # and on CUDA the node-local rank picks the GPU (multi-node torchrun)
+            if torch.device(device).type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.local_rank)))
+            else:
+                self.device = torch.device(device)
+                self.grad_scaler = None
         self.run_config = cfg
         self.seed = cfg.seed
         self.labeled_spec = cfg.labeled
@@ -303,15 +311,31 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise ValueError(f"network name {name!r} is taken")
         module = module.to(self.device)
         if self.is_ddp and trainable:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            module = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(module), device_ids=[self.local_rank])
+            module = self.wrap_ddp(module)
         self.extra_networks[name] = module
         if trainable:
             optimizer = optimizer or self._default_optimizer(module)
             scheduler = PolyLRScheduler(optimizer, optimizer.param_groups[0]["lr"], self.num_epochs) if poly_lr else None
             self.extra_optimizers[name] = (optimizer, scheduler)
         return module
+
+    def wrap_ddp(self, module: nn.Module) -> nn.Module:
+        """A trainable network under DDP (gradients averaged over ranks; the parameters are broadcast from
+        rank 0 here, so every rank starts from the same weights)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+
+    @property
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size() if self.is_ddp else 1
+
+    def rank_share(self, global_batch: int) -> int:
+        """This rank's part of a global batch size (nnU-Net's split: the first ranks take the remainder)."""
+        n, r = self.world_size, self.local_rank
+        return global_batch // n + (1 if r < global_batch % n else 0)
 
     def _default_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(module.parameters(), self.initial_lr, weight_decay=self.weight_decay,
@@ -375,7 +399,15 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def initialize(self):
         if self.was_initialized:
             raise RuntimeError("initialize() called twice")
-        super().initialize()
+        ddp, self.is_ddp = self.is_ddp, False  # nnU-Net's own DDP wrapping assumes a GPU per global rank
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = ddp
+        if ddp:
+            self._set_batch_size_and_oversample()  # this rank's share of the global batch
+            self.network = self.wrap_ddp(self.network)
+            self.loss = self._build_loss()  # nnU-Net's batch Dice over all ranks
         self.enable_hook_guards_if_compiled()
         self.build_method()
         self.logger.update_config({"semidiff": {"method": self.method_name, "hparams": hparams_to_dict(self.hp),
@@ -412,7 +444,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if n_proc > 0:
             # training batches reproducible with workers (see training/augmenters.py); validation order
             # does not touch the weights, so it keeps nnU-Net's unordered workers
-            dl_tr = EpochSeededAugmenter(dl_tr.data_loader, n_proc, self.seed, stream=0,
+            dl_tr = EpochSeededAugmenter(dl_tr.data_loader, n_proc, self.seed, stream=2 * self.local_rank,
                                          num_cached=max(2, n_proc // 4), pin_memory=self.device.type == "cuda")
             dl_val = NonDetMultiThreadedAugmenter(dl_val.data_loader, None, num_processes=max(1, n_proc // 2),
                                                   num_cached=max(3, n_proc // 4), seeds=None,
@@ -443,23 +475,26 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             use_mask_for_norm=None, is_cascaded=False, foreground_labels=self.label_manager.foreground_labels,
             regions=None, ignore_label=None)
         geometric, intensity = split_transforms(pipeline)
-        batch_size = self.hp.unlabeled_batch_size or self.batch_size
+        # the unlabeled batch is global like nnU-Net's: split over the ranks (default: as the labeled one)
+        batch_size = max(1, self.rank_share(self.hp.unlabeled_batch_size)) if self.hp.unlabeled_batch_size \
+            else self.batch_size
         loader = UnlabeledDataLoader(UnlabeledDataset(sources), batch_size, initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
                                      geometric, intensity, self.get_strong_transforms(), self.strong_views)
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             return SingleThreadedAugmenter(loader, None)
-        return EpochSeededAugmenter(loader, max(1, n_proc // 2), self.seed, stream=1, num_cached=2,
+        return EpochSeededAugmenter(loader, max(1, n_proc // 2), self.seed, stream=1 + 2 * self.local_rank, num_cached=2,
                                     pin_memory=self.device.type == "cuda")
 
     def on_train_start(self):
         super().on_train_start()
         # deterministic from here on: the main process's RNG here, the workers' by (seed, epoch)
-        seed_everything(self.seed + 1)
+        # (each rank its own stream: different patches and noise per rank, rank 0 as a single process)
+        seed_everything(self.seed + 1 + 7919 * self.local_rank)
         for i, gen in enumerate(self._augmenters()):
             if isinstance(gen, SingleThreadedAugmenter):
-                gen.data_loader.rs = np.random.RandomState(self.seed + 17 * (i + 1))
+                gen.data_loader.rs = np.random.RandomState(self.seed + 17 * (i + 1) + 7919 * self.local_rank)
         if self._pending_rng is not None:
             self._restore_rng(self._pending_rng)
             self._pending_rng = None
@@ -482,8 +517,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             "phase_overrides": dict(self.run_config.phases),
             "num_epochs": self.num_epochs,
             "num_iterations_per_epoch": self.num_iterations_per_epoch,
-            "batch_size": self.batch_size,
-            "unlabeled_batch_size": (self.hp.unlabeled_batch_size or self.batch_size) if self.uses_unlabeled else 0,
+            "batch_size": self.configuration_manager.batch_size,
+            "unlabeled_batch_size": (self.hp.unlabeled_batch_size or self.configuration_manager.batch_size)
+            if self.uses_unlabeled else 0,
+            "world_size": self.world_size,
             "split": self.semi_split.to_json(),
         }
         tmp = os.path.join(self.output_folder, "semidiff_run.json.tmp")
@@ -591,8 +628,15 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def _check_finite(self, loss: np.ndarray, terms: dict) -> None:
         """Count consecutive non-finite losses; past ``max_nonfinite_steps`` end the run with one sentence
-        naming the terms, instead of training on NaN weights until the last epoch."""
-        if np.isfinite(loss).all():
+        naming the terms, instead of training on NaN weights until the last epoch. Under DDP the ranks
+        agree (a rank's non-finite loss counts for all), so they stop together instead of one waiting
+        for the others forever."""
+        finite = bool(np.isfinite(loss).all())
+        if self.is_ddp:
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            finite = flag.item() == 0.0
+        if finite:
             self._nonfinite_steps = 0
             return
         self._nonfinite_steps += 1

@@ -188,6 +188,12 @@ class RectificationNet(nn.Module):
     def decode(self, features: Sequence[Tensor], latent: Tensor, temb: Tensor) -> Tensor:
         return self.decoder([*features[:-1], latent], temb)
 
+    def forward(self, run, *args):
+        """``run(self, *args)``: one pass of a procedure over the parts (e.g. a training pass of
+        :class:`~.rectification.LatentRectification`) as this module's forward, so that under DDP the
+        pass goes through the wrapper's forward and its gradients are averaged over the ranks."""
+        return run(self, *args)
+
 
 def rectification_net_from_plans(arch_kwargs: dict, patch_size: Sequence[int], in_channels: int, num_classes: int,
                                  width_factor: float = 0.5, num_stages: int = 5, **kwargs) -> RectificationNet:

@@ -32,7 +32,12 @@ class LatentRectification:
 
     def loss_and_logits(self, net: RectificationNet, image: Tensor, cond_colour: Tensor, guidance: Tensor,
                         target_colour: Tensor) -> tuple[Tensor, Tensor]:
-        """(latent MSE, logits (B, C, *spatial)) for one training pass; ``guidance`` (B,) float."""
+        """(latent MSE, logits (B, C, *spatial)) for one training pass; ``guidance`` (B,) float. ``net``
+        may be DDP-wrapped: the pass runs as the network's forward."""
+        return net(self._loss_and_logits, image, cond_colour, guidance, target_colour)
+
+    def _loss_and_logits(self, net: RectificationNet, image: Tensor, cond_colour: Tensor, guidance: Tensor,
+                         target_colour: Tensor) -> tuple[Tensor, Tensor]:
         temb = net.embed(guidance)
         img, feats = net.context(image, cond_colour, temb)
         with torch.no_grad():
@@ -46,6 +51,7 @@ class LatentRectification:
     def sample(self, net: RectificationNet, image: Tensor, cond_colour: Tensor, guidance: Tensor,
                generator: torch.Generator | None = None) -> Tensor:
         """Rectified logits (B, C, *spatial), no gradient: DDIM over ``scheduler.timesteps`` from N(0, I)."""
+        net = getattr(net, "module", net)  # no gradient: the DDP wrapper is not needed
         temb = net.embed(guidance)
         _, feats = net.context(image, cond_colour, temb)
         cond = feats[-1]

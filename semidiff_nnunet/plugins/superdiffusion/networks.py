@@ -86,9 +86,12 @@ class MaskPathway(nn.Module):
         gen.manual_seed(self.infer_seed + draw)
         return torch.randn(shape, generator=gen, device=image.device, dtype=torch.float32)
 
-    def forward(self, image: Tensor) -> Tensor | list[Tensor]:
+    def forward(self, image: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> Tensor | list[Tensor]:
         """The inference model: f_m(image, v_m, infer_t), deterministic; with ``infer_draws`` = K > 1 the
-        log of the mean softmax over K noise draws (valid logits: their softmax is the mean)."""
+        log of the mean softmax over K noise draws (valid logits: their softmax is the mean). Given
+        ``noise`` and ``t``: the training pass :meth:`from_noise` (as the forward, so that DDP sees it)."""
+        if noise is not None:
+            return self.from_noise(image, noise, t)
         t = torch.full((image.shape[0],), self.infer_t, device=image.device, dtype=torch.long)
         outs = [self.from_noise(image, self.inference_noise(image, k), t) for k in range(self.infer_draws)]
         if len(outs) == 1:

@@ -87,7 +87,8 @@ supervision on the supervised term) instead of the code's DDPM U-Net; patches wi
 augmentation instead of 128×128 resized images; a truly 3D network in 3D (the code's "3D" is a 2D
 net on the central slice); poly LR per phase instead of warm-up + step decay; the unlabeled batch
 is not truncated to the labeled batch size. Region-based datasets are not supported (CPS needs
-mutually exclusive labels); DDP is not tested (the pathways are called through ``unwrap``).
+mutually exclusive labels). Under DDP every training pass goes through the wrappers' forward (two-rank
+test: every network bit-identical across ranks).
 Phase 1 reads no label, also not through the crops: it is declared ``label_free``, so the engine's
 labeled loader cuts its patches uniformly at random during it (no foreground oversampling, which
 would look at label maps to choose *where* a patch is cut); phase 2 has nnU-Net's oversampling.
@@ -173,6 +174,19 @@ def _full(output) -> Tensor:
     return output[0] if isinstance(output, (list, tuple)) else output
 
 
+def _core(f_m) -> MaskPathway:
+    """The MaskPathway inside a DDP wrapper (for its attributes; passes go through the wrapper)."""
+    return getattr(f_m, "module", f_m)
+
+
+def _touch_all_scales(loss: Tensor, output) -> Tensor:
+    """``loss`` plus 0 × the lower deep-supervision outputs: their heads then take part in the backward
+    (zero gradients), which DDP needs from every parameter of a wrapped network."""
+    if isinstance(output, (list, tuple)) and len(output) > 1:
+        loss = loss + sum(o.sum() for o in output[1:]) * 0.0
+    return loss
+
+
 def _sample_t(n: int, num_timesteps: int, device, generator: torch.Generator | None = None) -> Tensor:
     return torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
 
@@ -202,11 +216,13 @@ def image_pathway(image_net: nn.Module, x: Tensor, mask_probs: Tensor, alpha_bar
 def cycle_loss(f_m: MaskPathway, f_i: nn.Module, x: Tensor, kind: str = "eps",
                generator: torch.Generator | None = None) -> Tensor:
     """Phase 1 (eq. 5–7) on images ``x`` only: m̂ = f_m(x, q(0|t), t); f_i(q(x|t'), m̂, t') reconstructs x."""
-    n, k, T = x.shape[0], f_m.num_classes, f_m.num_timesteps
+    core = _core(f_m)
+    n, k, T = x.shape[0], core.num_classes, core.num_timesteps
     t = _sample_t(n, T, x.device, generator)
-    logits = _full(f_m.from_noise(x, _randn((n, k, *x.shape[2:]), x, generator), t))
-    eps_hat, noise, noisy, ab = image_pathway(f_i, x, logits.float().softmax(1), f_m.alphas_cumprod, T, generator)
-    return recon_loss(x, noise, eps_hat, noisy, ab, kind)
+    out = f_m(x, _randn((n, k, *x.shape[2:]), x, generator), t)
+    logits = _full(out)
+    eps_hat, noise, noisy, ab = image_pathway(f_i, x, logits.float().softmax(1), core.alphas_cumprod, T, generator)
+    return _touch_all_scales(recon_loss(x, noise, eps_hat, noisy, ab, kind), out)
 
 
 def diffusion_rounds(f_m: MaskPathway, f_i: nn.Module, x: Tensor, first_mask_logits: Tensor, rounds: int,
@@ -218,13 +234,14 @@ def diffusion_rounds(f_m: MaskPathway, f_i: nn.Module, x: Tensor, first_mask_log
     first = first_mask_logits.detach().float().softmax(1)
     lo, hi = x.detach().min(), x.detach().max()
     cond, out = first, []
-    n, k, T = x.shape[0], f_m.num_classes, f_m.num_timesteps
+    core = _core(f_m)
+    n, k, T = x.shape[0], core.num_classes, core.num_timesteps
     for _ in range(rounds):
-        eps_hat, noise, noisy, ab = image_pathway(f_i, x, cond, f_m.alphas_cumprod, T, generator)
+        eps_hat, noise, noisy, ab = image_pathway(f_i, x, cond, core.alphas_cumprod, T, generator)
         loss = recon_loss(x, noise, eps_hat, noisy, ab, kind)
         x_hat = reconstruct_image(noisy.float(), eps_hat.detach().float(), ab).clamp(lo, hi).to(x.dtype)
         t = _sample_t(n, T, x.device, generator)
-        m_r = _full(f_m.from_noise(x_hat, _randn((n, k, *x.shape[2:]), x, generator), t)).float()
+        m_r = _full(f_m(x_hat, _randn((n, k, *x.shape[2:]), x, generator), t)).float()
         out.append((m_r, loss, cond))
         cond = m_r.detach().softmax(1) if chained else first
     return out
@@ -286,6 +303,10 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
         c_img = self.num_input_channels
         image_unet = self.build_planned_network(deep_supervision=False, num_input_channels=c_img + self.num_classes,
                                                 num_output_channels=c_img)
+        # f_i predicts at full resolution only: its lower-resolution heads would be parameters that never
+        # receive a gradient (DDP refuses those), so they are dropped
+        heads = image_unet.decoder.seg_layers
+        image_unet.decoder.seg_layers = nn.ModuleList([nn.Identity() for _ in range(len(heads) - 1)] + [heads[-1]])
         self.image = self.register_network("image", TimestepConditionedUNet(image_unet, hp.time_embedding_dim))
         self.selection = self.register_state("selection", _Selection("teacher" if hp.predictor == "auto"
                                                                      else hp.predictor))
@@ -320,7 +341,8 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
 
     def pretrain_losses(self, labeled, unlabeled, carry):
         x = self.images_only(labeled, unlabeled)
-        return {"cycle": cycle_loss(unwrap(self.network), unwrap(self.image), x, self.hp.recon_loss)}
+        # the wrappers, not unwrap(...): under DDP every pass goes through the wrapper's forward
+        return {"cycle": cycle_loss(self.network, self.image, x, self.hp.recon_loss)}
 
     # ------------------------------------------------------------------ phase 2
     def lambda_weight(self) -> float:
@@ -333,13 +355,13 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
 
     def cotrain_losses(self, labeled, unlabeled, carry):
         hp, k = self.hp, self.num_classes
-        teacher, student, f_i = unwrap(self.network), unwrap(self.student), unwrap(self.image)
+        teacher, student, f_i = self.network, self.student, self.image  # DDP wrappers under DDP
         x_l = labeled["data"]
         x = self.images_only(labeled, unlabeled)
         n, n_l, T = x.shape[0], x_l.shape[0], hp.num_timesteps
         noise_shape = (n, k, *x.shape[2:])
-        out_t = teacher.from_noise(x, _randn(noise_shape, x), _sample_t(n, T, x.device))  # eq. 8
-        out_s = student.from_noise(x, _randn(noise_shape, x), _sample_t(n, T, x.device))
+        out_t = teacher(x, _randn(noise_shape, x), _sample_t(n, T, x.device))  # eq. 8
+        out_s = student(x, _randn(noise_shape, x), _sample_t(n, T, x.device))
         lab = slice(0, n_l)
         sup_t = self.supervised_loss(self.batch_part(out_t, lab), labeled["target"])  # eq. 10 (Dice+CE, DS)
         sup_s = self.supervised_loss(self.batch_part(out_s, lab), labeled["target"])

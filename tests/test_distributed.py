@@ -1,0 +1,116 @@
+"""Distributed training: two gloo ranks on the CPU (``--nproc 2 --device cpu``), as on N GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import TINY
+
+from semidiff_nnunet.plugins.mean_teacher.trainer import MeanTeacherTrainer
+from semidiff_nnunet.training import unwrap
+
+pytestmark = pytest.mark.slow
+
+
+class RankDumpTrainer(MeanTeacherTrainer):
+    """Mean teacher that also saves every rank's networks and the patches it drew, to compare ranks."""
+
+    method_name = "mean-teacher"
+
+    def train_step(self, batch):
+        self.__dict__.setdefault("_keys", []).append(list(batch.get("keys", [])))
+        return super().train_step(batch)
+
+    def on_train_end(self):
+        torch.save({"network": unwrap(self.network).state_dict(), "teacher": self.teacher.module.state_dict(),
+                    "keys": self.__dict__.get("_keys", []), "world": self.world_size, "batch": self.batch_size,
+                    "device": str(self.device)},
+                   os.path.join(self.output_folder, f"rank{self.local_rank}.pt"))
+        super().on_train_end()
+
+
+def test_two_cpu_ranks_train_in_step(demo2d, run_cli, monkeypatch):
+    from semidiff_nnunet import api
+
+    monkeypatch.setattr(api, "method_trainer", lambda name: RankDumpTrainer)
+    code, out, err = run_cli("train", demo2d, "-m", "mean-teacher", "--labeled", "0.5", "-c", "2d", "--epochs", "2",
+                             "--iters-per-epoch", "3", "--no-val", "--nproc", "2", *TINY)
+    assert code == 0, err
+    info = api.run_info(demo2d, "mean-teacher", "0.5", 0, "2d", 0, "semidiffDemoPlans")
+    assert (info.fold_folder / "checkpoint_final.pth").is_file()
+    run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
+    assert run["world_size"] == 2
+    r0, r1 = (torch.load(info.fold_folder / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["device"] == r1["device"] == "cpu"
+    assert r0["batch"] + r1["batch"] == run["batch_size"]  # nnU-Net's split of the global batch
+    # every network (the DDP student and the EMA teacher) is bit-identical across ranks after training
+    for part in ("network", "teacher"):
+        for k, v in r0[part].items():
+            assert torch.equal(v, r1[part][k]), (part, k)
+    # ... and the final checkpoint holds them
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert all(torch.equal(ck["network_weights"][k], v) for k, v in r0["network"].items())
+    # the ranks trained on different patches
+    assert r0["keys"] != r1["keys"]
+    # only rank 0 writes the run's files
+    assert not list(info.fold_folder.glob("training_log*rank1*"))
+
+
+
+
+CI_METHODS = ("supervised", "cps", "diffrect", "diffcl")  # with mean-teacher above: what CI runs in two ranks
+OTHER_METHODS = ("uamt", "fixmatch", "urpc", "cct", "entropy-min", "unimatch", "bcp", "superdiffusion", "protodiff")
+
+
+def _dump_states(self):
+    """on_train_end of the dump trainers: this rank's every network and method state."""
+    states = {"network": unwrap(self.network).state_dict()}
+    states.update({n: unwrap(m).state_dict() for n, m in self.extra_networks.items()})
+    states.update({f"state/{n}": s.state_dict() for n, s in self.method_states.items() if hasattr(s, "state_dict")})
+    torch.save(states, os.path.join(self.output_folder, f"rank{self.local_rank}_states.pt"))
+    type(self).__mro__[1].on_train_end(self)
+
+
+def _dump_class(method: str):
+    from semidiff_nnunet import api
+
+    base = api.method_trainer(method)
+    return type(f"Dump_{base.__name__}", (base,), {"on_train_end": _dump_states, "__module__": __name__})
+
+
+# module-level classes, so that spawned ranks find them by name
+DUMP = {m: _dump_class(m) for m in CI_METHODS + OTHER_METHODS}
+globals().update({cls.__name__: cls for cls in DUMP.values()})
+
+
+ALL_RANKS = pytest.mark.skipif(os.environ.get("SEMIDIFF_DDP_ALL") != "1",
+                               reason="two-rank runs beyond CI's five methods: set SEMIDIFF_DDP_ALL=1")
+
+
+@pytest.mark.parametrize("method", [m if m in CI_METHODS else pytest.param(m, marks=ALL_RANKS)
+                                    for m in CI_METHODS + OTHER_METHODS])
+def test_every_method_trains_in_two_cpu_ranks(demo2d, run_cli, method, monkeypatch):
+    """Two gloo ranks of every built-in method: the run finishes and every network and method state (EMA
+    teachers, memory banks, prototypes) is bit-identical across the ranks afterwards."""
+    from semidiff_nnunet import api
+
+    real = api.method_trainer
+    monkeypatch.setattr(api, "method_trainer", lambda name: DUMP[name] if name == method else real(name))
+    sets = {"diffrect": ["--set", "refine_start=0", "--set", "refine_min_updates=0"],
+            "bcp": ["--set", "phase.pretrain=1"], "superdiffusion": ["--set", "phase.pretrain=1"]}.get(method, [])
+    code, out, err = run_cli("train", demo2d, "-m", method, "--labeled", "0.5", "-c", "2d", "--epochs", "2",
+                             "--iters-per-epoch", "2", "--no-val", "--nproc", "2", *sets, *TINY)
+    assert code == 0, err
+    info = api.run_info(demo2d, method, "0.5", 0, "2d", 0, "semidiffDemoPlans")
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["current_epoch"] == 2
+    assert json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))["world_size"] == 2
+    r0, r1 = (torch.load(info.fold_folder / f"rank{r}_states.pt", weights_only=False) for r in (0, 1))
+    assert set(r0) == set(r1)
+    for part, state in r0.items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, r1[part][k]), f"{method}: {part}.{k} differs between the ranks"
