@@ -24,9 +24,15 @@ class RankDumpTrainer(MeanTeacherTrainer):
         self.__dict__.setdefault("_keys", []).append(list(batch.get("keys", [])))
         return super().train_step(batch)
 
+    def compute_losses(self, labeled, unlabeled):
+        self.__dict__.setdefault("_ukeys", []).append([str(k) for k in unlabeled["keys"]])
+        self.__dict__.setdefault("_unoise", []).append(float(torch.randn(1)))
+        return super().compute_losses(labeled, unlabeled)
+
     def on_train_end(self):
         torch.save({"network": unwrap(self.network).state_dict(), "teacher": self.teacher.module.state_dict(),
                     "keys": self.__dict__.get("_keys", []), "world": self.world_size, "batch": self.batch_size,
+                    "ukeys": self.__dict__.get("_ukeys", []), "unoise": self.__dict__.get("_unoise", []),
                     "device": str(self.device)},
                    os.path.join(self.output_folder, f"rank{self.local_rank}.pt"))
         super().on_train_end()
@@ -53,8 +59,9 @@ def test_two_cpu_ranks_train_in_step(demo2d, run_cli, monkeypatch):
     # ... and the final checkpoint holds them
     ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert all(torch.equal(ck["network_weights"][k], v) for k, v in r0["network"].items())
-    # the ranks trained on different patches
+    # the ranks trained on different patches and drew different noise (each rank its own streams)
     assert r0["keys"] != r1["keys"]
+    assert r0["ukeys"] and r0["ukeys"] != r1["ukeys"] and r0["unoise"] != r1["unoise"]
     # only rank 0 writes the run's files
     assert not list(info.fold_folder.glob("training_log*rank1*"))
 
@@ -114,3 +121,16 @@ def test_every_method_trains_in_two_cpu_ranks(demo2d, run_cli, method, monkeypat
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, r1[part][k]), f"{method}: {part}.{k} differs between the ranks"
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    from semidiff_nnunet import api
+    from semidiff_nnunet.errors import SemidiffError
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    (fold / "semidiff_run.json").write_text(json.dumps({"world_size": 2}), encoding="utf-8")
+    info = api.RunInfo("D", "supervised", "SupervisedTrainer", "lab0.5", 0, "2d", 0, "P", tmp_path, tmp_path, fold)
+    api._check_resumed_world_size(info, 2)
+    with pytest.raises(SemidiffError, match="resume it with --nproc 2"):
+        api._check_resumed_world_size(info, 1)
