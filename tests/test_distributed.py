@@ -134,3 +134,23 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     api._check_resumed_world_size(info, 2)
     with pytest.raises(SemidiffError, match="resume it with --nproc 2"):
         api._check_resumed_world_size(info, 1)
+
+
+def test_torchrun_two_cpu_ranks(demo2d, tmp_path):
+    """The multi-node entry: torchrun starts the CLI in every rank (env:// rendezvous), no --nproc."""
+    import subprocess
+    import sys
+
+    from semidiff_nnunet import api
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-port", str(__import__("semidiff_nnunet.training.distributed", fromlist=["x"]).free_port()),
+           "-m", "semidiff_nnunet.cli.main", "train", demo2d, "-m", "supervised", "--labeled", "0.5", "--seed", "3",
+           "-c", "2d", "--epochs", "1", "--iters-per-epoch", "2", "--no-val", *TINY]
+    res = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+    out = res.stdout.decode("utf-8", "replace") + res.stderr.decode("utf-8", "replace")
+    assert res.returncode == 0, out
+    info = api.run_info(demo2d, "supervised", "0.5", 3, "2d", 0, "semidiffDemoPlans")
+    run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
+    assert run["world_size"] == 2 and (info.fold_folder / "checkpoint_final.pth").is_file()
