@@ -44,3 +44,28 @@ def started_trainer(cls, name: str, plans_name: str, configuration: str, dataset
     t.on_train_epoch_start()
     t.iteration = getattr(t, "burnin_iterations", 0)  # measure the method's full step, not the burn-in
     return t
+
+
+def median_timer(device):
+    """``timed(fn, steps, warmup)``: the median wall time of ``fn`` over ``steps`` calls after ``warmup``
+    calls (CUDA synchronised around each call)."""
+    import statistics
+    import time
+
+    import torch
+
+    def timed(fn, steps: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return timed

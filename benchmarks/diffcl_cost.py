@@ -19,28 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
-import time
-
-
-def _timer(device):
-    import torch
-
-    def timed(fn, steps: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    return timed
 
 
 def _fwd_bwd(module, *inputs):
@@ -60,15 +38,15 @@ def main() -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from _demo_trainer import demo_dataset, started_trainer
+    from _demo_trainer import demo_dataset, median_timer, started_trainer
 
     name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "diffcl_cost_")
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    from semidiff_nnunet.plugins.diffcl import DiffCLTrainer
     from semidiff_nnunet.plugins.diffcl.hf_mamba import find_hf_mamba
     from semidiff_nnunet.plugins.diffcl.mamba import fused_scan_available, selective_scan
-    from semidiff_nnunet.plugins.diffcl import DiffCLTrainer
     from semidiff_nnunet.training import unwrap
     from semidiff_nnunet.training.hparams import hparams_to_dict, parse_overrides, resolve_hparams
     from semidiff_nnunet.training.splits import LabeledSpec
@@ -80,7 +58,7 @@ def main() -> dict:
     unlabeled = next(t.dataloader_unlabeled)
     t._shutdown_unlabeled_loader()
     t.dataloader_unlabeled = itertools.repeat(unlabeled)
-    timed = _timer(device)
+    timed = median_timer(device)
 
     result: dict = {"device": str(device), "configuration": configuration, "plans": args.plans,
                     "batch": [int(labeled["data"].shape[0]), int(unlabeled["data"].shape[0])],

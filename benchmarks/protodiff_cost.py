@@ -21,28 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
-import time
-
-
-def _timer(device):
-    import torch
-
-    def timed(fn, steps: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    return timed
 
 
 def main() -> dict:
@@ -57,7 +35,7 @@ def main() -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from _demo_trainer import demo_dataset, started_trainer
+    from _demo_trainer import demo_dataset, median_timer, started_trainer
 
     name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "protodiff_cost_")
     import torch
@@ -78,7 +56,7 @@ def main() -> dict:
     unlabeled = next(t.dataloader_unlabeled)
     t._shutdown_unlabeled_loader()
     t.dataloader_unlabeled = itertools.repeat(unlabeled)
-    timed = _timer(device)
+    timed = median_timer(device)
     result: dict = {"device": str(device), "configuration": configuration, "plans": args.plans,
                     "batch": [int(labeled["data"].shape[0]), int(unlabeled["data"].shape[0])],
                     "patch": list(t.configuration_manager.patch_size), "torch_threads": torch.get_num_threads(),

@@ -17,28 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
-import time
-
-
-def _timer(device):
-    import torch
-
-    def timed(fn, steps: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    return timed
 
 
 def _fwd_bwd(module, *inputs):
@@ -58,7 +36,7 @@ def main() -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from _demo_trainer import demo_dataset, started_trainer
+    from _demo_trainer import demo_dataset, median_timer, started_trainer
 
     name, configuration, device, dataset_json = demo_dataset(args.dim, args.device, "superdiffusion_cost_")
     import torch
@@ -77,7 +55,7 @@ def main() -> dict:
     unlabeled = next(t.dataloader_unlabeled)
     t._shutdown_unlabeled_loader()
     t.dataloader_unlabeled = itertools.repeat(unlabeled)
-    timed = _timer(device)
+    timed = median_timer(device)
 
     lab, unl = t._to_device(labeled), t._to_device(unlabeled)
     x = torch.cat([lab["data"], unl["data"]])
