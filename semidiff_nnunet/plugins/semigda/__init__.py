@@ -1,5 +1,7 @@
 """``semigda``: a frozen Stable-Diffusion VAE as a second view, dual-distribution alignment (Huang et al.,
-CVPR 2026, arXiv 2604.23274). Needs the optional extra ``pip install -e ".[semigda]"`` (diffusers).
+CVPR 2026, arXiv 2604.23274). Needs the optional extra ``pip install -e ".[semigda]"`` (diffusers) and
+the Stable Diffusion VAE weights from a local path (``--set vae=PATH``: a diffusers AutoencoderKL
+folder, a ``.safetensors`` file or the authors' LDM ``.ckpt``; nothing is downloaded). 2D only.
 
 The method's trainer lives in :mod:`.trainer`; this module only registers it, so that listing
 methods imports neither torch, nnU-Net nor diffusers.

@@ -1,0 +1,390 @@
+"""``semigda``: Huang et al., "SemiGDA: Generative Dual-distribution Alignment for Semi-supervised
+Medical Image Segmentation", CVPR 2026 (arXiv 2604.23274; code taozh2017/SemiGDA, partial — see
+``IMPLEMENTATION_NOTES.md`` §E; the mapping model is GMS's, King-HAW/GMS).
+
+The model (:mod:`.networks`, one module, :class:`~.networks.SemiGDANet`):
+
+* generative branch: frozen SD VAE encoder → latent mean × ``scaling_factor`` (0.18215 for SD,
+  read from the VAE's config) → latent mapping model (GMS ``ResAttnUNet_DS``, ``out`` head) → frozen
+  VAE decoder with trainable skip adapters (CDSA) → ACR reversion → class probabilities;
+* discriminative branch: the paper's modified ResNet-34 (not nnU-Net's planned encoder: the VAE's
+  ``quant_conv`` and decoder adapters need the VAE encoder's widths and its 2^(L−1) down-sampling,
+  which the planned encoder does not have) → the VAE's frozen ``quant_conv`` → mean × scale → the
+  same frozen decoder with its own adapters;
+* every width (mapping model, ResNet, adapters) follows the VAE's config (``block_out_channels``,
+  ``latent_channels``, ``norm_num_groups``), so a tiny random VAE works in tests.
+
+Two phases (the engine's :class:`~semidiff_nnunet.training.Phase`):
+
+* ``align`` (stage 1, DAM, eq. 1–6): z̃_v = mapping(z_v), z_r = quant_conv(ResNet(x)), z_g = the
+  frozen encoder's latent of the ACR-encoded mask. Terms ``latent_sup`` = MSE(z̃_v^l, z_g) +
+  MSE(z_r^l, z_g) and ``latent_unsup`` = w(t)·[MSE(z̃_v^u, sg(z_r^u)) + MSE(z_r^u, sg(z̃_v^u))];
+  optimisers: AdamW lr 2e-3 (mapping model) and SGD lr 0.01, momentum 0.9, weight decay 1e-4
+  (ResNet; the adapters get no gradient in this stage), poly 0.9 over the phase (authors' code).
+* ``segment`` (stage 2): with probability 0.5 per iteration the mapping model sees
+  z = μ + σ·ε (latent noise augmentation); decoded probabilities of both branches.
+  ``dice_sup`` = Dice(p_v^l, y) + Dice(p_r^l, y) (eq. 9); pseudo labels of each branch on the
+  unlabeled patches = p^(1/T) ≥ 0.5 (T = 0.1, sharpening) then the largest connected component;
+  ``cps`` = w(t)·[Dice(p_v^u, PL_r) + Dice(p_r^u, PL_v)] (eq. 10, cross pseudo supervision);
+  after a third of the stage, ``copy_paste`` = w(t)·BCP-style bidirectional copy-paste: one box of
+  2/3 × 2/3 of the patch at a random position (the shared
+  :func:`~semidiff_nnunet.networks.mixing.random_box_mask`), the unlabeled patch inside the labeled
+  one and the labeled inside the unlabeled, labels GT ↔ pseudo label mixed by the same box, each
+  branch supervised by the mixed label built from the *other* branch's pseudo label. One SGD (lr
+  0.01, momentum 0.9, weight decay 1e-4) on every trainable part (mapping, ResNet, both adapter
+  sets), poly 0.9 over the phase.
+
+w(t) = ``consistency`` (0.3) × sigmoid ramp-up ("Gaussian warm-up", exp(−5(1 − t)²)) over each
+phase (authors: ``0.3·sigmoid_rampup(iter // (max_iter/200), 200)``, the ramp restarting with each
+stage's iteration count). No supervised burn-in (``burnin = 0``): the authors have none; their
+warm-up is w(t).
+
+Dice = soft Dice per sample and foreground class, averaged (monai ``DiceLoss`` on the authors'
+single [0, 1] map is exactly this with two classes).
+
+Any number of classes — ACR (eq. 11), our generalisation: class k ↦ grey level
+v_k = 2k/(K−1) − 1 in all three VAE channels; reversion: y = mean of the decoded channels clamped
+to [−1, 1], p_k = max(0, 1 − |y − v_k|/Δ) with Δ = 2/(K−1) (hat functions; they sum to 1 and the
+round trip class → level → probabilities is exact). For K = 2 this is the authors' code:
+p_fg = clamp((y + 1)/2, 0, 1) and the mask 2·label − 1 (their stage-1 validation and GMS). The
+paper's eq. 11 writes G/K (background −1, foreground 0), which their decoding would not invert, and
+their stage-1 training uses label/(C−1) ∈ [0, 1]; we keep one encoding for both stages. The levels
+are ordinal: neighbouring classes share a boundary in grey level (a limit of a scalar encoding).
+
+Any number of input channels → the VAE's 3 (:func:`~.networks.to_rgb`): RGB slot k is the mean of
+the channels c with c mod 3 = k (all channels if none): 1 channel is repeated (the authors'
+grayscale rule), 3 stay. Intensities: nnU-Net's ``rgb_to_0_1`` data → 2x − 1 (the authors'
+/255·2 − 1); any other normalisation (z-score) → clamp(x/3, −1, 1) (``input_range``).
+
+Inference: the mean of the two branches' probabilities (no latent noise), returned as log
+probabilities; nnU-Net's softmax and argmax give the class (two classes: p_fg > 0.5, the authors').
+``build_network_architecture`` returns this module, so stock ``nnUNetv2_predict`` rebuilds it from
+the plans; the frozen VAE is not stored in the checkpoints (it is loaded again from ``vae``, the
+absolute path recorded in the run's plans), so **the VAE path must still exist at prediction**;
+if it is gone, prediction stops with one sentence naming it.
+
+Deviations (nnU-Net framework): patches of nnU-Net's 2d configuration with its augmentation and
+batch size (labeled = unlabeled batch; authors: whole images resized to 224², 12 + 12 in stage 1,
+2 + 2 in stage 2); run length and the stage split in epochs (``phase.align`` default 0.09 of the
+run ≈ the authors' 200·N/12 stage-1 against 350·N/2 stage-2 iterations); stage 2's poly LR runs
+once over the phase (authors: restarted 3 times, ``PolyWarmRestartScheduler``); gradient norms
+clipped at 12 per network (engine; the mapping model is registered as its own network for its
+optimiser while staying inside the exported module, so its gradient also counts in the network's
+norm, and its weights are stored twice in the checkpoint); no model selection between the stages on validation latent
+MSE (the stage-2 weights are the stage-1 weights at its end); the ResNet's ``conv_out`` ConvBlock
+is conv3×3-BN-ReLU-dropout(0.1)-conv1×1 (the authors' ``ConvBlock`` is not in the repository);
+the copy-paste term is added to the plain CPS term (the notes do not say whether it replaces it).
+3D configurations are refused (SemiGDA is 2D; 3D data trains slice-wise with ``-c 2d``).
+Region-based and ignore-label datasets are refused, and so is multi-GPU (DDP) training.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.networks.mixing import paste, random_box_mask
+from semidiff_nnunet.training import BaseHParams, Phase, SemiSupervisedTrainer, ramps, run_hparams, unwrap
+from semidiff_nnunet.training.checkpoint import SEMIDIFF_KEY
+
+ALIGN, SEGMENT = "align", "segment"
+INPUT_RANGES = ("auto", "rgb01", "zscore")
+
+
+@dataclass
+class SemiGDAHParams(BaseHParams):
+    """SemiGDA's settings (sources in the module docstring).
+
+    vae: local path of the SD VAE weights (diffusers folder, .safetensors or LDM .ckpt); required.
+    input_range: how images reach [−1, 1]: auto (rgb01 for nnU-Net's rgb_to_0_1 data, else zscore).
+    zscore_scale: z-scored intensities are divided by this and clamped.
+    mapping_ch: first width of the mapping model (0: the VAE's first width / 4, GMS's 32 for SD).
+    dropout: dropout of the ResNet's output block.
+    consistency: maximal weight w of the unlabeled terms (0.3), sigmoid ramp-up over
+        ``rampup_fraction`` of each phase.
+    mapping_lr: stage-1 AdamW learning rate of the mapping model (2e-3).
+    lr, momentum, weight_decay: SGD of the ResNet (stage 1) and of every trainable part (stage 2).
+    latent_noise_p: probability per iteration of sampling the image latent in stage 2.
+    sharpen_temperature, pseudo_threshold: pseudo label = p^(1/T) >= threshold.
+    largest_component: keep the largest connected component per class of the pseudo labels.
+    copy_paste_start: share of stage 2 after which the copy-paste term is on (1/3; >= 1: never).
+    box_fraction: side of the copy-paste box as a share of the patch side (2/3).
+    """
+
+    vae: str = ""
+    input_range: str = "auto"
+    zscore_scale: float = 3.0
+    mapping_ch: int = 0
+    dropout: float = 0.1
+    consistency: float = 0.3
+    rampup_fraction: float = 1.0
+    mapping_lr: float = 2e-3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    latent_noise_p: float = 0.5
+    sharpen_temperature: float = 0.1
+    pseudo_threshold: float = 0.5
+    largest_component: bool = True
+    copy_paste_start: float = 1 / 3
+    box_fraction: float = 2 / 3
+    burnin: float = 0.0
+    burnin_min: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- pure ops
+def soft_dice_loss(prob: Tensor, labels: Tensor, eps: float = 1e-5) -> Tensor:
+    """1 − Dice per sample and foreground class (eq. 8), averaged; ``prob`` (B, K, H, W), labels (B, H, W)."""
+    k = prob.shape[1]
+    onehot = F.one_hot(labels.long(), k).permute(0, 3, 1, 2).to(prob.dtype)
+    p, g = prob[:, 1:].flatten(2), onehot[:, 1:].flatten(2)
+    dice = (2 * (p * g).sum(-1) + eps) / (p.sum(-1) + g.sum(-1) + eps)
+    return 1 - dice.mean()
+
+
+def sharpened_pseudo_labels(prob: Tensor, temperature: float = 0.1, threshold: float = 0.5) -> Tensor:
+    """Class k >= 1 where p_k^(1/T) >= threshold, else background (two classes: the authors'
+    ``p^(1/0.1) >= 0.5``); (B, H, W) long, no gradient."""
+    with torch.no_grad():
+        sharp = prob.float()[:, 1:] ** (1.0 / temperature)
+        best, idx = sharp.max(1)
+        return torch.where(best >= threshold, idx + 1, torch.zeros_like(idx))
+
+
+def latent_alignment(vae_latent: Tensor, cnn_latent: Tensor, mask_latent: Tensor, n_l: int) -> tuple[Tensor, Tensor]:
+    """Eq. 5–6 (code: MSE): (supervised term on the first ``n_l`` samples, unlabeled term on the rest,
+    each branch towards the other's detached latent)."""
+    if mask_latent.shape != vae_latent[:n_l].shape:
+        raise ValueError(f"mask latents {tuple(mask_latent.shape)} do not match the {n_l} labeled latents")
+    sup = F.mse_loss(vae_latent[:n_l], mask_latent) + F.mse_loss(cnn_latent[:n_l], mask_latent)
+    vu, cu = vae_latent[n_l:], cnn_latent[n_l:]
+    unsup = F.mse_loss(vu, cu.detach()) + F.mse_loss(cu, vu.detach())
+    return sup, unsup
+
+
+def copy_paste_batch(x_l: Tensor, y: Tensor, x_u: Tensor, pl_v: Tensor, pl_r: Tensor, box: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The two mixes of pairs (labeled i, unlabeled i) by ``box`` (B, 1, H, W): the unlabeled patch
+    inside the box of the labeled one, then the labeled inside the unlabeled; the VAE branch's
+    target mixes the ground truth ``y`` with the ResNet's pseudo labels ``pl_r``, the ResNet's with
+    the VAE branch's ``pl_v`` (cross supervision). Returns (images, target_v, target_r)."""
+    images = torch.cat([paste(x_l, x_u, box), paste(x_u, x_l, box)])
+    target_v = torch.cat([paste(y, pl_r, box), paste(pl_r, y, box)])
+    target_r = torch.cat([paste(y, pl_v, box), paste(pl_v, y, box)])
+    return images, target_v, target_r
+
+
+def _largest_components(seg: Tensor, num_classes: int) -> Tensor:
+    from semidiff_nnunet.plugins.bcp.trainer import largest_components
+
+    return largest_components(seg, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _input_range(hp: SemiGDAHParams, configuration_manager) -> str:
+    if hp.input_range not in INPUT_RANGES:
+        raise SemidiffError(f"--set input_range={hp.input_range}: choose one of {', '.join(INPUT_RANGES)}.")
+    if hp.input_range != "auto":
+        return hp.input_range
+    schemes = list(getattr(configuration_manager, "normalization_schemes", []) or [])
+    return "rgb01" if schemes and all("RGBTo0_1" in s for s in schemes) else "zscore"
+
+
+def semigda_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                    hp: SemiGDAHParams | None = None) -> nn.Module:
+    """The SemiGDA model of a run, its VAE loaded from the run's ``vae`` path."""
+    from semidiff_nnunet.plugins.semigda.networks import SemiGDANet
+    from semidiff_nnunet.plugins.semigda.vae import load_vae
+
+    hp = hp or run_hparams(plans_manager, SemiGDAHParams)
+    if len(configuration_manager.patch_size) != 2:
+        raise SemidiffError("semigda is a 2D method; train with -c 2d (3D datasets train slice-wise through "
+                            "nnU-Net's 2d configuration).")
+    vae = load_vae(hp.vae)
+    if int(vae.config.in_channels) != 3:
+        raise SemidiffError(f"The VAE at {hp.vae} takes {vae.config.in_channels} input channels, SemiGDA maps "
+                            f"images and masks to 3; point vae= to Stable Diffusion's RGB VAE.")
+    net = SemiGDANet(vae, num_output_channels, _input_range(hp, configuration_manager), hp.zscore_scale,
+                     hp.mapping_ch, hp.dropout)
+    down = net.downsampling
+    if any(int(s) % down for s in configuration_manager.patch_size):
+        raise SemidiffError(f"The 2d patch size {tuple(configuration_manager.patch_size)} is not divisible by the "
+                            f"VAE's down-sampling {down}; plan patches with sides divisible by {down}.")
+    return net
+
+
+class SemiGDATrainer(SemiSupervisedTrainer):
+    method_name = "semigda"
+    hparams_class = SemiGDAHParams
+    phases = (Phase(ALIGN, share=0.09, summary="latent alignment of both branches to the mask latent (DAM)"),
+              Phase(SEGMENT, summary="decoding with skip adapters: Dice, cross pseudo labels, copy-paste"))
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # the user's mistakes before anything is built or trained
+        if len(self.configuration_manager.patch_size) != 2:
+            raise SemidiffError(f"semigda is a 2D method and cannot train the {configuration!r} configuration; use "
+                                f"-c 2d (3D datasets train slice-wise through nnU-Net's 2d configuration).")
+        from semidiff_nnunet.plugins.semigda.vae import require_diffusers
+
+        require_diffusers()
+        if not self.hp.vae:
+            raise SemidiffError("semigda needs the Stable Diffusion VAE weights; give their local path with --set "
+                                "vae=PATH (a diffusers AutoencoderKL folder, a .safetensors file or an LDM .ckpt).")
+        path = os.path.abspath(os.path.expanduser(self.hp.vae))
+        if not os.path.exists(path):
+            raise SemidiffError(f"The VAE weights path {path} does not exist; point --set vae=PATH to a diffusers "
+                                f"AutoencoderKL folder, a .safetensors file or an LDM .ckpt.")
+        if path != self.hp.vae:  # record the absolute path: stock prediction may run elsewhere
+            self.hp.vae = path
+            self.run_config.hparams["vae"] = path
+            self.run_config.write(self.plans_manager.plans)
+        # SemiGDA's outputs are one full-resolution map: no deep supervision
+        self.enable_deep_supervision = False
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return semigda_network(plans_manager, configuration_manager, num_input_channels, num_output_channels)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """The model has no deep supervision (nnU-Net toggles its decoder's flag around validation)."""
+
+    # ------------------------------------------------------------------ setup
+    def build_method(self):
+        lm = self.label_manager
+        if lm.has_regions or lm.has_ignore_label:
+            raise SemidiffError("semigda needs label maps with one class per pixel and no ignore label (its masks are "
+                                "encoded as grey levels); this dataset uses regions or an ignore label.")
+        if self.is_ddp:
+            raise SemidiffError("semigda trains on one device only (its branches run outside the DDP wrapper); "
+                                "start it without torchrun / multi-GPU.")
+        self.num_classes = lm.num_segmentation_heads
+        net = unwrap(self.network)
+        self.model = net
+        # the mapping model keeps its own optimiser (AdamW in stage 1); it stays part of the network
+        self.register_network("mapping", net.mapping, optimizer=self._mapping_optimizer(ALIGN))
+
+    def _sgd(self, params) -> torch.optim.Optimizer:
+        hp = self.hp
+        return torch.optim.SGD(params, hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    def _mapping_optimizer(self, phase: str) -> torch.optim.Optimizer:
+        params = list(self.model.mapping.parameters())
+        return torch.optim.AdamW(params, self.hp.mapping_lr) if phase == ALIGN else self._sgd(params)
+
+    def _network_params(self) -> list[nn.Parameter]:
+        """Trainable parameters of the network outside the mapping model (ResNet, adapters)."""
+        mapping = {id(p) for p in self.model.mapping.parameters()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in mapping]
+
+    def on_phase_start(self, phase):
+        self.restart_optimizer("network", self._sgd(self._network_params()))
+        self.restart_optimizer("mapping", self._mapping_optimizer(phase.name))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """The engine's resume, except at a phase boundary: a checkpoint written at the last epoch of
+        ``align`` holds that phase's optimiser states (the mapping model's AdamW among them), while an
+        uninterrupted run starts ``segment`` with fresh SGD optimisers; so the fresh ones are kept."""
+        if not self.was_initialized:
+            self.initialize()
+        ck = filename_or_checkpoint
+        if isinstance(ck, str):
+            ck = torch.load(ck, map_location=self.device, weights_only=False)
+        semi = ck.get(SEMIDIFF_KEY)
+        if semi is not None:
+            self.current_epoch = int(ck["current_epoch"])
+            self._enter_phase_of_current_epoch()  # rebuilds the optimisers of the phase resumed into
+            if semi.get("phase") not in (None, self.current_phase.name):
+                semi = {**semi, "optimizers": {n: opt.state_dict() for n, (opt, _) in self.extra_optimizers.items()}}
+                ck = {**ck, "optimizer_state": self.optimizer.state_dict(), SEMIDIFF_KEY: semi}
+        super().load_checkpoint(ck)
+
+    # ------------------------------------------------------------------ schedule
+    def _phase_iterations(self) -> tuple[int, int]:
+        """(iterations into the current phase, its length in iterations)."""
+        span = self.current_phase
+        it = self.num_iterations_per_epoch
+        return self.iteration - span.start * it, max(len(span) * it, 1)
+
+    def consistency_weight(self) -> float:
+        """w(t): ``consistency`` × sigmoid ramp-up over ``rampup_fraction`` of the current phase."""
+        done, length = self._phase_iterations()
+        return self.hp.consistency * ramps.sigmoid_rampup(done, max(1.0, self.hp.rampup_fraction * length))
+
+    def copy_paste_on(self) -> bool:
+        done, length = self._phase_iterations()
+        return self.current_phase.name == SEGMENT and done >= self.hp.copy_paste_start * length
+
+    # ------------------------------------------------------------------ losses
+    def supervised_losses(self, labeled):
+        """A burn-in iteration (only if ``--set burnin=...`` asks for one): the labeled terms of the phase."""
+        x, y = labeled["data"], self.labels_of(labeled)
+        if self.current_phase.name == ALIGN:
+            out = self.model.branches(x, decode=False)
+            z_g = self.model.mask_latent(y)
+            return {"latent_sup": F.mse_loss(out["vae_latent"], z_g) + F.mse_loss(out["cnn_latent"], z_g)}
+        out = self.model.branches(x)
+        return {"dice_sup": soft_dice_loss(out["vae_prob"], y) + soft_dice_loss(out["cnn_prob"], y)}
+
+    def compute_losses(self, labeled, unlabeled):
+        if self.current_phase.name == ALIGN:
+            return self.align_losses(labeled, unlabeled)
+        return self.segment_losses(labeled, unlabeled)
+
+    def align_losses(self, labeled, unlabeled):
+        """Stage 1 (DAM, eq. 5–6)."""
+        x_l, x_u = labeled["data"], unlabeled["data"]
+        y = self.labels_of(labeled)
+        out = self.model.branches(torch.cat([x_l, x_u]), decode=False)
+        z_g = self.model.mask_latent(y)
+        sup, unsup = latent_alignment(out["vae_latent"].float(), out["cnn_latent"].float(), z_g.float(), x_l.shape[0])
+        w = self.consistency_weight()
+        return {"latent_sup": sup, "latent_unsup": w * unsup, "_consistency_weight": torch.tensor(w)}
+
+    def pseudo_labels(self, prob: Tensor) -> Tensor:
+        seg = sharpened_pseudo_labels(prob, self.hp.sharpen_temperature, self.hp.pseudo_threshold)
+        return _largest_components(seg, self.num_classes) if self.hp.largest_component else seg
+
+    def segment_losses(self, labeled, unlabeled):
+        """Stage 2 (eq. 9–10, copy-paste)."""
+        hp, model = self.hp, self.model
+        x_l, x_u = labeled["data"], unlabeled["data"]
+        y = self.labels_of(labeled)
+        n_l = x_l.shape[0]
+        noise = bool(torch.rand(()) < hp.latent_noise_p)
+        out = model.branches(torch.cat([x_l, x_u]), latent_noise=noise)
+        p_v, p_r = out["vae_prob"], out["cnn_prob"]
+        sup = soft_dice_loss(p_v[:n_l], y) + soft_dice_loss(p_r[:n_l], y)
+        pl_v, pl_r = self.pseudo_labels(p_v[n_l:]), self.pseudo_labels(p_r[n_l:])
+        cps = soft_dice_loss(p_v[n_l:], pl_r) + soft_dice_loss(p_r[n_l:], pl_v)
+        w = self.consistency_weight()
+        terms = {"dice_sup": sup, "cps": w * cps, "_consistency_weight": torch.tensor(w),
+                 "_pseudo_foreground": (pl_v > 0).float().mean(), "_latent_noise": torch.tensor(float(noise))}
+        if self.copy_paste_on():
+            terms["copy_paste"] = w * self.copy_paste_loss(x_l, y, x_u, pl_v, pl_r, noise)
+        else:
+            terms["copy_paste"] = torch.zeros((), device=x_l.device)
+        return terms
+
+    def copy_paste_loss(self, x_l: Tensor, y: Tensor, x_u: Tensor, pl_v: Tensor, pl_r: Tensor, noise: bool) -> Tensor:
+        """Bidirectional copy-paste: pair i mixes labeled i and unlabeled i both ways with one box;
+        the VAE branch learns the mix of GT and the ResNet's pseudo labels, the ResNet the mix of GT
+        and the VAE branch's."""
+        n = min(x_l.shape[0], x_u.shape[0])
+        x_l, y, x_u, pl_v, pl_r = x_l[:n], y[:n], x_u[:n], pl_v[:n], pl_r[:n]
+        box = random_box_mask(n, x_l.shape[2:], self.hp.box_fraction, shared=True, device=x_l.device)
+        images, target_v, target_r = copy_paste_batch(x_l, y, x_u, pl_v, pl_r, box)
+        out = self.model.branches(images, latent_noise=noise)
+        return soft_dice_loss(out["vae_prob"], target_v) + soft_dice_loss(out["cnn_prob"], target_r)
+
+
+__all__ = ["SemiGDATrainer", "SemiGDAHParams", "soft_dice_loss", "sharpened_pseudo_labels", "latent_alignment",
+           "copy_paste_batch",
+           "semigda_network"]
