@@ -215,6 +215,40 @@ def test_resume_continues_exactly_inside_the_second_phase(demo2d, results, monke
     assert resumed.logger.local_logger.my_fantastic_logging["lrs"] == pytest.approx(reference["lrs"])
 
 
+@pytest.mark.slow  # plans the demo dataset
+def test_resume_at_the_phase_boundary_keeps_the_new_phases_fresh_optimiser(demo2d, results, monkeypatch):
+    """checkpoint_latest written at the last warmup epoch holds warmup's optimiser states; the joint phase
+    rebuilds the network's optimiser (SGD, momentum 0.9), which must not receive them on --continue."""
+    straight = _trainer(demo2d, save_every=1)
+    straight.initialize()
+    straight.run_training()
+    reference = _params(straight.network)
+
+    import shutil
+
+    shutil.rmtree(results)
+    crashing = _trainer(demo2d, save_every=1)
+    original = TwoPhaseTrainer.on_epoch_end
+
+    def crash_after_warmup(self):
+        original(self)
+        if self.current_epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", crash_after_warmup)
+    crashing.initialize()
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run_training()
+    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", original)
+
+    resumed = _trainer(demo2d, save_every=1)
+    resumed.load_checkpoint(str(crashing.output_folder + "/checkpoint_latest.pth"))
+    assert resumed.entered == [("joint", 2)] and resumed.optimizer.param_groups[0]["momentum"] == 0.9
+    resumed.run_training()
+    got = _params(resumed.network)
+    assert all(torch.equal(reference[k], got[k]) for k in got)
+
+
 # ----------------------------------------------------------------------------------------- steps
 @pytest.mark.slow  # plans the demo dataset
 def test_step_naming_an_unknown_network_is_an_error(demo2d, results):

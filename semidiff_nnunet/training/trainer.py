@@ -175,6 +175,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.iteration = 0
         self.phase_spans: list[PhaseSpan] = resolve_phases(self.phases, cfg.phases, self.num_epochs)
         self._active_phase: str | None = None
+        self._restarted: set[str] = set()  # optimisers rebuilt by the current phase's on_phase_start
         self._nonfinite_steps = 0
         self.semi_split: SemiSplit | None = None
         self.dataloader_unlabeled = None
@@ -347,6 +348,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         current phase only. Call it from ``on_phase_start``."""
         module = self.network if name == "network" else self.extra_networks[name]
         optimizer = optimizer or self._default_optimizer(module)
+        self._restarted.add(name)
         span = self.current_phase
         scheduler = PhasePolyLR(optimizer, optimizer.param_groups[0]["lr"], span.start, span.end) if poly_lr else None
         if name == "network":
@@ -536,6 +538,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self._active_phase = span.name
         if self.phases:
             self.print_to_log_file(f"phase {span.name!r}: epochs {span.start}-{span.end - 1}")
+        self._restarted = set()
         self.on_phase_start(span)
 
     # ------------------------------------------------------------------ training
@@ -794,12 +797,18 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         # the phase first: an optimiser it rebuilds must exist before its saved state is loaded
         self.current_epoch = int(checkpoint["current_epoch"])
         self._enter_phase_of_current_epoch()
+        # a checkpoint written at the last epoch of the previous phase holds that phase's optimiser states:
+        # an optimiser this phase rebuilt (restart_optimizer) starts fresh, as in an uninterrupted run
+        fresh = self._restarted if semi.get("phase") not in (None, self.current_phase.name) else set()
+        if "network" in fresh:
+            checkpoint = {**checkpoint, "optimizer_state": self.optimizer.state_dict()}
         # nnU-Net restores its part (main network, optimizer, grad scaler, logger, epoch, ...)
         ckpt.nnunet_load(self, {**checkpoint, "network_weights": semi["networks"]["network"]})
         for name, module in self.extra_networks.items():
             unwrap(module).load_state_dict(semi["networks"][name])
         for name, (opt, _) in self.extra_optimizers.items():
-            opt.load_state_dict(semi["optimizers"][name])
+            if name not in fresh:
+                opt.load_state_dict(semi["optimizers"][name])
         for name, state in self.method_states.items():
             state.load_state_dict(semi["states"][name])
         self.iteration = int(semi.get("iteration", 0))
