@@ -497,7 +497,7 @@ def run_trainer(trainer_cls, plans: dict, configuration: str, fold, dataset_json
         trainer.progress = progress
         if checkpoint is not None:
             trainer.load_checkpoint(str(checkpoint))
-        with _quiet(show_progress and trainer.local_rank != 0):
+        with _quiet(show_progress and getattr(trainer, "local_rank", 0) != 0):
             trainer.run_training()
             if final_validation:
                 trainer.perform_actual_validation(False)
@@ -574,17 +574,22 @@ def check_fold(name: str, fold: int | str) -> None:
 def fold_keys(name: str, ident_folder: Path, fold: int | str) -> tuple[list[str], list[str]]:
     """(training, validation) case ids of ``fold`` as nnU-Net's ``do_split`` will take them, without writing
     anything (nnU-Net writes its default 5-fold split only when the trainer starts)."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    keys = sorted(infer_dataset_class(str(ident_folder)).get_identifiers(str(ident_folder)))
+    from semidiff_nnunet.training.unlabeled import list_cases
+
+    keys = list_cases(str(ident_folder))  # every preprocessed case has its .pkl (any nnU-Net dataset variant)
     if fold == "all":
         return keys, keys
     splits_file = planning.preprocessed_folder(name) / "splits_final.json"
     if splits_file.is_file():
         splits = json.loads(splits_file.read_text(encoding="utf-8"))
-    else:
+    elif len(keys) >= 5:
         splits = generate_crossval_split(keys, seed=12345, n_splits=5)
+    else:
+        return [], []  # too few cases to split: nnU-Net's trainer reports it
+    if int(fold) >= len(splits):
+        return [], []
     return list(splits[int(fold)]["train"]), list(splits[int(fold)]["val"])
 
 
@@ -597,7 +602,8 @@ def check_split(name: str, config: dict, plans_name: str, configuration: str, fo
 
     ident = config.get("data_identifier", f"{plans_name}_{configuration}")
     train_keys, val_keys = fold_keys(name, planning.preprocessed_folder(name) / ident, fold)
-    make_semi_split(train_keys, val_keys, labeled, seed)
+    if train_keys:  # (nothing listed: the trainer's own split reports the problem)
+        make_semi_split(train_keys, val_keys, labeled, seed)
 
 
 def _resumed_settings(info: RunInfo, trainer_cls, hp, overrides: dict, phases: dict[str, str]):
