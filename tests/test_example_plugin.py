@@ -52,3 +52,16 @@ def test_without_the_plugin_the_method_is_unknown(demo2d):
     env = dict(os.environ)
     proc = _semidiff(env, "train", demo2d, "-m", "pseudo-label", "--device", "cpu")
     assert proc.returncode == 1 and "Unknown method 'pseudo-label'" in proc.stderr
+
+
+def test_example_plugin_trains_in_two_cpu_ranks_unchanged(installed, demo2d):
+    """A third-party method gets distributed training from the engine, without a line of its own."""
+    import json
+
+    proc = _semidiff(installed, "plan-and-train", demo2d, "-m", "pseudo-label", "--labeled", "0.2", "--seed", "1",
+                     "-c", "2d", "--epochs", "1", "--iters-per-epoch", "2", "--no-val", "--plans", "semidiffDemoPlans",
+                     "--device", "cpu", "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((Path(os.environ["nnUNet_results"]) / "semidiff").glob(f"pseudo-label__lab0.2__seed1/{demo2d}/*/fold_0"))
+    assert len(runs) == 1 and (runs[0] / "checkpoint_final.pth").is_file()
+    assert json.loads((runs[0] / "semidiff_run.json").read_text(encoding="utf-8"))["world_size"] == 2
