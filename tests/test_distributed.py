@@ -154,3 +154,28 @@ def test_torchrun_two_cpu_ranks(demo2d, tmp_path):
     info = api.run_info(demo2d, "supervised", "0.5", 3, "2d", 0, "semidiffDemoPlans")
     run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
     assert run["world_size"] == 2 and (info.fold_folder / "checkpoint_final.pth").is_file()
+
+
+def test_a_distributed_run_resumes_in_two_ranks(demo2d, run_cli):
+    """--continue of a two-rank run: refused with one rank, resumed with two (every rank loads the checkpoint)."""
+    import shutil
+
+    from semidiff_nnunet import api
+
+    args = ["train", demo2d, "-m", "supervised", "--labeled", "0.5", "--seed", "4", "-c", "2d",
+            "--iters-per-epoch", "2", "--no-val", *TINY]
+    code, out, err = run_cli(*args, "--epochs", "2", "--nproc", "2")
+    assert code == 0, err
+    info = api.run_info(demo2d, "supervised", "0.5", 4, "2d", 0, "semidiffDemoPlans")
+    # a run stopped after its second of three epochs: only checkpoint_latest is left
+    ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck["semidiff"]["run"]["num_epochs"] = 3
+    torch.save(ck, info.fold_folder / "checkpoint_latest.pth")
+    (info.fold_folder / "checkpoint_final.pth").unlink()
+    code, out, err = run_cli(*args, "--epochs", "3", "--continue")
+    assert code == 1 and "resume it with --nproc 2" in err.replace("\n", " "), err
+    code, out, err = run_cli(*args, "--epochs", "3", "--continue", "--nproc", "2")
+    assert code == 0, err
+    final = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 3
+    shutil.rmtree(info.run_root)
