@@ -177,6 +177,30 @@ def test_phase_length_from_run_config(demo2d, results):
     assert [(s.name, s.start, s.end) for s in t.phase_spans] == [("warmup", 0, 1), ("joint", 1, 4)]
 
 
+def _crashed_and_resumed(dataset, results, monkeypatch, epochs_done: int) -> TwoPhaseTrainer:
+    """A fresh run killed after ``epochs_done`` epochs (checkpoint_latest written every epoch), then a new
+    trainer loaded from that checkpoint, not yet trained further."""
+    import shutil
+
+    shutil.rmtree(results)
+    crashing = _trainer(dataset, save_every=1)
+    original = TwoPhaseTrainer.on_epoch_end
+
+    def crash(self):
+        original(self)
+        if self.current_epoch == epochs_done:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", crash)
+    crashing.initialize()
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run_training()
+    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", original)
+    resumed = _trainer(dataset, save_every=1)
+    resumed.load_checkpoint(str(crashing.output_folder + "/checkpoint_latest.pth"))
+    return resumed
+
+
 @pytest.mark.slow  # plans the demo dataset
 def test_resume_continues_exactly_inside_the_second_phase(demo2d, results, monkeypatch):
     straight = _trainer(demo2d, save_every=1)
@@ -185,25 +209,7 @@ def test_resume_continues_exactly_inside_the_second_phase(demo2d, results, monke
     reference = {"network": _params(straight.network), "aux": _params(straight.aux),
                  "lrs": list(straight.logger.local_logger.my_fantastic_logging["lrs"])}
 
-    import shutil
-
-    shutil.rmtree(results)
-    crashing = _trainer(demo2d, save_every=1)
-    original = TwoPhaseTrainer.on_epoch_end
-
-    def crash_after_epoch_2(self):
-        original(self)  # checkpoint_latest holds epochs 0-2
-        if self.current_epoch == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", crash_after_epoch_2)
-    crashing.initialize()
-    with pytest.raises(KeyboardInterrupt):
-        crashing.run_training()
-    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", original)
-
-    resumed = _trainer(demo2d, save_every=1)
-    resumed.load_checkpoint(str(crashing.output_folder + "/checkpoint_latest.pth"))
+    resumed = _crashed_and_resumed(demo2d, results, monkeypatch, epochs_done=3)  # checkpoint: epochs 0-2
     assert resumed.current_epoch == 3 and resumed.iteration == 6
     # the joint phase was entered before its optimiser state was restored: momentum buffers are there
     assert resumed.entered == [("joint", 3)] and resumed.optimizer.param_groups[0]["momentum"] == 0.9
@@ -224,25 +230,7 @@ def test_resume_at_the_phase_boundary_keeps_the_new_phases_fresh_optimiser(demo2
     straight.run_training()
     reference = _params(straight.network)
 
-    import shutil
-
-    shutil.rmtree(results)
-    crashing = _trainer(demo2d, save_every=1)
-    original = TwoPhaseTrainer.on_epoch_end
-
-    def crash_after_warmup(self):
-        original(self)
-        if self.current_epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", crash_after_warmup)
-    crashing.initialize()
-    with pytest.raises(KeyboardInterrupt):
-        crashing.run_training()
-    monkeypatch.setattr(TwoPhaseTrainer, "on_epoch_end", original)
-
-    resumed = _trainer(demo2d, save_every=1)
-    resumed.load_checkpoint(str(crashing.output_folder + "/checkpoint_latest.pth"))
+    resumed = _crashed_and_resumed(demo2d, results, monkeypatch, epochs_done=2)  # after the last warmup epoch
     assert resumed.entered == [("joint", 2)] and resumed.optimizer.param_groups[0]["momentum"] == 0.9
     resumed.run_training()
     got = _params(resumed.network)
