@@ -180,9 +180,14 @@ class TrainOptions:
 def check_train_options(method: str, labeled: str = "1.0", fold: int | str = 0, device: str = "auto",
                         overrides: dict | Sequence[str] | None = None, epochs: int | None = None,
                         iters_per_epoch: int | None = None, val_iters_per_epoch: int | None = None,
-                        save_every: int | None = None) -> TrainOptions:
+                        save_every: int | None = None, configuration: str | None = None,
+                        dim: int | None = None) -> TrainOptions:
     """Check every option of a run that can be checked without the dataset (method, fold, labeled spec,
-    ``--set`` keys and values, counts, device), so that a mistake is answered before hours of planning."""
+    ``--set`` keys and values, counts, device, and what the method itself refuses: its trainer's
+    ``check_options``), so that a mistake is answered before hours of planning.
+
+    ``dim``: the configuration's spatial dimensions once planned; before planning it is guessed from
+    nnU-Net's standard names (``2d``; ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``)."""
     fold = parse_fold(fold)  # the cheap checks first, before torch is imported
     _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, save_every=save_every)
     _check_counts(0, val_iters=val_iters_per_epoch)
@@ -197,7 +202,20 @@ def check_train_options(method: str, labeled: str = "1.0", fold: int | str = 0, 
     mine = method_overrides([method], overrides)[method]
     hp_overrides, phases = split_overrides(mine)
     hp = resolve_hparams(trainer_cls.hparams_class, hp_overrides)
+    if dim is None and configuration is not None:
+        dim = configuration_dim(configuration)
+    trainer_cls.check_options(hp, configuration, dim)
     return TrainOptions(trainer_cls, spec, fold, hp, hp_overrides, phases, resolve_device(device))
+
+
+def configuration_dim(configuration: str) -> int | None:
+    """Spatial dimensions of an nnU-Net configuration by its name (None for a name nnU-Net does not plan
+    by default: only its plans know)."""
+    if configuration == "2d":
+        return 2
+    if configuration in ("3d_fullres", "3d_lowres", "3d_cascade_fullres"):
+        return 3
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- shim
@@ -427,7 +445,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     ``show_progress`` keeps nnU-Net's own prints off the terminal (they still reach the training log).
     """
     opts = check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch,
-                               val_iters_per_epoch, save_every)
+                               val_iters_per_epoch, save_every, configuration)
     _check_counts(nproc=nproc)
     from semidiff_nnunet.training import distributed
     from semidiff_nnunet.training.hparams import hparams_to_dict
@@ -440,6 +458,10 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     if configuration not in plans["configurations"]:
         raise SemidiffError(f"Configuration {configuration!r} is not in {plans_name} of {info.dataset} (has: "
                             f"{', '.join(plans['configurations'])}); pick one of those with -c.")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    patch = PlansManager(plans).get_configuration(configuration).patch_size  # resolves "inherits_from"
+    opts.trainer_cls.check_options(opts.hparams, configuration, len(patch))
     ident = plans["configurations"][configuration].get("data_identifier", f"{plans_name}_{configuration}")
     if not (planning.preprocessed_folder(info.dataset) / ident).is_dir():
         raise SemidiffError(f"{info.dataset} is not preprocessed for {configuration!r}; run "
@@ -544,7 +566,7 @@ def plan_and_train(dataset: str | int, method: str, labeled: str = "1.0", seed: 
     """Check the run's options, plan and preprocess ``dataset`` for ``configuration`` (steps already done
     are skipped), then :func:`train`."""
     check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch, val_iters_per_epoch,
-                        save_every)
+                        save_every, configuration)
     _check_counts(num_processes=num_processes, nproc=nproc)
     pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
                                 plans_name=plans_name, num_processes=num_processes, show_progress=show_progress)
@@ -834,7 +856,8 @@ def run_demo(dim: int = 2, device: str = "cpu", methods: list[str] | None = None
         raise SemidiffError(f"--dim {dim}: the demo dataset is 2 or 3 dimensional.")
     methods = methods or ["supervised", "mean-teacher"]
     for m in methods:
-        check_train_options(m, labeled, 0, device, epochs=epochs, iters_per_epoch=iters_per_epoch)
+        check_train_options(m, labeled, 0, device, epochs=epochs, iters_per_epoch=iters_per_epoch,
+                            configuration="2d" if dim == 2 else "3d_fullres", dim=dim)
     name = prepare_demo_dataset(dim)
     configuration = "2d" if dim == 2 else "3d_fullres"
     epochs = epochs or (20 if dim == 2 else 10)
@@ -898,6 +921,11 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     for lab in labeled:
         LabeledSpec.parse(lab)
     per_method = method_overrides(methods, overrides)
+    for m in methods:  # what each method itself refuses (its trainer's check_options), before any planning
+        try:
+            check_train_options(m, labeled[0], fold, "cpu", per_method[m], configuration=configuration)
+        except SemidiffError as e:
+            raise (e if len(methods) == 1 else SemidiffError(f"{m}: {e}")) from None
     if dry_run:
         pname = planning.plans_name_for(gpu_memory_target, plans_name)
         result = bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,

@@ -346,6 +346,27 @@ def test_network_from_plans_and_refusals(vae_folder, tmp_path):
             T.semigda_network(pm, cm, 1, 2)
 
 
+def test_options_refused_before_planning(vae_folder, tmp_path, monkeypatch):
+    """3D, a missing extra or VAE path is answered before any planning: plan_and_train names the fix for a
+    dataset that does not even exist (it would otherwise fail on the dataset, or plan for minutes first)."""
+    from semidiff_nnunet import api
+
+    monkeypatch.setenv("SEMIDIFF_HOME", str(tmp_path / "home"))
+    with pytest.raises(SemidiffError, match="semigda is a 2D method.*-c 2d"):
+        api.plan_and_train("Dataset998_Nowhere", "semigda", configuration="3d_fullres",
+                           overrides={"vae": str(vae_folder)})
+    with pytest.raises(SemidiffError, match="semigda: semigda is a 2D method"):
+        api.benchmark("Dataset998_Nowhere", ["supervised", "semigda"], configuration="3d_lowres",
+                      overrides={"semigda:vae": str(vae_folder)})
+    with pytest.raises(SemidiffError, match="vae=PATH"):
+        api.plan_and_train("Dataset998_Nowhere", "semigda", configuration="2d")
+    # a relative path is made absolute once, so a resumed run compares like with like
+    monkeypatch.chdir(vae_folder.parent)
+    opts = api.check_train_options("semigda", overrides={"vae": vae_folder.name}, configuration="2d")
+    assert opts.hparams.vae == str(vae_folder)
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.json"))
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 @pytest.mark.slow
 def test_semigda_refuses_3d(demo3d, run_cli, vae_folder):
@@ -435,6 +456,8 @@ def test_semigda_resumes_at_the_stage_boundary(demo2d, monkeypatch, vae_folder):
     with pytest.raises(KeyboardInterrupt):
         api.train(demo2d, "semigda", **kw)
     monkeypatch.setattr(SemiGDATrainer, "on_epoch_end", original)
+    monkeypatch.chdir(vae_folder.parent)  # resumed with the same weights given by a relative path
+    kw["overrides"] = {**kw["overrides"], "vae": vae_folder.name}
     resumed = final(api.train(demo2d, "semigda", continue_training=True, **kw))
     for key in ("network_weights", "optimizer_state"):
         a, b = reference[key], resumed[key]

@@ -192,6 +192,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                                   add_timestamp=add_timestamp)
 
     # ------------------------------------------------------------------ method hooks
+    @classmethod
+    def check_options(cls, hp: Any, configuration: str | None, dim: int | None) -> None:
+        """Refuse options this method cannot use, before any planning or run folder (``semidiff`` calls it
+        when the options are checked, and again with the planned configuration): raise
+        :class:`~semidiff_nnunet.errors.SemidiffError` with one sentence naming the fix. It may normalise
+        ``hp`` in place (a relative path made absolute), so that a resumed run compares like with like.
+
+        ``configuration`` is the nnU-Net configuration name (None when not known yet); ``dim`` its number
+        of spatial dimensions (2 or 3; None when it cannot be known before planning: a custom name)."""
+
     def build_method(self) -> None:
         """Create EMA copies, extra networks and method state. Called once after the main network."""
 

@@ -224,26 +224,34 @@ class SemiGDATrainer(SemiSupervisedTrainer):
     phases = (Phase(ALIGN, share=0.09, summary="latent alignment of both branches to the mask latent (DAM)"),
               Phase(SEGMENT, summary="decoding with skip adapters: Dice, cross pseudo labels, copy-paste"))
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        # the user's mistakes before anything is built or trained
-        if len(self.configuration_manager.patch_size) != 2:
+    @classmethod
+    def check_options(cls, hp: SemiGDAHParams, configuration: str | None, dim: int | None) -> None:
+        """2D only; the diffusers extra and an existing ``vae`` path, made absolute here (so that
+        ``--continue --set vae=./relative`` matches the path the run recorded)."""
+        if dim is not None and dim != 2:
             raise SemidiffError(f"semigda is a 2D method and cannot train the {configuration!r} configuration; use "
                                 f"-c 2d (3D datasets train slice-wise through nnU-Net's 2d configuration).")
         from semidiff_nnunet.plugins.semigda.vae import require_diffusers
 
         require_diffusers()
-        if not self.hp.vae:
+        if not hp.vae:
             raise SemidiffError("semigda needs the Stable Diffusion VAE weights; give their local path with --set "
                                 "vae=PATH (a diffusers AutoencoderKL folder, a .safetensors file or an LDM .ckpt).")
-        path = os.path.abspath(os.path.expanduser(self.hp.vae))
+        path = os.path.abspath(os.path.expanduser(hp.vae))
         if not os.path.exists(path):
             raise SemidiffError(f"The VAE weights path {path} does not exist; point --set vae=PATH to a diffusers "
                                 f"AutoencoderKL folder, a .safetensors file or an LDM .ckpt.")
-        if path != self.hp.vae:  # record the absolute path: stock prediction may run elsewhere
-            self.hp.vae = path
-            self.run_config.hparams["vae"] = path
+        hp.vae = path
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # the user's mistakes before anything is built or trained (``semidiff`` already asked before planning;
+        # stock ``nnUNetv2_train`` reaches this first)
+        vae = self.hp.vae
+        self.check_options(self.hp, configuration, len(self.configuration_manager.patch_size))
+        if self.hp.vae != vae:  # record the absolute path: stock prediction may run elsewhere
+            self.run_config.hparams["vae"] = self.hp.vae
             self.run_config.write(self.plans_manager.plans)
         # SemiGDA's outputs are one full-resolution map: no deep supervision
         self.enable_deep_supervision = False
