@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from conftest import TINY
 from helpers import assert_stock_predictor_matches, load_image, raw
 
+from semidiff_nnunet.losses.consistency import largest_components
 from semidiff_nnunet.networks.mixing import paste, random_box_mask
 from semidiff_nnunet.plugins.bcp.trainer import (
     bidirectional_copy_paste,
     halves,
-    largest_components,
     resize_nearest,
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -115,3 +116,22 @@ def urpc_loss(scale_logits: list[Tensor]) -> Tensor:
         w = torch.exp(-kl)
         total = total + ((mean - p) ** 2 * w).mean() / (w.mean() + 1e-8) + kl.mean()
     return total / len(probs)
+
+
+def largest_components(seg: Tensor, num_classes: int) -> Tensor:
+    """Per sample and foreground class, the largest connected component of ``seg`` (B, *spatial)
+    (full connectivity); voxels of the other components become background (the authors'
+    ``get_ACDC_2DLargestCC`` / ``LargestCC_pancreas``)."""
+    from scipy import ndimage
+
+    arr = seg.detach().cpu().numpy()
+    out = numpy.zeros_like(arr)
+    structure = ndimage.generate_binary_structure(arr.ndim - 1, arr.ndim - 1)
+    for i in range(arr.shape[0]):
+        for c in range(1, num_classes):
+            components, n = ndimage.label(arr[i] == c, structure=structure)
+            if n == 0:
+                continue
+            sizes = numpy.bincount(components.ravel())[1:]
+            out[i][components == int(numpy.argmax(sizes)) + 1] = c
+    return torch.from_numpy(out).to(seg.device)

@@ -98,13 +98,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.losses.consistency import largest_components
 from semidiff_nnunet.networks.mixing import paste, random_box_mask
 from semidiff_nnunet.training import EMA, BaseHParams, Phase, SemiSupervisedTrainer, unwrap
 
@@ -189,23 +188,6 @@ def halves(n: int) -> tuple[slice, slice]:
         return slice(0, 1), slice(0, 1)
     h = n // 2
     return slice(0, h), slice(h, 2 * h)
-
-
-def largest_components(seg: Tensor, num_classes: int) -> Tensor:
-    """Per sample and foreground class, the largest connected component of ``seg`` (B, *spatial)
-    (full connectivity); voxels of the other components become background (the authors'
-    ``get_ACDC_2DLargestCC`` / ``LargestCC_pancreas``)."""
-    arr = seg.detach().cpu().numpy()
-    out = np.zeros_like(arr)
-    structure = ndimage.generate_binary_structure(arr.ndim - 1, arr.ndim - 1)
-    for i in range(arr.shape[0]):
-        for c in range(1, num_classes):
-            components, n = ndimage.label(arr[i] == c, structure=structure)
-            if n == 0:
-                continue
-            sizes = np.bincount(components.ravel())[1:]
-            out[i][components == int(np.argmax(sizes)) + 1] = c
-    return torch.from_numpy(out).to(seg.device)
 
 
 # ---------------------------------------------------------------------------------------------- trainer

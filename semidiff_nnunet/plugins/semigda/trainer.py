@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.losses.consistency import largest_components
 from semidiff_nnunet.networks.mixing import paste, random_box_mask
 from semidiff_nnunet.training import BaseHParams, Phase, SemiSupervisedTrainer, ramps, run_hparams, unwrap
 from semidiff_nnunet.training.checkpoint import SEMIDIFF_KEY
@@ -177,12 +178,6 @@ def copy_paste_batch(x_l: Tensor, y: Tensor, x_u: Tensor, pl_v: Tensor, pl_r: Te
     target_v = torch.cat([paste(y, pl_r, box), paste(pl_r, y, box)])
     target_r = torch.cat([paste(y, pl_v, box), paste(pl_v, y, box)])
     return images, target_v, target_r
-
-
-def _largest_components(seg: Tensor, num_classes: int) -> Tensor:
-    from semidiff_nnunet.plugins.bcp.trainer import largest_components
-
-    return largest_components(seg, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -358,7 +353,7 @@ class SemiGDATrainer(SemiSupervisedTrainer):
 
     def pseudo_labels(self, prob: Tensor) -> Tensor:
         seg = sharpened_pseudo_labels(prob, self.hp.sharpen_temperature, self.hp.pseudo_threshold)
-        return _largest_components(seg, self.num_classes) if self.hp.largest_component else seg
+        return largest_components(seg, self.num_classes) if self.hp.largest_component else seg
 
     def segment_losses(self, labeled, unlabeled):
         """Stage 2 (eq. 9–10, copy-paste)."""
