@@ -231,10 +231,16 @@ def _check_run(dataset, configuration, labeled):
 
 @pytest.mark.slow
 def test_2d_superdiffusion_cli_both_phases_predict_and_stock_nnunet(demo2d, run_cli, tmp_path):
+    # with the final validation (the path a user takes): the predictor is chosen on validation batches,
+    # and nnU-Net's validation then scores the chosen network
     code, _, err = run_cli("plan-and-train", demo2d, "-m", "superdiffusion", "--labeled", "0.2", "-c", "2d", *SHORT,
-                           "--no-val", "--set", "infer_t=500", *TINY)
+                           "--val-iters", "1", "--set", "select_batches=2", "--set", "infer_t=500", *TINY)
     assert code == 0, err
     info = _check_run(demo2d, "2d", "0.2")
+    recorded = json.loads((info.fold_folder / "superdiffusion_selection.json").read_text(encoding="utf-8"))
+    assert recorded["rule"] == "auto" and set(recorded["validation_dice"]) == {"teacher", "student"}
+    summary = json.loads((info.fold_folder / "validation" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["foreground_mean"]["Dice"] >= 0 and len(summary["metric_per_case"]) > 0
     pred = tmp_path / "pred"
     code, _, err = run_cli("predict", "-d", demo2d, "-m", "superdiffusion", "--labeled", "0.2", "-c", "2d",
                            "-i", raw(demo2d) / "imagesTs", "-o", pred, "--plans", "semidiffDemoPlans",
@@ -314,6 +320,35 @@ def _one_step(dataset: str, epoch: int, target_seed: int) -> dict:
     torch.manual_seed(7)
     t.train_step({"data": x_l, "target": target})
     return _params(t.network, t.image, t.student)
+
+
+@pytest.mark.slow  # plans the demo dataset
+@pytest.mark.parametrize("rule, scores, expect", [
+    ("auto", {"teacher": 0.5, "student": 0.7}, "student"),
+    ("auto", {"teacher": 0.7, "student": 0.7}, "teacher"),  # ties: the teacher
+    ("auto", {"teacher": float("nan"), "student": 0.2}, "student"),
+    ("auto", {"teacher": 0.3, "student": float("nan")}, "teacher"),
+    ("student", None, "student"),
+    ("teacher", None, "teacher"),
+])
+def test_predictor_selection_rule(demo2d, results, tmp_path, monkeypatch, rule, scores, expect):
+    """The network that predicts is the one with the higher validation Dice (teacher on ties or when the
+    student's is not measurable); a fixed ``predictor`` is used without measuring; the choice is recorded,
+    and it is what nnU-Net's final validation and the exported weights use."""
+    from types import SimpleNamespace
+
+    t = _trainer(demo2d, hparams={"rounds": 2, "predictor": rule})
+    t.initialize()
+    t.output_folder = str(tmp_path)
+    t.semi_split = SimpleNamespace(validation=["demo_000"])
+    t.dataloader_val = object()
+    asked = []
+    monkeypatch.setattr(t, "validation_scores", lambda n: asked.append(n) or dict(scores))
+    t.select_predictor()
+    assert t.selection.choice == expect and (asked == [t.hp.select_batches]) == (rule == "auto")
+    assert t.inference_network() is (t.student if expect == "student" else t.network)
+    recorded = json.loads((tmp_path / "superdiffusion_selection.json").read_text(encoding="utf-8"))
+    assert recorded["predictor"] == expect and recorded["rule"] == rule
 
 
 @pytest.mark.slow  # plans the demo dataset
