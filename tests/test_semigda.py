@@ -129,6 +129,26 @@ def test_bad_paths_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- widths
+def test_mapping_attention_is_gms_softmax_attention_without_the_n_by_n_weights():
+    """The mapping model's attention equals softmax(q kᵀ/√c) v written out, and its peak memory on many
+    latent positions stays far below the n × n weight matrix the explicit form holds."""
+    torch.manual_seed(0)
+    att = N._SpatialSelfAttention(8, 4)
+    x = torch.randn(2, 8, 6, 5)
+    h = att.norm(x)
+    q, k, v = (f(h).flatten(2) for f in (att.q, att.k, att.v))  # b, c, n
+    w = torch.softmax(torch.bmm(q.transpose(1, 2), k) * 8 ** -0.5, dim=2)
+    explicit = x + att.proj_out(torch.bmm(v, w.transpose(1, 2)).view(2, 8, 6, 5))
+    assert torch.allclose(att(x), explicit, atol=1e-5)
+
+    big = torch.randn(1, 8, 96, 96)  # n = 9216: n × n float weights would be 324 MiB
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 profile_memory=True) as prof:
+        att(big)
+    peak = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert peak < 9216 * 9216 * 4 / 4, peak
+
+
 def test_widths_follow_the_vae_config():
     for cfg in (dict(block_out_channels=(8, 16)), dict(block_out_channels=(16, 32, 32), latent_channels=3)):
         vae = tiny_vae(**cfg)

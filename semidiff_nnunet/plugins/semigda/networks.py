@@ -95,13 +95,14 @@ class _SpatialSelfAttention(nn.Module):
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
+        # softmax(q kᵀ / √c) v over all latent positions (GMS's single-head attention); PyTorch's fused
+        # attention never holds the n × n weights, so memory grows with n, not n² (a VAE that down-samples
+        # less than SD's 8× gives many positions: 20 480 for a 256×320 patch at 2×)
         h = self.norm(x)
         b, c, hh, ww = h.shape
-        q = self.q(h).flatten(2).transpose(1, 2)  # b, n, c
-        k = self.k(h).flatten(2)  # b, c, n
-        v = self.v(h).flatten(2)
-        w = torch.softmax(torch.bmm(q, k) * c ** -0.5, dim=2)  # b, n(query), n(key)
-        out = torch.bmm(v, w.transpose(1, 2)).view(b, c, hh, ww)
+        # contiguous (b, 1, n, c): a strided view would send PyTorch to its n × n fallback
+        q, k, v = (f(h).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for f in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, hh, ww)
         return x + self.proj_out(out)
 
 
