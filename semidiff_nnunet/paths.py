@@ -15,6 +15,7 @@ commands work with ``nnUNet_results=<run root>``)::
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -46,9 +47,18 @@ def preprocessed_root() -> Path:
     return Path(os.environ["nnUNet_preprocessed"])
 
 
+RUN_ROOT_RE = re.compile(r".+__.+__seed\d+")
+
+
 def results_root() -> Path:
+    """``$nnUNet_results``; when it points at one run root (``<root>/semidiff/<method>__<tag>__seed<n>``, as
+    ``eval "$(semidiff env -m METHOD)"`` sets it for stock nnU-Net), the root above it, so ``semidiff``
+    commands in that shell still find every run."""
     ensure_nnunet_env()
-    return Path(os.environ["nnUNet_results"])
+    path = Path(os.environ["nnUNet_results"])
+    if path.parent.name == "semidiff" and RUN_ROOT_RE.fullmatch(path.name):
+        return path.parent.parent
+    return path
 
 
 def runs_root() -> Path:

@@ -199,3 +199,17 @@ def test_continue_of_a_run_from_before_phases(fakes, planned):
     assert RunConfig.read(StageTrainer.created[-1].plans).phases == {}
     with pytest.raises(SemidiffError, match=r"started with the default length of phase 'pretrain'"):
         _train(planned, seed=7, continue_training=True, overrides=["phase.pretrain=0.3"])
+
+
+def test_results_root_when_the_shell_points_nnunet_results_at_one_run(tmp_path, monkeypatch):
+    """After ``eval "$(semidiff env -m METHOD)"`` (nnUNet_results = one run root, for stock nnU-Net),
+    semidiff commands in the same shell still resolve runs from the root above it."""
+    from semidiff_nnunet import paths
+
+    run = tmp_path / "semidiff" / "mean-teacher__lab0.1__seed0"
+    monkeypatch.setenv("nnUNet_results", str(run))
+    assert paths.results_root() == tmp_path
+    assert paths.run_root("supervised", "lab0.1", 1) == tmp_path / "semidiff" / "supervised__lab0.1__seed1"
+    for plain in (tmp_path / "results", tmp_path / "semidiff", tmp_path / "x" / "mean-teacher__lab0.1__seed0"):
+        monkeypatch.setenv("nnUNet_results", str(plain))
+        assert paths.results_root() == plain
