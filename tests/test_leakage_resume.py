@@ -129,6 +129,56 @@ def test_scrambled_hidden_labels_give_a_bit_identical_run(leak2d, n_proc_da, mon
         _assert_same(_weights(reference), _weights(third))
 
 
+@pytest.mark.parametrize("method", ["mean-teacher", "bcp"])
+def test_pseudo_label_diagnostic_reads_hidden_labels_for_its_plot_only(leak2d, method, monkeypatch):
+    """With ``pseudo_diagnostic`` on, the unlabeled stream carries the hidden labels (through the worker
+    processes): the logged pseudo-label accuracy changes when they are scrambled, the weights do not."""
+    from semidiff_nnunet import api
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    _restore_preprocessed(leak2d)
+    split = api.split(leak2d, "0.5", seed=0, fold=0)
+    on = {"pseudo_diagnostic": "true"}
+    if method == "bcp":
+        on["phase.pretrain"] = "1"
+    cls = api.method_trainer(method)
+    seen, original = set(), cls.compute_losses
+
+    def compute_losses(self, labeled, unlabeled):
+        seen.update(unlabeled or {})
+        return original(self, labeled, unlabeled)
+
+    monkeypatch.setattr(cls, "compute_losses", compute_losses)
+    first = _train(leak2d, method, overrides=on)
+    reference = _state(first)
+    accuracy = reference["logging"]["term/_pseudo_accuracy"]
+    assert np.isfinite(accuracy[-1]) and 0 <= accuracy[-1] <= 1
+    assert np.isfinite(reference["logging"]["term/_pseudo_dice"][-1])
+    shutil.rmtree(first.run_root)
+    _scramble(leak2d, split.unlabeled, seed=1)
+    second = _state(_train(leak2d, method, overrides=on))
+    _assert_same(_weights(reference), _weights(second))
+    assert second["logging"]["term/_pseudo_accuracy"][-1] != accuracy[-1]
+    assert "data" in seen and "hidden_target" not in seen  # the method never sees the hidden labels
+
+
+def test_pseudo_label_diagnostic_arithmetic():
+    """Accuracy over the kept voxels with a hidden label, foreground Dice, coverage of the confidence mask."""
+    from types import SimpleNamespace
+
+    from semidiff_nnunet.training.trainer import SemiSupervisedTrainer
+
+    t = SimpleNamespace(label_manager=SimpleNamespace(has_ignore_label=False), _reported_pseudo=None)
+    hidden = torch.tensor([[[[0, 1, 1, -1]]]], dtype=torch.int16)  # (B, 1, 1, 4): the last voxel unknown
+    out = SemiSupervisedTrainer._pseudo_label_diagnostic(t, hidden)
+    assert all(np.isnan(float(v)) for v in out.values())  # nothing reported
+    t._reported_pseudo = (torch.tensor([[[1, 1, 0, 1]]]), torch.tensor([[[True, True, False, True]]]))
+    out = {k: float(v) for k, v in SemiSupervisedTrainer._pseudo_label_diagnostic(t, hidden).items()}
+    # kept and known: voxels 0 (pred 1, true 0) and 1 (pred 1, true 1)
+    assert out["_pseudo_accuracy"] == 0.5 and out["_pseudo_coverage"] == pytest.approx(2 / 3)
+    assert out["_pseudo_dice"] == pytest.approx(2 * 1 / (2 + 1))
+
+
 @WORKERS
 def test_interrupted_run_resumes_exactly(leak2d, n_proc_da, monkeypatch):
     from semidiff_nnunet import api

@@ -31,6 +31,15 @@ class BaseHParams:
         ``rampup_max`` iterations, capped by what is left of the run (SSL4MIS ramps over its whole
         30 000-iteration run; a nnU-Net-length run of 250 000 iterations therefore ramps over 30 000,
         a short run over at least 200 iterations).
+
+    pseudo_diagnostic: opt-in diagnostic of the pseudo labels' accuracy over training (off by default).
+        The unlabeled stream then also carries the hidden label of each unlabeled patch (training
+        cases only; extra unlabeled images have none); the engine takes it out of the batch before the
+        method sees it and compares it, without gradient, with what the method reports through
+        ``report_pseudo_labels``: terms ``_pseudo_accuracy`` (share of reported voxels whose pseudo label
+        is right) and ``_pseudo_dice`` (foreground Dice), and ``_pseudo_coverage`` (share of voxels kept
+        by the method's confidence mask). It reads hidden labels for a plot only: nothing it computes
+        reaches a loss, an optimiser or a random stream (the scramble-label test checks that).
     """
 
     unlabeled_batch_size: int = 0
@@ -39,6 +48,7 @@ class BaseHParams:
     burnin_max: int = 1000
     rampup_min: int = 200
     rampup_max: int = 30000
+    pseudo_diagnostic: bool = False
 
 
 def _convert(value: str, annotation, name: str):

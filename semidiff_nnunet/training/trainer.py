@@ -490,7 +490,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         # the unlabeled batch is global like nnU-Net's: split over the ranks (default: as the labeled one)
         batch_size = max(1, self.rank_share(self.hp.unlabeled_batch_size)) if self.hp.unlabeled_batch_size \
             else self.batch_size
-        loader = UnlabeledDataLoader(UnlabeledDataset(sources), batch_size, initial_patch_size,
+        loader = UnlabeledDataLoader(UnlabeledDataset(sources, oracle=bool(self.hp.pseudo_diagnostic)), batch_size,
+                                     initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
                                      geometric, intensity, self.get_strong_transforms(), self.strong_views)
         n_proc = get_allowed_n_proc_DA()
@@ -604,6 +605,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             unlabeled = (self._to_device(next(self.dataloader_unlabeled)) if self.dataloader_unlabeled is not None
                          else None)
             steps = self.optimisation_steps()
+        # the pseudo-label diagnostic's hidden labels leave the batch before any method code sees it
+        hidden = unlabeled.pop("hidden_target", None) if unlabeled is not None else None
+        self._reported_pseudo = None
         carry: dict = {}
         terms: dict = {}
         total = 0.0
@@ -629,6 +633,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if not terms:
             raise ValueError(f"no optimisation step ran in iteration {self.iteration} (phase "
                              f"{self.current_phase.name!r}); give every phase at least one step")
+        if hidden is not None:
+            terms.update(self._pseudo_label_diagnostic(hidden))
         self.after_step()
         self.iteration += 1
         out = {"loss": total.cpu().numpy()}
@@ -638,6 +644,41 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 out["term/" + k] = (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor)
                                     else np.asarray(v, dtype=np.float32))
         return out
+
+    def report_pseudo_labels(self, labels: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Tell the opt-in pseudo-label diagnostic (``--set pseudo_diagnostic=true``) the pseudo labels this
+        step learns from: ``labels`` (B, *spatial) class indices for the unlabeled batch's patches, in the
+        order and geometry of ``unlabeled["data"]``; ``keep`` (same shape, bool) the voxels the loss uses
+        (a confidence mask), None for all. A no-op unless the diagnostic is on; never changes training."""
+        if self.hp.pseudo_diagnostic:
+            self._reported_pseudo = (labels.detach(), None if keep is None else keep.detach())
+
+    @torch.no_grad()
+    def _pseudo_label_diagnostic(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Accuracy, foreground Dice and coverage of the reported pseudo labels against the hidden labels
+        (voxels without a hidden label, ``-1``, left out); NaN when nothing was reported or comparable."""
+        nan = torch.tensor(float("nan"))
+        reported = getattr(self, "_reported_pseudo", None)
+        if reported is None:
+            return {"_pseudo_accuracy": nan, "_pseudo_dice": nan, "_pseudo_coverage": nan}
+        labels, keep = reported
+        truth = hidden.to(labels.device).long()[:, 0]  # (B, 1, *spatial) → (B, *spatial)
+        labels = labels[:, 0] if labels.ndim == truth.ndim + 1 else labels
+        keep = keep[:, 0] if keep is not None and keep.ndim == truth.ndim + 1 else keep
+        n = min(labels.shape[0], truth.shape[0])  # a method may report a part of the batch
+        labels, truth = labels[:n].long(), truth[:n]
+        known = truth >= 0
+        if self.label_manager.has_ignore_label:
+            known &= truth != self.label_manager.ignore_label
+        used = known if keep is None else known & keep[:n].bool()
+        out = {"_pseudo_coverage": (used.sum() / known.sum().clamp_min(1)).float().cpu() if known.any() else nan}
+        if not used.any():
+            return {**out, "_pseudo_accuracy": nan, "_pseudo_dice": nan}
+        right = (labels == truth) & used
+        fg_p, fg_t = (labels > 0) & used, (truth > 0) & used
+        denom = fg_p.sum() + fg_t.sum()
+        dice = (2 * (fg_p & fg_t).sum() / denom).float().cpu() if denom > 0 else nan
+        return {**out, "_pseudo_accuracy": (right.sum() / used.sum()).float().cpu(), "_pseudo_dice": dice}
 
     def _check_finite(self, loss: np.ndarray, terms: dict) -> None:
         """Count consecutive non-finite losses; past ``max_nonfinite_steps`` end the run with one sentence

@@ -2,7 +2,10 @@
 
 Hidden labels never reach this module: :class:`UnlabeledDataset` opens only the image file of
 a case, and :class:`UnlabeledDataLoader` crops uniformly at random (nnU-Net's foreground
-oversampling needs class locations, which come from labels).
+oversampling needs class locations, which come from labels). The one exception is opt-in and for a
+plot only: with ``oracle=True`` (the ``pseudo_diagnostic`` hyperparameter) the dataset also opens the
+hidden label where the case has one, and the loader crops and moves it with the image's geometry into
+``hidden_target``, which the trainer takes out of the batch before any method sees it.
 """
 
 from __future__ import annotations
@@ -66,10 +69,29 @@ class UnlabeledDataset:
     properties)`` with the label-derived ``class_locations`` removed from the properties.
     """
 
-    def __init__(self, sources: dict[str, str]):
+    def __init__(self, sources: dict[str, str], oracle: bool = False):
         self.sources = dict(sorted(sources.items()))
         self.identifiers = list(self.sources)
+        self.oracle = oracle
         self._mmap = {} if os.name == "nt" else {"mmap_mode": "r"}
+
+    def hidden_label(self, identifier: str):
+        """The case's preprocessed label (``oracle`` only; the pseudo-label diagnostic), or None when the
+        case has none (an image of ``imagesUnlabeled/``)."""
+        folder = self.sources[identifier]
+        b2 = os.path.join(folder, identifier + "_seg.b2nd")
+        if os.path.isfile(b2):
+            import blosc2
+
+            return blosc2.open(urlpath=b2, mode="r", dparams={"nthreads": 1}, **self._mmap)
+        npy = os.path.join(folder, identifier + "_seg.npy")
+        if os.path.isfile(npy):
+            return np.load(npy, "r")
+        npz = os.path.join(folder, identifier + ".npz")
+        if os.path.isfile(npz):
+            with np.load(npz) as f:
+                return f["seg"] if "seg" in f.files else None
+        return None
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -122,6 +144,7 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         keys = self.get_indices()
         weak_all, strong_all = None, [None] * self.strong_views
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            hidden_all = None
             for j, key in enumerate(keys):
                 data, _, _, _ = self._data.load_case(key)
                 bbox_lbs, bbox_ubs = self.get_bbox(data.shape[1:], False, None)
@@ -129,7 +152,19 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                 img = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
                 if self.patch_size_was_2d:
                     img = img[:, 0]
-                img = self.geometric(image=img)["image"]
+                if getattr(self._data, "oracle", False):  # the diagnostic: the same crop and geometry
+                    hidden = self._data.hidden_label(key)
+                    seg = (torch.full((1, *img.shape[1:]), -1, dtype=torch.int16) if hidden is None else
+                           torch.from_numpy(crop_and_pad_nd(hidden, bbox, -1).astype(np.int16)))
+                    if self.patch_size_was_2d and hidden is not None:
+                        seg = seg[:, 0]
+                    moved = self.geometric(image=img, segmentation=seg)
+                    img, seg = moved["image"], moved["segmentation"]
+                    if hidden_all is None:
+                        hidden_all = torch.empty((self.batch_size, *seg.shape), dtype=torch.int16)
+                    hidden_all[j] = seg
+                else:
+                    img = self.geometric(image=img)["image"]
                 weak = self.intensity(image=img)["image"]
                 if weak_all is None:
                     weak_all = torch.empty((self.batch_size, *weak.shape), dtype=torch.float32)
@@ -140,6 +175,8 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                         strong_all[v] = torch.empty((self.batch_size, *strong.shape), dtype=torch.float32)
                     strong_all[v][j] = strong
         batch = {"data": weak_all, "keys": keys}
+        if hidden_all is not None:
+            batch["hidden_target"] = hidden_all
         for v, views in enumerate(strong_all):
             if views is not None:
                 batch[self.strong_key(v)] = views

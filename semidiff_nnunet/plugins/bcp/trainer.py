@@ -277,6 +277,7 @@ class BCPTrainer(SemiSupervisedTrainer):
         a, b = halves(n)
         used = slice(0, max(a.stop, b.stop))
         pseudo = self.pseudo_labels(x_u[used])
+        self.report_pseudo_labels(pseudo)  # the opt-in diagnostic (no effect on training)
         t_u = [resize_nearest(pseudo, t.shape[2:]) for t in t_l]
         box = self.draw_box(a.stop - a.start, x_l.shape[2:])
         into_unlabeled, into_labeled = bidirectional_copy_paste(x_l, t_l, x_u[used], t_u, box, a, b)

@@ -62,6 +62,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         with torch.no_grad():
             noise = torch.clamp(torch.randn_like(x_u) * hp.noise_std, -hp.noise_clip, hp.noise_clip)
             teacher_u = self.highest_resolution(self.teacher.module(x_u + noise))
+        self.report_pseudo_labels(teacher_u.argmax(1))  # the teacher's target, for the opt-in diagnostic
         consistency = torch.mean((torch.softmax(student_u, 1) - torch.softmax(teacher_u, 1)) ** 2)
         w = self.consistency_weight()
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),

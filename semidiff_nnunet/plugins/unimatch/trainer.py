@@ -187,6 +187,7 @@ class UniMatchTrainer(SemiSupervisedTrainer):
         with torch.no_grad():
             conf, label = torch.softmax(pred_w.detach().float(), 1).max(1)
         keep = conf >= hp.threshold
+        self.report_pseudo_labels(label, keep)  # the opt-in diagnostic (no effect on training)
         # inside each box: the pseudo label and confidence of the patch pasted there
         mixed = [(self.cutmix(label, source, box), self.cutmix(conf, source, box) >= hp.threshold)
                  for box in boxes]
