@@ -18,6 +18,7 @@ from semidiff_nnunet.plugins.diffrect.losses import (
     ce_dice,
     colorize,
     complementary_loss,
+    confident_mask,
     confident_pseudo_label,
     semantic_colors,
 )
@@ -75,6 +76,23 @@ def test_confidence_rule_and_complementary_loss():
     loss.backward()
     assert strong_logits.grad.abs().sum() > 0
 
+
+
+def test_low_confidence_ignore_leaves_those_voxels_out_of_ce_dice():
+    """``low_confidence=ignore``: the mask is exactly the voxels the code's rule labels by argmax, and the
+    masked CE + Dice equals the loss on the kept voxels alone (whatever the others' labels are)."""
+    probs = torch.tensor([[0.05, 0.9, 0.05], [0.3, 0.4, 0.3], [0.02, 0.03, 0.95]]).T.reshape(1, 3, 3, 1)
+    assert confident_mask(probs, 0.8).flatten().tolist() == [True, False, True]
+    logits = torch.randn(1, 3, 3, 1)
+    labels = confident_pseudo_label(probs, 0.8)
+    keep = confident_mask(probs, 0.8)
+    other = labels.clone()
+    other[~keep] = 2  # what an ignored voxel is labelled must not matter
+    masked = ce_dice(logits, labels, keep)
+    assert masked == pytest.approx(ce_dice(logits, other, keep).item())
+    kept_only = ce_dice(logits[..., [0, 2], :], labels[..., [0, 2], :])
+    assert masked == pytest.approx(kept_only.item(), rel=1e-5)
+    assert ce_dice(logits, labels) != pytest.approx(masked.item())  # the code's rule counts the background voxel
 
 
 def test_complementary_loss_is_finite_when_probabilities_underflow():
@@ -237,6 +255,26 @@ def test_train_step_takes_the_rectification_step(trainer2d):
     assert any(not torch.equal(without["network"][k], with_rect["network"][k]) for k in without["network"])
     t.dataloader_unlabeled = None
     t.hp.rect_gate = True
+
+
+@pytest.mark.slow  # plans the demo dataset
+def test_low_confidence_setting_reaches_the_unsupervised_term(trainer2d):
+    from semidiff_nnunet import api
+    from semidiff_nnunet.errors import SemidiffError
+
+    t = trainer2d
+    labeled, unlabeled = _batches(t)
+    terms, it = {}, t.iteration
+    t.iteration = t.burnin_iterations + 500  # the unlabeled weight is on
+    for rule in ("background", "ignore"):
+        t.hp.low_confidence = rule
+        torch.manual_seed(0)
+        with torch.no_grad():
+            terms[rule] = t.compute_step_losses(labeled, unlabeled, {})["unsupervised"].item()
+    t.hp.low_confidence, t.iteration = "background", it
+    assert terms["background"] > 0 and terms["background"] != pytest.approx(terms["ignore"])
+    with pytest.raises(SemidiffError, match="low_confidence=drop: choose background"):
+        api.check_train_options("diffrect", overrides={"low_confidence": "drop"})
 
 
 @pytest.mark.slow  # plans the demo dataset

@@ -70,22 +70,32 @@ def colorize(labels: Tensor, num_classes: int) -> Tensor:
     return colors[labels.long()].movedim(-1, 1)
 
 
-def dice_loss(probs: Tensor, labels: Tensor, smooth: float = 1e-5) -> Tensor:
+def dice_loss(probs: Tensor, labels: Tensor, smooth: float = 1e-5, keep: Tensor | None = None) -> Tensor:
     """SSL4MIS ``DiceLoss``: mean over all C classes (background included) of
     1 − (2 Σ p·y + s) / (Σ p² + Σ y² + s), sums over the whole batch. ``probs`` (B, C, *spatial),
-    ``labels`` (B, *spatial) long (detached). Returns a scalar."""
+    ``labels`` (B, *spatial) long (detached); ``keep`` (B, *spatial) bool: only those voxels count.
+    Returns a scalar."""
     probs = probs.float()
     target = labels_to_onehot(labels.detach(), probs.shape[1])
+    if keep is not None:
+        mask = keep.detach().unsqueeze(1).float()
+        probs, target = probs * mask, target * mask
     dims = [0, *range(2, probs.ndim)]
     inter = (probs * target).sum(dims)
     denom = (probs * probs).sum(dims) + (target * target).sum(dims)
     return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
 
 
-def ce_dice(logits: Tensor, labels: Tensor) -> Tensor:
-    """CE(logits, labels) + Dice(softmax(logits), labels), the authors' loss on GT and pseudo labels."""
+def ce_dice(logits: Tensor, labels: Tensor, keep: Tensor | None = None) -> Tensor:
+    """CE(logits, labels) + Dice(softmax(logits), labels), the authors' loss on GT and pseudo labels;
+    with ``keep`` (B, *spatial) bool, both over the kept voxels only (CE averaged over them)."""
     labels = labels.detach().long()
-    return F.cross_entropy(logits.float(), labels) + dice_loss(torch.softmax(logits.float(), 1), labels)
+    if keep is None:
+        return F.cross_entropy(logits.float(), labels) + dice_loss(torch.softmax(logits.float(), 1), labels)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    kept = keep.detach().float()
+    return ((ce * kept).sum() / kept.sum().clamp_min(1.0)
+            + dice_loss(torch.softmax(logits.float(), 1), labels, keep=keep))
 
 
 @torch.no_grad()
@@ -110,6 +120,15 @@ def confident_pseudo_label(probs: Tensor, threshold: float = 0.8) -> Tensor:
     top, label = probs.max(1)
     confident = (top - probs.min(1).values) > threshold * top
     return torch.where(confident, label, torch.zeros_like(label))
+
+
+@torch.no_grad()
+def confident_mask(probs: Tensor, threshold: float = 0.8) -> Tensor:
+    """The voxels :func:`confident_pseudo_label` labels by their argmax (the others it sets to background):
+    (max − min) / max > ``threshold`` over the classes; ``(B, *spatial)`` bool."""
+    probs = probs.float()
+    top = probs.max(1).values
+    return (top - probs.min(1).values) > threshold * top
 
 
 def complementary_loss(weak_probs: Tensor, strong_probs: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,11 @@ network. One training iteration (authors' ``train_diffrect_ACDC.py``):
 
 Defaults and their sources (code = authors' ``train_diffrect_ACDC.py`` / ``networks/unet_de.py``):
 
-* ``conf_thresh = 0.8`` (``--conf_thresh``), normalised-confidence rule, low-confidence → background;
+* ``conf_thresh = 0.8`` (``--conf_thresh``), normalised-confidence rule, low-confidence → background
+  (``low_confidence = "background"``, the code; ``"ignore"`` leaves those voxels out of the
+  segmentation network's pseudo-label losses instead — the unsupervised term and the rectified
+  supervision — while the rectifier's colour conditions keep the code's labels. For two classes the
+  rule keeps a foreground voxel only when p > 0.83: every uncertain voxel teaches background);
 * ``consistency = 0.1`` with a sigmoid ramp-up over the whole run, ``rampup_fraction = 1.0``
   (code: ``0.1·sigmoid_rampup(iter // 150, 200)`` = 30 000 iterations = its whole run);
   ``ref_consistency_weight = -1`` means the rectification's S2W term uses the same w(t) (code);
@@ -96,6 +100,7 @@ from semidiff_nnunet.plugins.diffrect.losses import (
     ce_dice,
     colorize,
     complementary_loss,
+    confident_mask,
     confident_pseudo_label,
 )
 from semidiff_nnunet.plugins.diffrect.networks import AUTHORS_DROPOUT, rectification_net_from_plans
@@ -106,6 +111,7 @@ from semidiff_nnunet.training import BaseHParams, OptimStep, SemiSupervisedTrain
 @dataclass
 class DiffRectHParams(BaseHParams):
     conf_thresh: float = 0.8
+    low_confidence: str = "background"
     consistency: float = 0.1
     rampup_fraction: float = 1.0
     ref_consistency_weight: float = -1.0
@@ -148,8 +154,17 @@ def diffrect_strong_view(enhance: float = 0.1, blur: float = 1.0, p: float = 0.5
 
 
 class DiffRectTrainer(SemiSupervisedTrainer):
+    """DiffRect. ``--pretrained-weights`` initialises the segmentation network; the rectification
+    network (LGDD/LDM) starts as built."""
+
     method_name = "diffrect"
     hparams_class = DiffRectHParams
+
+    @classmethod
+    def check_options(cls, hp, configuration, dim):
+        if hp.low_confidence not in ("background", "ignore"):
+            raise SemidiffError(f"--set low_confidence={hp.low_confidence}: choose background (the authors' code) "
+                                f"or ignore.")
 
     def get_strong_transforms(self):
         return diffrect_strong_view(self.hp.strong_enhance, self.hp.strong_blur)
@@ -168,6 +183,7 @@ class DiffRectTrainer(SemiSupervisedTrainer):
                               weight_decay=hp.rect_weight_decay)
         self.rectifier = self.register_network("rectifier", net, optimizer=opt, poly_lr=False)
         self.lfr = LatentRectification(hp.num_timesteps, hp.beta_schedule, hp.sample_steps, hp.clip_sample)
+        self._rectified_keep = None
 
     def optimisation_steps(self):
         return (OptimStep("segmentation+rectifier", self.compute_step_losses),  # steps 1 and 2
@@ -205,10 +221,12 @@ class DiffRectTrainer(SemiSupervisedTrainer):
         pl_w = confident_pseudo_label(p_weak, hp.conf_thresh)  # labeled + unlabeled
         pl_s = confident_pseudo_label(p_strong, hp.conf_thresh)  # unlabeled
         pl_wu = pl_w[n_l:]
+        keep_u = confident_mask(p_weak[n_l:], hp.conf_thresh) if hp.low_confidence == "ignore" else None
+        self.report_pseudo_labels(pl_wu, keep_u)  # the opt-in diagnostic (no effect on training)
         comp, a = complementary_loss(p_weak[n_l:], p_strong)
         w = self.consistency_weight()
         w_ref = w if hp.ref_consistency_weight < 0 else hp.ref_consistency_weight
-        unsup = ce_dice(full_s, pl_wu) + a * comp
+        unsup = ce_dice(full_s, pl_wu, keep_u) + a * comp
 
         # 2a. W2G on the weak views (eq. 10-11): condition colour(y_w), x_start colour(GT | y_w)
         x_w = torch.cat([x_l, x_u])
@@ -243,7 +261,10 @@ class DiffRectTrainer(SemiSupervisedTrainer):
             logits = self.lfr.sample(self.rectifier, x, cond_colour, guidance)
         finally:
             self.rectifier.train(was_training)
-        return confident_pseudo_label(torch.softmax(logits.float(), 1), self.hp.conf_thresh)
+        probs = torch.softmax(logits.float(), 1)
+        self._rectified_keep = (confident_mask(probs, self.hp.conf_thresh) if self.hp.low_confidence == "ignore"
+                                else None)
+        return confident_pseudo_label(probs, self.hp.conf_thresh)
 
     def rectified_supervision(self, labeled, unlabeled, carry: dict):
         """Step 3 (eq. 14): the updated segmentation network learns from the rectified labels y_r of the
@@ -258,4 +279,5 @@ class DiffRectTrainer(SemiSupervisedTrainer):
         if w == 0:  # no loss with a graph: the engine takes no optimiser step (no momentum, no decay)
             return {"rectified": torch.zeros(()), **logged}
         logits = self.highest_resolution(self.network(carry["x_w"][n_l:]))
-        return {"rectified": w * ce_dice(logits, y_r[n_l:]), **logged}
+        keep = None if self._rectified_keep is None else self._rectified_keep[n_l:]
+        return {"rectified": w * ce_dice(logits, y_r[n_l:], keep), **logged}
