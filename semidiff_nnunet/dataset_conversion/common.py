@@ -37,7 +37,7 @@ log = logging.getLogger("semidiff_nnunet.convert")
 
 IMAGE_EXTS_2D = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUnlabeled")
+SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUnlabeled", "labelsPseudo")
 
 # below this many jobs a process pool costs more than it saves
 MIN_JOBS_FOR_POOL = 16
@@ -104,6 +104,17 @@ def list_files(folder: Path, exts: Sequence[str]) -> list[Path]:
     """Plain files of ``folder`` with one of ``exts``; hidden files (``._x`` macOS forks) skipped."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and has_ext(p, exts))
+
+
+def pseudo_dir(value: Any, layout: str) -> Path | None:
+    """The ``pseudo=DIR`` converter option (noisy pseudo masks for ``labelsPseudo/``): None when not
+    given; a folder that does not exist is a :class:`ConversionError`."""
+    if value is None or str(value).strip() == "":
+        return None
+    path = Path(str(value).strip()).expanduser()
+    if not path.is_dir():
+        raise ConversionError(f"pseudo={value} is not a folder; give the folder of your pseudo masks ({layout}).")
+    return path.resolve()
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -391,13 +402,14 @@ class DatasetWriter:
         return self.root / folder / f"{case}_{channel:04d}{self.file_ending}"
 
     def label(self, split: str, case: str) -> Path:
-        folder = {"train": "labelsTr", "test": "labelsTs"}[split]
+        folder = {"train": "labelsTr", "test": "labelsTs", "pseudo": "labelsPseudo"}[split]
         return self.root / folder / f"{case}{self.file_ending}"
 
     def make_dirs(self, *splits: str) -> None:
         for s in splits:
             for sub in {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs"),
-                        "test_images": ("imagesTs",), "unlabeled": ("imagesUnlabeled",)}[s]:
+                        "test_images": ("imagesTs",), "unlabeled": ("imagesUnlabeled",),
+                        "pseudo": ("labelsPseudo",)}[s]:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def count(self, sub: str) -> int:

@@ -166,13 +166,17 @@ def builtin_converters() -> list[ConverterSpec]:
               reference="Xi, Ma et al. (github.com/xilin-x/MOSXAV)", default_id=521, default_name="MOSXAV",
               layout="MOSXAV_Dataset/{trainval,test}/{JPEGImages,Annotations_Semantic}/vNN/*.{jpg,png}, ImageSets/",
               hint="Links in github.com/xilin-x/MOSXAV (OneDrive, Google Drive, Baidu, HF xilin-x/MOSXAV)",
-              options={"channels": "gray (default) | rgb", "unlabeled": "true (default) | false", **_NP}),
+              options={"channels": "gray (default) | rgb", "unlabeled": "true (default) | false",
+                       "pseudo": "folder of your pseudo masks, laid out like Annotations_Semantic -> labelsPseudo/",
+                       **_NP}),
         _spec("endoscapes2023", "video:convert_endoscapes",
               summary="Endoscapes2023 Seg50 (255 -> ignore); 343/76/74 split; 1 fps train frames -> imagesUnlabeled.",
               reference="Murali et al. 2023", default_id=522, default_name="Endoscapes2023",
               layout="semseg/{vid}_{frame}.png, {train,val,test}_seg/{vid}_{frame}.jpg, train/*.jpg",
               hint="github.com/CAMMA-public/Endoscapes (endoscapes.zip from s3.unistra.fr)",
-              options={"unlabeled": "true (default) | false", **_NP}),
+              options={"unlabeled": "true (default) | false",
+                       "pseudo": "folder of your pseudo masks, {vid}_{frame}.png like semseg/ -> labelsPseudo/",
+                       **_NP}),
     ]
 
 
