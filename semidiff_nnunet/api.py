@@ -204,7 +204,9 @@ def check_train_options(method: str, labeled: str = "1.0", fold: int | str = 0, 
     hp = resolve_hparams(trainer_cls.hparams_class, hp_overrides)
     if dim is None and configuration is not None:
         dim = configuration_dim(configuration)
-    trainer_cls.check_options(hp, configuration, dim)
+    check = getattr(trainer_cls, "check_options", None)  # SemiSupervisedTrainer's hook (a bare class may lack it)
+    if check is not None:
+        check(hp, configuration, dim)
     return TrainOptions(trainer_cls, spec, fold, hp, hp_overrides, phases, resolve_device(device))
 
 
@@ -291,11 +293,17 @@ def resolve_device(device: str):
 def plan_and_preprocess(dataset: str | int, configurations: list[str] | None = None,
                         gpu_memory_target: float | None = None, plans_name: str | None = None,
                         num_processes: int = 2, verify: bool = True, fingerprint_voxels: float | None = None,
-                        force: bool = False, show_progress: bool = True) -> str:
-    """Fingerprint, plan and preprocess (skipping steps already done); return the plans name."""
+                        force: bool = False, show_progress: bool = True, planner: str | None = None) -> str:
+    """Fingerprint, plan and preprocess (skipping steps already done); return the plans name.
+
+    ``planner``: the nnU-Net experiment planner class by name (``nnUNetv2_plan_and_preprocess -pl``):
+    ``ExperimentPlanner`` (default), ``nnUNetPlannerResEncM``/``L``/``XL`` or any planner nnU-Net finds; the
+    plans take the planner's name (``nnUNetResEncUNetMPlans``) unless ``plans_name`` is given."""
+    if planner not in (None, planning.DEFAULT_PLANNER):
+        planning.planner_class(planner)  # an unknown name is refused before any work
     name = planning.dataset_name(dataset)
     pre = planning.preprocessed_folder(name)
-    pname = planning.plans_name_for(gpu_memory_target, plans_name)
+    pname = planning.plans_name_for(gpu_memory_target, plans_name, planner)
     steps: list[tuple[str, object]] = []
     if verify and (force or not (pre / "dataset_fingerprint.json").is_file()):
         steps.append(("checking dataset integrity", lambda: planning.verify_raw_dataset(name, num_processes)))
@@ -303,7 +311,7 @@ def plan_and_preprocess(dataset: str | int, configurations: list[str] | None = N
         steps.append(("extracting fingerprint",
                       lambda: planning.extract_fingerprint(name, num_processes, fingerprint_voxels, overwrite=force)))
     if force or not (pre / f"{pname}.json").is_file():
-        steps.append((f"planning ({pname})", lambda: planning.plan(name, gpu_memory_target, pname)))
+        steps.append((f"planning ({pname})", lambda: planning.plan(name, gpu_memory_target, pname, planner)))
 
     def todo_configs() -> list[str]:
         plans = planning.load_plans(name, pname)
@@ -435,8 +443,13 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
           overrides: dict | Sequence[str] | None = None, continue_training: bool = False,
           plans_name: str = "nnUNetPlans", val_iters_per_epoch: int | None = None, save_every: int | None = None,
           final_validation: bool = True, show_progress: bool = True,
-          progress: TrainingProgress | None = None, nproc: int = 1) -> RunInfo:
+          progress: TrainingProgress | None = None, nproc: int = 1,
+          pretrained_weights: str | Path | None = None) -> RunInfo:
     """Train one run; refuses to overwrite an existing run unless ``continue_training`` resumes it.
+
+    ``pretrained_weights``: a checkpoint (stock nnU-Net's or a semidiff run's) that initialises the new run's
+    network (nnU-Net's ``-pretrained_weights``; see ``SemiSupervisedTrainer.load_pretrained_weights``).
+    A resumed run keeps the weights of its checkpoint: the same file again is ignored, another one refused.
 
     ``nproc`` > 1: a distributed run of that many ranks on this node (:mod:`semidiff_nnunet.training.
     distributed`); under ``torchrun`` the ranks come from the environment instead.
@@ -447,6 +460,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     opts = check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch,
                                val_iters_per_epoch, save_every, configuration)
     _check_counts(nproc=nproc)
+    pretrained = check_pretrained_weights(pretrained_weights)
     from semidiff_nnunet.training import distributed
     from semidiff_nnunet.training.hparams import hparams_to_dict
     from semidiff_nnunet.training.run_config import RunConfig
@@ -458,10 +472,12 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     if configuration not in plans["configurations"]:
         raise SemidiffError(f"Configuration {configuration!r} is not in {plans_name} of {info.dataset} (has: "
                             f"{', '.join(plans['configurations'])}); pick one of those with -c.")
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    patch = PlansManager(plans).get_configuration(configuration).patch_size  # resolves "inherits_from"
-    opts.trainer_cls.check_options(opts.hparams, configuration, len(patch))
+    if hasattr(opts.trainer_cls, "check_options"):
+        cfg = dict(plans["configurations"][configuration])
+        while "inherits_from" in cfg and "patch_size" not in cfg:  # nnU-Net's configuration inheritance
+            cfg = {**plans["configurations"][cfg.pop("inherits_from")], **cfg}
+        patch = cfg.get("patch_size")
+        opts.trainer_cls.check_options(opts.hparams, configuration, len(patch) if patch else None)
     ident = plans["configurations"][configuration].get("data_identifier", f"{plans_name}_{configuration}")
     if not (planning.preprocessed_folder(info.dataset) / ident).is_dir():
         raise SemidiffError(f"{info.dataset} is not preprocessed for {configuration!r}; run "
@@ -470,6 +486,8 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     if not info.fold_folder.is_dir():  # a new run: a split that cannot be drawn fails before any folder exists
         check_split(info.dataset, plans["configurations"][configuration], plans_name, configuration, fold,
                     opts.labeled, seed)
+    if continue_training and (info.finished or info.resumable_checkpoint() is not None):
+        pretrained = _resumed_pretrained(info, pretrained)
     if info.finished:
         if continue_training:
             if final_validation and not (info.fold_folder / "validation" / "summary.json").is_file():
@@ -497,7 +515,8 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     dataset_json = planning.dataset_json(planning.preprocessed_folder(info.dataset))
     RunConfig(method=method, labeled=opts.labeled, seed=seed, hparams=hparams_to_dict(hp), phases=phases,
               num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch,
-              num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every).write(plans)
+              num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every,
+              pretrained_weights=str(pretrained) if pretrained else None).write(plans)
     plans["continue_training"] = bool(continue_training and checkpoint is not None)
     args = (opts.trainer_cls, plans, configuration, fold, dataset_json, info.run_root,
             checkpoint if continue_training else None, final_validation, show_progress)
@@ -523,6 +542,17 @@ def run_trainer(trainer_cls, plans: dict, configuration: str, fold, dataset_json
             trainer.run_training()
             if final_validation:
                 trainer.perform_actual_validation(False)
+
+
+def _resumed_pretrained(info: RunInfo, given: Path | None) -> str | None:
+    """A resumed run keeps the weights of its checkpoint: ``--pretrained-weights`` naming the file the run
+    started from is ignored, another file is refused. Returns the run's recorded file (or None)."""
+    run_json = info.fold_folder / "semidiff_run.json"
+    stored = json.loads(run_json.read_text(encoding="utf-8")).get("pretrained_weights") if run_json.is_file() else None
+    if given is not None and str(given) != stored:
+        raise SemidiffError(f"--pretrained-weights only initialises a new run; this run resumes from its checkpoint "
+                            f"(it started from {stored or 'random weights'}), so drop --pretrained-weights {given}.")
+    return stored
 
 
 def _check_resumed_world_size(info: RunInfo, world: int) -> None:
@@ -562,19 +592,35 @@ def plan_and_train(dataset: str | int, method: str, labeled: str = "1.0", seed: 
                    plans_name: str | None = None, gpu_memory_target: float | None = None,
                    num_processes: int = 2, val_iters_per_epoch: int | None = None, save_every: int | None = None,
                    final_validation: bool = True, show_progress: bool = True,
-                   progress: TrainingProgress | None = None, nproc: int = 1) -> RunInfo:
-    """Check the run's options, plan and preprocess ``dataset`` for ``configuration`` (steps already done
-    are skipped), then :func:`train`."""
+                   progress: TrainingProgress | None = None, nproc: int = 1, planner: str | None = None,
+                   pretrained_weights: str | Path | None = None) -> RunInfo:
+    """Check the run's options, plan and preprocess ``dataset`` for ``configuration`` with ``planner``
+    (steps already done are skipped; see :func:`plan_and_preprocess`), then :func:`train`."""
     check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch, val_iters_per_epoch,
                         save_every, configuration)
     _check_counts(num_processes=num_processes, nproc=nproc)
+    check_pretrained_weights(pretrained_weights)
+    if planner not in (None, planning.DEFAULT_PLANNER):
+        planning.planner_class(planner)  # before the dataset is even looked up
     pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
-                                plans_name=plans_name, num_processes=num_processes, show_progress=show_progress)
+                                plans_name=plans_name, num_processes=num_processes, show_progress=show_progress,
+                                planner=planner)
     return train(dataset, method, labeled=labeled, seed=seed, configuration=configuration, fold=fold, device=device,
                  epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=overrides,
                  continue_training=continue_training, plans_name=pname, val_iters_per_epoch=val_iters_per_epoch,
                  save_every=save_every, final_validation=final_validation, show_progress=show_progress,
-                 progress=progress, nproc=nproc)
+                 progress=progress, nproc=nproc, pretrained_weights=pretrained_weights)
+
+
+def check_pretrained_weights(path: str | Path | None) -> Path | None:
+    """``--pretrained-weights``: an existing checkpoint file (absolute path) or None."""
+    if path is None:
+        return None
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise SemidiffError(f"--pretrained-weights {path}: no such checkpoint file; give a checkpoint_final.pth of "
+                            f"nnU-Net or of a semidiff run.")
+    return path
 
 
 def check_fold(name: str, fold: int | str) -> None:
@@ -676,6 +722,11 @@ def input_cases(folder: Path, file_ending: str) -> tuple[dict[str, list[str]], l
     return cases, skipped
 
 
+def unique_folds(folds: Sequence) -> tuple:
+    """``-f`` values parsed (0-4 or ``all``), each once, in the order given."""
+    return tuple(dict.fromkeys(parse_fold(f) for f in folds))
+
+
 def trained_variants(info: RunInfo, fold, checkpoint: str = "checkpoint_final.pth") -> list[str]:
     """The (plans, configuration) pairs this method/labeled/seed was trained with, for a hint when the
     asked one does not exist (e.g. ``--plans nnUNetPlans_0.5GB`` where planning wrote ``_0p5GB``)."""
@@ -693,10 +744,18 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
             seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "auto",
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
             use_mirroring: bool = True, show_progress: bool = True,
-            log: Callable[[str], None] | None = None) -> Path:
+            log: Callable[[str], None] | None = None, save_probabilities: bool = False) -> Path:
     """Segment every case of ``input`` (nnU-Net naming, CASE_XXXX.ext) into ``output``; files that do not
-    follow the naming are skipped and named through ``log``."""
-    folds = tuple(parse_fold(f) for f in folds)
+    follow the naming are skipped and named through ``log``.
+
+    Several ``folds`` are ensembled (their softmax averaged, as ``nnUNetv2_predict -f 0 1 2``);
+    ``tile_step_size`` is nnU-Net's ``-step_size``; ``save_probabilities`` also writes nnU-Net's
+    ``CASE.npz`` (``probabilities``, (K, *spatial)) and ``CASE.pkl`` (properties), what
+    ``nnUNetv2_ensemble`` reads."""
+    folds = unique_folds(folds)
+    if not 0 < tile_step_size <= 1:
+        raise SemidiffError(f"--step-size {tile_step_size}: give a share of the patch size in (0, 1] (nnU-Net's "
+                            f"default 0.5).")
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name)
@@ -739,7 +798,7 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
         task = progress.add_task(f"predicting {len(cases)} case(s)", total=len(cases)) if progress else None
         for files in cases.values():
             with _quiet(show_progress):
-                predictor.predict_from_files_sequential([files], str(tmp), save_probabilities=False,
+                predictor.predict_from_files_sequential([files], str(tmp), save_probabilities=save_probabilities,
                                                         overwrite=True, folder_with_segs_from_prev_stage=None)
             if progress:
                 progress.advance(task)
@@ -893,7 +952,7 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
               val_iters_per_epoch: int | None = None, overrides: dict | Sequence[str] | None = None,
               plans_name: str | None = None, gpu_memory_target: float | None = None, output: str | Path | None = None,
               dry_run: bool = False, num_processes: int = 2, log=print, show_progress: bool = True,
-              make_progress: Callable[[], TrainingProgress] | None = None) -> dict:
+              make_progress: Callable[[], TrainingProgress] | None = None, planner: str | None = None) -> dict:
     """Every (method, labeled spec, seed) on one dataset: train, predict the held-out cases, evaluate, and
     write benchmark.csv/.md/.png (:mod:`semidiff_nnunet.benchmark`). Every option is checked first.
 
@@ -926,15 +985,18 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
             check_train_options(m, labeled[0], fold, "cpu", per_method[m], configuration=configuration)
         except SemidiffError as e:
             raise (e if len(methods) == 1 else SemidiffError(f"{m}: {e}")) from None
+    if planner not in (None, planning.DEFAULT_PLANNER):
+        planning.planner_class(planner)  # refused before any planning
     if dry_run:
-        pname = planning.plans_name_for(gpu_memory_target, plans_name)
+        pname = planning.plans_name_for(gpu_memory_target, plans_name, planner)
         result = bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,
                                      dry_run=True)
         return {**result, "overrides": per_method}
     resolve_device(device)
     check_fold(planning.dataset_name(dataset), fold)
     pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
-                                plans_name=plans_name, num_processes=num_processes, show_progress=show_progress)
+                                plans_name=plans_name, num_processes=num_processes, show_progress=show_progress,
+                                planner=planner)
     return bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, device, pname, epochs,
                                iters_per_epoch, per_method, output, log=log, show_progress=show_progress,
                                val_iters_per_epoch=10 if val_iters_per_epoch is None else val_iters_per_epoch,

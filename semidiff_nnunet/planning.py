@@ -10,6 +10,8 @@ pseudo labels, e.g. from MedSAM) for unlabeled cases are preprocessed into
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -52,12 +54,67 @@ def preprocessed_folder(name: str) -> Path:
     return Path(os.environ["nnUNet_preprocessed"]) / name
 
 
-def plans_name_for(gpu_memory_target: float | None, plans_name: str | None) -> str:
+DEFAULT_PLANNER = "ExperimentPlanner"
+
+
+def planner_names() -> list[str]:
+    """Every experiment planner class nnU-Net can find by name (the classes below
+    ``nnunetv2.experiment_planning``, where ``nnUNetv2_plan_and_preprocess -pl`` looks)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import nnunetv2.experiment_planning as root
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    found = set()
+    for mod in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
+        try:
+            module = importlib.import_module(mod.name)
+        except Exception:  # noqa: BLE001 (a module nnU-Net itself could not import either)
+            continue
+        found.update(n for n, c in vars(module).items()
+                     if inspect.isclass(c) and issubclass(c, ExperimentPlanner) and c.__module__ == module.__name__)
+    return sorted(found)
+
+
+def planner_class(name: str | None) -> type:
+    """The planner class called ``name``, found as nnU-Net finds it (``recursive_find_python_class``
+    under ``nnunetv2.experiment_planning``); an unknown name is one sentence listing the known ones."""
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    name = name or DEFAULT_PLANNER
+    cls = None
+    if name.isidentifier():
+        with contextlib.redirect_stdout(io.StringIO()):
+            cls = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"), name,
+                                              current_module="nnunetv2.experiment_planning")
+    if cls is None:
+        raise SemidiffError(f"--planner {name}: nnU-Net has no experiment planner of that name; known planners: "
+                            f"{', '.join(planner_names())}.")
+    return cls
+
+
+def default_plans_name(planner: str | None) -> str:
+    """The plans name a planner writes by default (``nnUNetPlans``, ``nnUNetResEncUNetMPlans``, ...)."""
+    import inspect
+
+    param = inspect.signature(planner_class(planner).__init__).parameters.get("plans_name")
+    default = param.default if param is not None else inspect.Parameter.empty
+    return default if isinstance(default, str) else "nnUNetPlans"
+
+
+def plans_name_for(gpu_memory_target: float | None, plans_name: str | None, planner: str | None = None) -> str:
+    """nnU-Net's plans name for these options: ``plans_name`` (``-overwrite_plans_name``) if given, else the
+    planner's own name (``nnUNetPlans``, ``nnUNetResEncUNetMPlans``), with ``_<GB>GB`` appended for a
+    ``gpu_memory_target`` (so plans for another GPU never overwrite the standard ones)."""
     if plans_name:
         return plans_name
+    base = "nnUNetPlans" if planner in (None, DEFAULT_PLANNER) else default_plans_name(planner)
     if gpu_memory_target is None:
-        return "nnUNetPlans"
-    return f"nnUNetPlans_{gpu_memory_target:g}GB".replace(".", "p")
+        return base
+    return f"{base}_{gpu_memory_target:g}GB".replace(".", "p")
 
 
 def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
@@ -120,10 +177,12 @@ def extract_fingerprint(name: str, num_processes: int = 2, max_voxels: float | N
     extractor.run(overwrite_existing=overwrite)
 
 
-def plan(name: str, gpu_memory_target: float | None = None, plans_name: str | None = None) -> str:
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-
-    pname = plans_name_for(gpu_memory_target, plans_name)
+def plan(name: str, gpu_memory_target: float | None = None, plans_name: str | None = None,
+         planner: str | None = None) -> str:
+    """nnU-Net's experiment planning with the planner class called ``planner`` (default
+    ``ExperimentPlanner``; ``nnUNetPlannerResEncM`` etc.); returns the plans name."""
+    ExperimentPlanner = planner_class(planner)
+    pname = plans_name_for(gpu_memory_target, plans_name, planner)
     kwargs = {"plans_name": pname}
     if gpu_memory_target is not None:
         kwargs["gpu_memory_target_in_gb"] = float(gpu_memory_target)
@@ -268,7 +327,8 @@ def shrink_plans(name: str, plans_name: str, new_plans_name: str, max_features: 
         if max_features is not None:
             kw["features_per_stage"] = [min(f, max_features) for f in kw["features_per_stage"]]
         if n_conv_per_stage is not None:
-            kw["n_conv_per_stage"] = [n_conv_per_stage] * len(kw["n_conv_per_stage"])
+            enc = "n_conv_per_stage" if "n_conv_per_stage" in kw else "n_blocks_per_stage"  # plain / residual
+            kw[enc] = [n_conv_per_stage] * len(kw[enc])
             kw["n_conv_per_stage_decoder"] = [n_conv_per_stage] * len(kw["n_conv_per_stage_decoder"])
         if batch_size is not None:
             c["batch_size"] = batch_size

@@ -61,6 +61,14 @@ Nproc = Annotated[int, typer.Option("--nproc", "--num-gpus", metavar="N",
                                      help="Train with N processes on this node (torch.distributed DDP): one per "
                                           "GPU on CUDA, N CPU ranks with gloo under --device cpu; the global batch "
                                           "is split over them. Under torchrun leave it at 1.")]
+Planner = Annotated[str | None, typer.Option(
+    "-pl", "--planner", help="nnU-Net experiment planner class (nnUNetv2_plan_and_preprocess -pl): ExperimentPlanner "
+                             "(default), nnUNetPlannerResEncM / L / XL (residual encoder presets) or any planner nnU-Net "
+                             "finds; plans are named after it (nnUNetResEncUNetMPlans).")]
+Pretrained = Annotated[Path | None, typer.Option(
+    "--pretrained-weights", help="Checkpoint (stock nnU-Net's or a semidiff run's checkpoint_final.pth) that "
+                                 "initialises the network of a new run (nnU-Net's -pretrained_weights); EMA "
+                                 "teachers start from it too.")]
 Processes = Annotated[int, typer.Option("-np", "--num-processes", help="Worker processes for planning and "
                                                                      "preprocessing.")]
 
@@ -115,10 +123,14 @@ def plan_and_train(
     no_val: NoVal = False,
     num_processes: Processes = 2,
     nproc: Nproc = 1,
+    planner: Planner = None,
+    pretrained_weights: Pretrained = None,
 ):
     """Plan and preprocess DATASET with nnU-Net (once), then train METHOD on a labeled fraction.
 
     Example: semidiff plan-and-train 990 -m mean-teacher --labeled 0.1 -c 2d --device cpu --epochs 20
+
+    Residual-encoder presets as in nnU-Net: semidiff plan-and-train 990 -m diffcl --labeled 0.1 -pl nnUNetPlannerResEncM
     """
     _running["command"] = "train"
     _announce_workspace()
@@ -129,7 +141,8 @@ def plan_and_train(
                                   device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
                                   continue_training=cont, plans_name=plans, gpu_memory_target=gpu_memory_target,
                                   num_processes=num_processes, val_iters_per_epoch=val_iters, save_every=save_every,
-                                  final_validation=not no_val, show_progress=True, progress=bar, nproc=nproc)
+                                  final_validation=not no_val, show_progress=True, progress=bar, nproc=nproc,
+                                  planner=planner, pretrained_weights=pretrained_weights)
     finally:
         bar.close()
     _report_run(info, t0)
@@ -153,6 +166,7 @@ def train(
     save_every: SaveEvery = None,
     no_val: NoVal = False,
     nproc: Nproc = 1,
+    pretrained_weights: Pretrained = None,
 ):
     """Train METHOD on an already preprocessed dataset.
 
@@ -167,7 +181,7 @@ def train(
                          device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
                          continue_training=cont, plans_name=plans or "nnUNetPlans", val_iters_per_epoch=val_iters,
                          save_every=save_every, final_validation=not no_val, show_progress=True, progress=bar,
-                         nproc=nproc)
+                         nproc=nproc, pretrained_weights=pretrained_weights)
     finally:
         bar.close()
     _report_run(info, t0)
@@ -190,14 +204,25 @@ def predict(
                                                                  "(checkpoint_best.pth, checkpoint_latest.pth).")]
     = "checkpoint_final.pth",
     no_mirroring: Annotated[bool, typer.Option("--disable-tta", help="No mirroring test-time augmentation.")] = False,
+    save_probabilities: Annotated[bool, typer.Option(
+        "--save-probabilities", help="Also write the softmax probabilities (nnU-Net's CASE.npz + CASE.pkl, what "
+                                     "nnUNetv2_ensemble reads).")] = False,
+    step_size: Annotated[float, typer.Option(
+        "--step-size", help="Sliding-window step as a share of the patch size, in (0, 1] (nnU-Net's -step_size; "
+                            "smaller is slower and slightly better).")] = 0.5,
 ):
-    """Segment a folder of images with a trained run (nnU-Net's sliding window)."""
+    """Segment a folder of images with a trained run (nnU-Net's sliding window); several -f are ensembled."""
     _announce_workspace()
     folder = api.predict(dataset, method, input, output, labeled=labeled, seed=seed, configuration=configuration,
                          folds=tuple(fold), device=device, plans_name=plans or "nnUNetPlans",
-                         checkpoint=checkpoint, use_mirroring=not no_mirroring,
+                         checkpoint=checkpoint, use_mirroring=not no_mirroring, tile_step_size=step_size,
+                         save_probabilities=save_probabilities,
                          log=lambda message: console.print(f"[yellow]Warning:[/yellow] {escape(message)}."))
-    console.print(f"[green]Predictions written to[/green] {escape(str(folder))}")
+    folds = api.unique_folds(fold)
+    console.print(f"[green]Predictions written to[/green] {escape(str(folder))} ("
+                  f"{'an ensemble of ' + str(len(folds)) + ' folds' if len(folds) > 1 else 'one fold'}: "
+                  f"{', '.join(map(str, folds))}"
+                  f"{'; probabilities in CASE.npz + CASE.pkl' if save_probabilities else ''})")
 
 
 @app.command()
@@ -337,6 +362,7 @@ def benchmark(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for benchmark.csv/.md/.png.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state, then exit.")] = False,
     num_processes: Processes = 2,
+    planner: Planner = None,
 ):
     """Train, predict and evaluate every (method, labeled, seed); write benchmark.csv, .md and .png.
 
@@ -348,7 +374,7 @@ def benchmark(
                            epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters_per_epoch=val_iters,
                            overrides=sets, plans_name=plans, gpu_memory_target=gpu_memory_target, output=output,
                            dry_run=dry_run, num_processes=num_processes, log=console.print,
-                           make_progress=_progress_bar)
+                           make_progress=_progress_bar, planner=planner)
     if dry_run:
         runs = result["runs"]
         table = Table(title=f"{len(runs)} run(s)")

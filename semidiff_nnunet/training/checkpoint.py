@@ -84,3 +84,77 @@ def save_atomic(checkpoint: dict, filename: str) -> None:
     tmp = filename + ".tmp"
     torch.save(checkpoint, tmp)
     os.replace(tmp, filename)
+
+
+# ---------------------------------------------------------------------------------------------- pretrained weights
+SEG_LAYERS = ".seg_layers."  # nnU-Net's segmentation heads (``decoder.seg_layers.N``)
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def _examples(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def pretrained_state(path: str) -> dict:
+    """``network_weights`` of a checkpoint file (stock nnU-Net's or a semidiff run's: both hold the network
+    that predicts there)."""
+    from semidiff_nnunet.errors import SemidiffError
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 (anything torch cannot read)
+        raise SemidiffError(f"--pretrained-weights {path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
+                            f"give a checkpoint_final.pth of nnU-Net or of a semidiff run.") from None
+    weights = checkpoint.get("network_weights") if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise SemidiffError(f"--pretrained-weights {path} holds no 'network_weights' (not an nnU-Net checkpoint); "
+                            f"give a checkpoint_final.pth of nnU-Net or of a semidiff run.")
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in weights.items()}
+
+
+def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source: str) -> dict:
+    """Initialise ``network`` from ``pretrained`` (a state dict) with nnU-Net's ``load_pretrained_weights``
+    semantics: every tensor the network takes from a checkpoint must be there with the same shape, or the
+    load is refused naming the keys (and shapes); extra checkpoint tensors are ignored. Deviation from
+    nnU-Net: the segmentation heads (``.seg_layers.``) are copied too where their shapes match (same classes,
+    e.g. ``supervised`` → a semi-supervised method) and skipped where the class count differs.
+
+    ``key_map(key)``: the checkpoint key for the network's ``key`` (None: a tensor the method adds, left as
+    built). A checkpoint holding every tensor of this very network (a run of the same method) is loaded
+    key for key instead. Returns ``{"loaded": n, "new": [...], "skipped_heads": [...]}``.
+    """
+    from semidiff_nnunet.errors import SemidiffError
+
+    target = network.state_dict()
+    same_network = all(k in pretrained for k in target if SEG_LAYERS not in k)
+    mapping = {k: k for k in target} if same_network else {k: key_map(k) for k in target}
+    new = [k for k, src in mapping.items() if src is None]
+    missing = [src for src in mapping.values() if src is not None and src not in pretrained and SEG_LAYERS not in src]
+    if missing:
+        raise SemidiffError(f"--pretrained-weights {source} does not fit this run's network: {len(missing)} of the "
+                            f"tensors it needs are not in the checkpoint ({_examples(missing)}); pretrain with the "
+                            f"same plans (planner, --plans) and configuration.")
+    wrong = [f"{src} is {_shape(pretrained[src])} there, {_shape(target[k])} here" for k, src in mapping.items()
+             if src is not None and src in pretrained and SEG_LAYERS not in src
+             and _shape(pretrained[src]) != _shape(target[k])]
+    if wrong:
+        raise SemidiffError(f"--pretrained-weights {source} does not fit this run's network: {len(wrong)} tensor "
+                            f"shape(s) differ ({_examples(wrong, 2)}); pretrain with the same plans (planner, --plans), "
+                            f"configuration and number of input channels.")
+    if not any(src is not None for src in mapping.values()):
+        raise SemidiffError(f"--pretrained-weights {source}: no tensor of this method's network comes from an nnU-Net "
+                            f"U-Net checkpoint; start from a checkpoint of a run of the same method or without it.")
+    state, loaded, skipped = dict(target), 0, []
+    for k, src in mapping.items():
+        if src is None:
+            continue
+        if SEG_LAYERS in src and (src not in pretrained or _shape(pretrained[src]) != _shape(target[k])):
+            skipped.append(k)  # another class count: the heads start as built
+            continue
+        state[k] = pretrained[src].to(dtype=target[k].dtype)
+        loaded += 1
+    network.load_state_dict(state)
+    return {"loaded": loaded, "new": new, "skipped_heads": skipped}

@@ -47,6 +47,8 @@ class RunConfig:
     num_iterations_per_epoch: int | None = None
     num_val_iterations_per_epoch: int | None = None
     save_every: int | None = None
+    #: checkpoint that initialises a new run's network (``--pretrained-weights``; absolute path)
+    pretrained_weights: str | None = None
 
     # ------------------------------------------------------------------ plans <-> object
     def to_json(self) -> dict:

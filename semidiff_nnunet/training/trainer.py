@@ -202,6 +202,26 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         ``configuration`` is the nnU-Net configuration name (None when not known yet); ``dim`` its number
         of spatial dimensions (2 or 3; None when it cannot be known before planning: a custom name)."""
 
+    def pretrained_key(self, key: str) -> str | None:
+        """``--pretrained-weights``: the key of a stock nnU-Net checkpoint (the planned U-Net, plain or
+        residual) that initialises tensor ``key`` of ``self.network``; None for a tensor this method adds
+        (left as built). The default: the same key (``self.network`` is the planned U-Net). A method whose
+        network wraps or changes the planned one maps its keys here; a checkpoint of a run of the same
+        method is always loaded key for key."""
+        return key
+
+    def load_pretrained_weights(self, path: str) -> None:
+        """Initialise ``self.network`` from the checkpoint at ``path`` (see
+        :func:`~semidiff_nnunet.training.checkpoint.transfer_weights`); called in ``initialize`` before
+        :meth:`build_method`, so EMA teachers copied from the network there start from these weights."""
+        report = ckpt.transfer_weights(unwrap(self.network), ckpt.pretrained_state(path), self.pretrained_key, path)
+        self.print_to_log_file(
+            f"pretrained weights from {path}: {report['loaded']} tensors loaded"
+            + (f"; segmentation heads kept as built (another class count): {', '.join(report['skipped_heads'])}"
+               if report["skipped_heads"] else "")
+            + (f"; {len(report['new'])} tensors of {self.method_name}'s own left as built" if report["new"] else ""),
+            also_print_to_console=False)
+
     def build_method(self) -> None:
         """Create EMA copies, extra networks and method state. Called once after the main network."""
 
@@ -416,6 +436,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             super().initialize()
         finally:
             self.is_ddp = ddp
+        if self.run_config.pretrained_weights and not self.plans_manager.plans.get("continue_training"):
+            self.load_pretrained_weights(self.run_config.pretrained_weights)  # every rank reads the same file
         if ddp:
             self._set_batch_size_and_oversample()  # this rank's share of the global batch
             self.network = self.wrap_ddp(self.network)
@@ -534,6 +556,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             "unlabeled_batch_size": (self.hp.unlabeled_batch_size or self.configuration_manager.batch_size)
             if self.uses_unlabeled else 0,
             "world_size": self.world_size,
+            "pretrained_weights": self.run_config.pretrained_weights,
             "split": self.semi_split.to_json(),
         }
         tmp = os.path.join(self.output_folder, "semidiff_run.json.tmp")

@@ -192,6 +192,8 @@ def halves(n: int) -> tuple[slice, slice]:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class BCPTrainer(SemiSupervisedTrainer):
+    """BCP. ``--pretrained-weights`` initialises the student, and so the teacher copied from it."""
+
     method_name = "bcp"
     hparams_class = BCPHParams
     phases = (Phase(PRETRAIN, share=0.25, summary="copy-paste between labeled patches, labeled data only"),

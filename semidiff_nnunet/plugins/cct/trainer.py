@@ -99,6 +99,9 @@ class AuxiliaryDecoders(nn.Module):
 
 
 class CCTTrainer(SemiSupervisedTrainer):
+    """CCT. ``--pretrained-weights`` initialises the shared encoder and main decoder; the auxiliary
+    decoders start as built."""
+
     method_name = "cct"
     hparams_class = CCTHParams
 

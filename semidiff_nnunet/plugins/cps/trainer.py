@@ -59,6 +59,9 @@ def xavier_normal_init(module: nn.Module) -> None:
 
 
 class CPSTrainer(SemiSupervisedTrainer):
+    """CPS. ``--pretrained-weights`` initialises the first network; the second keeps its own Xavier
+    initialisation (cross pseudo supervision needs two differently initialised networks)."""
+
     method_name = "cps"
     hparams_class = CPSHParams
 

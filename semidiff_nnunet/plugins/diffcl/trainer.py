@@ -149,8 +149,19 @@ def _pixels(features: torch.Tensor) -> torch.Tensor:
 
 
 class DiffCLTrainer(SemiSupervisedTrainer):
+    """Diff-CL. ``--pretrained-weights`` initialises CS (the planned U-Net, plain or residual) from a
+    U-Net checkpoint; its HF-Mamba block, DS (image ⊕ Y_t input) and the projection head start as built."""
+
     method_name = "diffcl"
     hparams_class = DiffCLHParams
+
+    def pretrained_key(self, key):
+        """CS's ``encoder.stages.i.stage.*`` is the U-Net's ``encoder.stages.i.*``; ``.hfm.*`` is Diff-CL's own."""
+        parts = key.split(".")
+        j = 1 if parts[:1] == ["decoder"] else 0  # nnU-Net's decoder holds the encoder too (decoder.encoder.*)
+        if parts[j:j + 2] == ["encoder", "stages"] and len(parts) > j + 3 and parts[j + 3] in ("stage", "hfm"):
+            return None if parts[j + 3] == "hfm" else ".".join(parts[:j + 3] + parts[j + 4:])
+        return key
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,

@@ -173,8 +173,14 @@ def protodiff_network(plans_manager, configuration_manager, num_input_channels: 
 
 
 class ProtoDiffTrainer(SemiSupervisedTrainer):
+    """ProtoDiff. ``--pretrained-weights``: the visual encoder (the planned U-Net's encoder) comes from a
+    U-Net checkpoint; branches, label encoder, projector and the diffusion decoder start as built."""
+
     method_name = "protodiff"
     hparams_class = ProtoDiffHParams
+
+    def pretrained_key(self, key):
+        return key if key.startswith("encoder.") else None
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)

@@ -214,6 +214,9 @@ def semigda_network(plans_manager, configuration_manager, num_input_channels: in
 
 
 class SemiGDATrainer(SemiSupervisedTrainer):
+    """SemiGDA. Its model is the frozen VAE with adapters, not the planned U-Net: ``--pretrained-weights``
+    takes only a checkpoint of a semigda run (an nnU-Net U-Net checkpoint is refused)."""
+
     method_name = "semigda"
     hparams_class = SemiGDAHParams
     phases = (Phase(ALIGN, share=0.09, summary="latent alignment of both branches to the mask latent (DAM)"),

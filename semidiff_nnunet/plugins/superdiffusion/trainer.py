@@ -267,8 +267,16 @@ class _Selection:
 
 
 class SuperDiffusionTrainer(SemiSupervisedTrainer):
+    """SuperDiffusion. ``--pretrained-weights`` initialises the mask pathway (teacher) from a checkpoint of a
+    superdiffusion run, or its U-Net from a U-Net checkpoint planned with C_img + K input channels (the
+    pathway reads image ⊕ noisy mask; a plain image-only checkpoint is refused, naming the first conv's
+    shapes); its time embedding, the image pathway and the student start as built."""
+
     method_name = "superdiffusion"
     hparams_class = SuperDiffusionHParams
+
+    def pretrained_key(self, key):
+        return key[len("net.unet."):] if key.startswith("net.unet.") else None
     phases = (Phase(PRETRAIN, share=0.5, summary="label-free two-pathway cycle consistency (teacher)",
                     label_free=True),
               Phase(COTRAIN, summary="teacher-student CPS, supervised loss, rounds of diffusion"))
