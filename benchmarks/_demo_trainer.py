@@ -69,3 +69,15 @@ def median_timer(device):
         return statistics.median(times)
 
     return timed
+
+
+def ms(seconds: float) -> str:
+    """A duration as the cost scripts print it: ``  1234.5 ms``."""
+    return f"{seconds * 1000:8.1f} ms"
+
+
+def save_json(path: str | None, result) -> None:
+    """Write ``result`` to ``path`` (the scripts' ``--json``) when one is given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)

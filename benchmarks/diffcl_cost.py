@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
+
+from _demo_trainer import ms, save_json
 
 
 def _fwd_bwd(module, *inputs):
@@ -118,7 +119,6 @@ def main() -> dict:
     result["scan_forward_s"] = scans
     t.on_train_end = None
 
-    ms = lambda s: f"{s * 1000:8.1f} ms"  # noqa: E731
     print(f"device {device}, {configuration}, plans {args.plans}, batch {result['batch']} (labeled, unlabeled), "
           f"patch {result['patch']}, torch threads {result['torch_threads']}")
     print(f"full diffcl step       {ms(step)}")
@@ -130,9 +130,7 @@ def main() -> dict:
     for label, v in scans.items():
         print(f"scan {label:18s} {'skipped (needs CUDA + mamba-ssm)' if v is None else ms(v)}   "
               f"(B={b}, D={d_inner}, N={n}, L={length})")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from _demo_trainer import save_json
+
 
 def _rss_mb() -> float:
     with open("/proc/self/statm", encoding="utf-8") as f:
@@ -160,9 +162,7 @@ def main():
               f"ratio {r['ratio']:.3f}, {mem_key} {r[mem_key]:.0f} MB{extra}")
         for k, v in r["parts_s"].items():
             print(f"{'':>12}{k}: {v * 1000:.1f} ms")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    save_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -14,41 +14,23 @@ iteration budget. With 8 training volumes, fold 0 trains on 6 or 7: ``--labeled 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="supervised,mean-teacher")
-    p.add_argument("--labeled", default="2")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--iters-per-epoch", type=int, default=25)
-    p.add_argument("--val-iters", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="a hyperparameter of one method, e.g. bcp:alpha=0.5 (repeatable)")
-    p.add_argument("--plan-only", action="store_true", help="convert, plan and preprocess, then stop")
-    args = p.parse_args()
+    from _real_data import parse_args, run, workspace
 
-    data = os.environ.get("SEMIDIFF_TEST_DATA")
-    if not data:
-        raise SystemExit("Set SEMIDIFF_TEST_DATA to the folder holding la_uamt/.")
-    os.environ.setdefault("SEMIDIFF_HOME", os.path.join(tempfile.gettempdir(), "semidiff_la"))
-    os.environ["nnUNet_compile"] = "false"
+    args = parse_args(__doc__, "supervised,mean-teacher", "2", 4, 25, 3, "bcp:alpha=0.5")
+    source = workspace("la_uamt", "semidiff_la")
+
     from semidiff_nnunet import api, paths, planning
-    from semidiff_nnunet import benchmark as bench
     from semidiff_nnunet.dataset_conversion.api import convert_dataset
 
     paths.ensure_nnunet_env()
     name = "Dataset513_LA"
     if not (paths.raw_root() / name).is_dir():
-        convert_dataset("la2018", Path(data) / "la_uamt", dataset_id=513, dataset_name="LA")
+        convert_dataset("la2018", Path(source), dataset_id=513, dataset_name="LA")
     t0 = time.time()
     api.plan_and_preprocess(name, ["3d_fullres"], fingerprint_voxels=2e6, show_progress=False)
     plans = planning.load_plans(name, "nnUNetPlans")
@@ -76,19 +58,4 @@ if __name__ == "__main__":
     print(f"planning and preprocessing: {time.time() - t0:.0f} s")
     if args.plan_only:
         raise SystemExit(0)
-    methods = bench.parse_list(args.methods, "--methods")
-    per_method: dict[str, dict[str, str]] = {}
-    for item in args.set:
-        method, _, kv = item.partition(":")
-        key, _, value = kv.partition("=")
-        if not key or not value or method not in methods:
-            raise SystemExit(f"--set {item!r}: write METHOD:KEY=VALUE for one of {', '.join(methods)}.")
-        per_method.setdefault(method, {})[key] = value
-    t0 = time.time()
-    result = bench.run_benchmark(name, methods, bench.parse_list(args.labeled, "--labeled"),
-                                 [int(s) for s in bench.parse_list(args.seeds, "--seeds")], "3d_fullres", 0,
-                                 args.device, cpu, args.epochs, args.iters_per_epoch, per_method or None,
-                                 Path(args.output) if args.output else None, show_progress=False,
-                                 val_iters_per_epoch=args.val_iters)
-    print(result["markdown"])
-    print(f"benchmark wall time: {time.time() - t0:.0f} s; output in {result['output']}")
+    run(args, name, "3d_fullres", cpu)

@@ -12,40 +12,24 @@ Held out: the validation cases of fold 0 (the subset has no test split).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="supervised,mean-teacher,uamt,cps,fixmatch,urpc,cct,entropy-min")
-    p.add_argument("--labeled", default="0.1")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--iters-per-epoch", type=int, default=40)
-    p.add_argument("--val-iters", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="a hyperparameter of one method, e.g. diffrect:refine_start=0.25 (repeatable)")
-    args = p.parse_args()
+    from _real_data import parse_args, run, workspace
 
-    data = os.environ.get("SEMIDIFF_TEST_DATA")
-    if not data:
-        raise SystemExit("Set SEMIDIFF_TEST_DATA to the folder holding ph2/.")
-    os.environ.setdefault("SEMIDIFF_HOME", os.path.join(tempfile.gettempdir(), "semidiff_ph2"))
-    os.environ["nnUNet_compile"] = "false"
+    args = parse_args(__doc__, "supervised,mean-teacher,uamt,cps,fixmatch,urpc,cct,entropy-min", "0.1", 4, 40, 5,
+                      "diffrect:refine_start=0.25")
+    source = workspace("ph2", "semidiff_ph2")
+
     from semidiff_nnunet import api, paths, planning
-    from semidiff_nnunet import benchmark as bench
     from semidiff_nnunet.dataset_conversion.api import convert_dataset
 
     paths.ensure_nnunet_env()
     name = "Dataset512_PH2"
     if not (paths.raw_root() / name).is_dir():
-        convert_dataset("ph2", Path(data) / "ph2", dataset_id=512)
+        convert_dataset("ph2", Path(source), dataset_id=512)
     t0 = time.time()
     api.plan_and_preprocess(name, ["2d"], fingerprint_voxels=1e6, show_progress=False)
     plans = planning.load_plans(name, "nnUNetPlans")
@@ -70,19 +54,6 @@ if __name__ == "__main__":
         (planning.preprocessed_folder(name) / f"{cpu}.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
         planning.preprocess(name, cpu, ["2d"], num_processes=2)
     print(f"planning and preprocessing: {time.time() - t0:.0f} s")
-    methods = bench.parse_list(args.methods, "--methods")
-    per_method: dict[str, dict[str, str]] = {}
-    for item in args.set:
-        method, _, kv = item.partition(":")
-        key, _, value = kv.partition("=")
-        if not key or not value or method not in methods:
-            raise SystemExit(f"--set {item!r}: write METHOD:KEY=VALUE for one of {', '.join(methods)}.")
-        per_method.setdefault(method, {})[key] = value
-    t0 = time.time()
-    result = bench.run_benchmark(name, methods, bench.parse_list(args.labeled, "--labeled"),
-                                 [int(s) for s in bench.parse_list(args.seeds, "--seeds")], "2d", 0, args.device,
-                                 cpu, args.epochs, args.iters_per_epoch, per_method or None,
-                                 Path(args.output) if args.output else None, show_progress=False,
-                                 val_iters_per_epoch=args.val_iters)
-    print(result["markdown"])
-    print(f"benchmark wall time: {time.time() - t0:.0f} s; output in {result['output']}")
+    if args.plan_only:
+        raise SystemExit(0)
+    run(args, name, "2d", cpu)

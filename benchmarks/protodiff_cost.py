@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
+
+from _demo_trainer import ms, save_json
 
 
 def main() -> dict:
@@ -101,7 +102,6 @@ def main() -> dict:
                    "encoder_share": enc_t / plain_t, "decoder_share": dec_t / plain_t, "inference": curve})
     t.on_train_end = None
 
-    ms = lambda s: f"{s * 1000:8.1f} ms"  # noqa: E731
     print(f"device {device}, {configuration}, plans {args.plans}, batch {result['batch']} (labeled, unlabeled), "
           f"patch {result['patch']}, torch threads {result['torch_threads']}")
     print(f"full protodiff step          {ms(step)}")
@@ -113,9 +113,7 @@ def main() -> dict:
     for n, c in curve.items():
         print(f"DDIM {n:2d} steps: {ms(c['sample_s'])} = {c['over_plain']:.2f}x plain   (model "
               f"{c['model']:.2f}x, goal 1 + steps x decoder share = {c['goal']:.2f}x)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing as mp
 import tempfile
+
+from _demo_trainer import ms, save_json
 
 TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
 
@@ -180,7 +181,6 @@ def main() -> dict:
         p.join()
     result.update({"peak_memory_mib": peaks, "memory_over_supervised": peaks["semigda"] / max(peaks["supervised"], 1e-9)})
 
-    ms = lambda s: f"{s * 1000:8.1f} ms"  # noqa: E731
     print(f"device {device}, plans {args.plans}, VAE {result['vae']}, batch {result['batch']} (labeled, unlabeled), "
           f"patch {result['patch']}, torch threads {result['torch_threads']}")
     print(f"align step   {ms(step1)}   / branch pass fwd+bwd {ms(align_nets)} = {step1 / align_nets:6.3f}  (goal <= 1.10)")
@@ -188,9 +188,7 @@ def main() -> dict:
     what = "CUDA, above allocated before" if device.type == "cuda" else "CPU, peak RSS above RSS before"
     print(f"peak memory ({what}): supervised {peaks['supervised']:.0f} MiB, semigda {peaks['semigda']:.0f} MiB "
           f"({result['memory_over_supervised']:.2f}x)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
+
+from _demo_trainer import ms, save_json
 
 
 def _fwd_bwd(module, *inputs):
@@ -93,16 +94,13 @@ def main() -> dict:
     result.update({"inference_s": inf, "plain_inference_s": base, "inference_over_plain": inf / base})
     t.on_train_end = None
 
-    ms = lambda s: f"{s * 1000:8.1f} ms"  # noqa: E731
     print(f"device {device}, {configuration}, plans {args.plans}, batch {result['batch']} (labeled, unlabeled), "
           f"patch {result['patch']}, R = {hp.rounds}, torch threads {result['torch_threads']}")
     print(f"f_m fwd+bwd {ms(fm)}   f_i fwd+bwd {ms(fi)}")
     print(f"pretrain step {ms(step1)}   step / (f_m + f_i)            {step1 / (fm + fi):7.3f}  (goal <= 1.10)")
     print(f"cotrain step  {ms(step2)}   step / (2 f_m + R (f_i + f_m)) {step2 / networks2:7.3f}  (goal <= 1.10)")
     print(f"inference     {ms(inf)}   / plain planned network {ms(base)} = {inf / base:.3f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 
