@@ -46,6 +46,20 @@ def started_trainer(cls, name: str, plans_name: str, configuration: str, dataset
     return t
 
 
+def fixed_batches(trainer) -> tuple[dict, dict | None]:
+    """Fetch one labeled and one unlabeled batch, stop the unlabeled loader's workers and make every later
+    step reuse that unlabeled batch (no augmentation timed); returns ``(labeled, unlabeled)``."""
+    import itertools
+
+    labeled = next(trainer.dataloader_train)
+    if trainer.dataloader_unlabeled is None:
+        return labeled, None
+    unlabeled = next(trainer.dataloader_unlabeled)
+    trainer._shutdown_unlabeled_loader()
+    trainer.dataloader_unlabeled = itertools.repeat(unlabeled)
+    return labeled, unlabeled
+
+
 def median_timer(device):
     """``timed(fn, steps, warmup)``: the median wall time of ``fn`` over ``steps`` calls after ``warmup``
     calls (CUDA synchronised around each call)."""

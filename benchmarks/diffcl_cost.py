@@ -17,9 +17,8 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 
-from _demo_trainer import ms, save_json
+from _demo_trainer import fixed_batches, ms, save_json
 
 
 def _fwd_bwd(module, *inputs):
@@ -55,10 +54,7 @@ def main() -> dict:
     hp = resolve_hparams(DiffCLTrainer.hparams_class, parse_overrides(args.set))
     t = started_trainer(DiffCLTrainer, name, args.plans, configuration, dataset_json, device,
                         {"labeled": LabeledSpec(fraction=0.5).to_json(), "hparams": hparams_to_dict(hp)})
-    labeled = next(t.dataloader_train)
-    unlabeled = next(t.dataloader_unlabeled)
-    t._shutdown_unlabeled_loader()
-    t.dataloader_unlabeled = itertools.repeat(unlabeled)
+    labeled, unlabeled = fixed_batches(t)
     timed = median_timer(device)
 
     result: dict = {"device": str(device), "configuration": configuration, "plans": args.plans,

@@ -19,9 +19,8 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 
-from _demo_trainer import ms, save_json
+from _demo_trainer import fixed_batches, ms, save_json
 
 
 def main() -> dict:
@@ -53,10 +52,7 @@ def main() -> dict:
     t = started_trainer(ProtoDiffTrainer, name, args.plans, configuration, dataset_json, device,
                         {"labeled": LabeledSpec(fraction=0.5).to_json(), "hparams": hparams_to_dict(hp)})
     t.iteration = 10**7  # past the burn-in and the ramp: the teacher term at full weight
-    labeled = next(t.dataloader_train)
-    unlabeled = next(t.dataloader_unlabeled)
-    t._shutdown_unlabeled_loader()
-    t.dataloader_unlabeled = itertools.repeat(unlabeled)
+    labeled, unlabeled = fixed_batches(t)
     timed = median_timer(device)
     result: dict = {"device": str(device), "configuration": configuration, "plans": args.plans,
                     "batch": [int(labeled["data"].shape[0]), int(unlabeled["data"].shape[0])],

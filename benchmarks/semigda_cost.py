@@ -20,11 +20,10 @@ The VAE is a tiny random ``AutoencoderKL`` (as in the tests) unless ``--vae`` po
 from __future__ import annotations
 
 import argparse
-import itertools
 import multiprocessing as mp
 import tempfile
 
-from _demo_trainer import ms, save_json
+from _demo_trainer import fixed_batches, ms, save_json
 
 TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
 
@@ -68,11 +67,7 @@ def _peak_memory(method: str, args, vae: str, queue) -> None:
         t.current_epoch = 1
         t._enter_phase_of_current_epoch()
         t.iteration = t.num_iterations_per_epoch
-    labeled = next(t.dataloader_train)
-    if t.dataloader_unlabeled is not None:
-        unlabeled = next(t.dataloader_unlabeled)
-        t._shutdown_unlabeled_loader()
-        t.dataloader_unlabeled = itertools.repeat(unlabeled)
+    labeled, _ = fixed_batches(t)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -132,10 +127,7 @@ def main() -> dict:
 
     vae = args.vae or tiny_vae_folder()
     t, device = _trainer("semigda", args, vae, {"align": "1"})
-    labeled = next(t.dataloader_train)
-    unlabeled = next(t.dataloader_unlabeled)
-    t._shutdown_unlabeled_loader()
-    t.dataloader_unlabeled = itertools.repeat(unlabeled)
+    labeled, unlabeled = fixed_batches(t)
     timed = median_timer(device)
     lab, unl = t._to_device(labeled), t._to_device(unlabeled)
     x_l, x_u = lab["data"], unl["data"]

@@ -15,9 +15,8 @@ and its inference forward ÷ the plain planned network's.
 from __future__ import annotations
 
 import argparse
-import itertools
 
-from _demo_trainer import ms, save_json
+from _demo_trainer import fixed_batches, ms, save_json
 
 
 def _fwd_bwd(module, *inputs):
@@ -52,10 +51,7 @@ def main() -> dict:
     t = started_trainer(SuperDiffusionTrainer, name, args.plans, configuration, dataset_json, device,
                         {"labeled": LabeledSpec(fraction=0.5).to_json(), "hparams": hparams_to_dict(hp),
                          "phases": {"pretrain": "1"}, "num_epochs": 2})
-    labeled = next(t.dataloader_train)
-    unlabeled = next(t.dataloader_unlabeled)
-    t._shutdown_unlabeled_loader()
-    t.dataloader_unlabeled = itertools.repeat(unlabeled)
+    labeled, unlabeled = fixed_batches(t)
     timed = median_timer(device)
 
     lab, unl = t._to_device(labeled), t._to_device(unlabeled)
