@@ -103,6 +103,32 @@ main(sys.argv[1:])
 """
 
 
+def test_loader_thread_tracebacks_are_quiet_only_after_ctrl_c(capsys):
+    """A background thread that dies after Ctrl-C (an augmentation thread whose workers stopped) prints
+    nothing; before any Ctrl-C a dying thread is reported as Python would."""
+    import threading
+
+    from semidiff_nnunet.cli import main as cli_main
+
+    said = []
+    hook = cli_main._quiet_threads_after_interrupt(lambda args: said.append(args.exc_type))
+
+    def die():
+        raise OSError("the worker's shared memory is gone")
+
+    for sigint in (True, False):
+        cli_main._running["sigint"] = sigint
+        old, threading.excepthook = threading.excepthook, hook
+        try:
+            t = threading.Thread(target=die)
+            t.start()
+            t.join()
+        finally:
+            threading.excepthook = old
+    cli_main._running["sigint"] = False
+    assert said == [OSError]
+
+
 def test_ctrl_c_exits_130_with_one_sentence(cli_env):
     """What typer/click make of a KeyboardInterrupt (typer >= 0.2x returns 130, click raises Abort) ends
     in exit code 130 and one sentence on how to resume."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -472,6 +473,18 @@ def _quiet_swallowed_interrupt(hook):
     return unraisable
 
 
+def _quiet_threads_after_interrupt(hook):
+    """After Ctrl-C, nnU-Net's augmentation threads may fail on a batch their stopped workers never
+    finished (batchgenerators' ``results_loop``: a shared-memory handle that is gone); Python prints such a
+    thread's traceback. Once the interruption is under way that is noise: only the one sentence is said."""
+
+    def excepthook(args):
+        if not _running.get("sigint"):
+            hook(args)
+
+    return excepthook
+
+
 def _forked_children_ignore_ctrl_c() -> None:
     """Ctrl-C in a terminal signals every process of the foreground group. nnU-Net's augmentation workers
     (forked) would die mid-batch, print their own KeyboardInterrupt tracebacks and make the training fail
@@ -511,10 +524,11 @@ def main(args: list[str] | None = None) -> None:
     # background job) and report an interruption either way.
     _running["sigint"] = False
     previous = signal.getsignal(signal.SIGINT)
-    unraisable_hook = sys.unraisablehook
+    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
     if previous is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
         sys.unraisablehook = _quiet_swallowed_interrupt(unraisable_hook)
+        threading.excepthook = _quiet_threads_after_interrupt(thread_hook)
         _forked_children_ignore_ctrl_c()
         _running["active"] = True
     try:
@@ -539,6 +553,8 @@ def main(args: list[str] | None = None) -> None:
     finally:
         _running["active"] = False
         sys.unraisablehook = unraisable_hook
+        if not _running["sigint"]:  # after Ctrl-C the process is ending: dying loader threads stay quiet
+            threading.excepthook = thread_hook
         if previous is signal.default_int_handler:
             signal.signal(signal.SIGINT, previous)
     # typer >= 0.2x returns 130 for Ctrl-C (its KeyboardInterrupt -> Exit(130)) when not standalone
