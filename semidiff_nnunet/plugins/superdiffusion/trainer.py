@@ -275,11 +275,13 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
     method_name = "superdiffusion"
     hparams_class = SuperDiffusionHParams
 
-    def pretrained_key(self, key):
-        return key[len("net.unet."):] if key.startswith("net.unet.") else None
     phases = (Phase(PRETRAIN, share=0.5, summary="label-free two-pathway cycle consistency (teacher)",
                     label_free=True),
               Phase(COTRAIN, summary="teacher-student CPS, supervised loss, rounds of diffusion"))
+
+    def pretrained_key(self, key):
+        """The mask pathway's U-Net (``net.unet.*``) from a U-Net checkpoint; the rest stays as built."""
+        return key[len("net.unet."):] if key.startswith("net.unet.") else None
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
