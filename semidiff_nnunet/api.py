@@ -520,10 +520,16 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     plans["continue_training"] = bool(continue_training and checkpoint is not None)
     args = (opts.trainer_cls, plans, configuration, fold, dataset_json, info.run_root,
             checkpoint if continue_training else None, final_validation, show_progress)
-    if nproc > 1 and not torchrun:
-        distributed.launch(nproc, opts.device, run_trainer, args, progress)
-    else:
-        run_trainer(*args, device=opts.device, progress=progress if distributed.rank() == 0 else None)
+    try:
+        if nproc > 1 and not torchrun:
+            distributed.launch(nproc, opts.device, run_trainer, args, progress)
+        else:
+            run_trainer(*args, device=opts.device, progress=progress if distributed.rank() == 0 else None)
+    except SemidiffError:
+        if (checkpoint is None and info.resumable_checkpoint() is None and not info.finished
+                and distributed.rank() == 0):
+            shutil.rmtree(info.fold_folder, ignore_errors=True)  # refused before its first step: no husk left
+        raise
     return info
 
 
@@ -620,6 +626,9 @@ def check_pretrained_weights(path: str | Path | None) -> Path | None:
     if not path.is_file():
         raise SemidiffError(f"--pretrained-weights {path}: no such checkpoint file; give a checkpoint_final.pth of "
                             f"nnU-Net or of a semidiff run.")
+    from semidiff_nnunet.training.checkpoint import pretrained_state
+
+    pretrained_state(str(path))  # unreadable or not nnU-Net's: refused before any run folder exists
     return path
 
 

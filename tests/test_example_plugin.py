@@ -65,3 +65,24 @@ def test_example_plugin_trains_in_two_cpu_ranks_unchanged(installed, demo2d):
     runs = list((Path(os.environ["nnUNet_results"]) / "semidiff").glob(f"pseudo-label__lab0.2__seed1/{demo2d}/*/fold_0"))
     assert len(runs) == 1 and (runs[0] / "checkpoint_final.pth").is_file()
     assert json.loads((runs[0] / "semidiff_run.json").read_text(encoding="utf-8"))["world_size"] == 2
+
+
+def test_example_plugin_trains_on_resenc_plans(installed, demo2d, tmp_path):
+    """A third-party method gets nnU-Net's residual-encoder presets for free: ``-pl nnUNetPlannerResEncM``
+    plans, trains a ``ResidualEncoderUNet`` with the plugin's loss, and predicts."""
+    import torch
+
+    proc = _semidiff(installed, "plan-and-train", demo2d, "-m", "pseudo-label", "--labeled", "0.2", "--seed", "2",
+                     "-c", "2d", "-pl", "nnUNetPlannerResEncM", "--epochs", "1", "--iters-per-epoch", "1",
+                     "--val-iters", "0", "--no-val", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((Path(os.environ["nnUNet_results"]) / "semidiff").glob(
+        f"pseudo-label__lab0.2__seed2/{demo2d}/*__nnUNetResEncUNetMPlans__2d/fold_0"))
+    assert len(runs) == 1
+    weights = torch.load(runs[0] / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert any(k.endswith(".blocks.0.conv1.conv.weight") for k in weights)  # only a residual stage has it
+    proc = _semidiff(installed, "predict", "-d", demo2d, "-m", "pseudo-label", "--labeled", "0.2", "--seed", "2",
+                     "-c", "2d", "-i", Path(os.environ["nnUNet_raw"]) / demo2d / "imagesTs", "-o", tmp_path / "pred",
+                     "--plans", "nnUNetResEncUNetMPlans", "--device", "cpu", "--disable-tta")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 3

@@ -307,6 +307,13 @@ def test_supervised_then_mean_teacher_recipe(run_cli, resenc2d, tmp_path):
     msg = " ".join(err.split())
     assert code == 1 and "does not fit" in msg and "encoder." in msg and "(32, " in msg and "(8, " in msg, msg
     assert "Traceback" not in err
+    assert not _checkpoint(resenc2d, "supervised", seed=2).parent.exists()  # no half-made run folder left
+    # a file that is no checkpoint: refused before any run folder is made
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    code, _, err = run_cli("train", resenc2d, "-m", "supervised", "--labeled", LAB, "--seed", "4", "--plans", RESENC,
+                           "--pretrained-weights", tmp_path / "notes.pth", *SHORT)
+    assert code == 1 and "not a readable PyTorch checkpoint" in " ".join(err.split()), err
+    assert not _checkpoint(resenc2d, "supervised", seed=4).parents[3].exists()  # not even the run root
 
 
 # ---------------------------------------------------------------------------------------------- predict
