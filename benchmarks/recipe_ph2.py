@@ -5,7 +5,9 @@ For each seed: ``supervised`` for ``--first`` epochs on the labeled cases, then 
 (``--pretrained-weights``), both with ``--iters-per-epoch`` iterations, so the pair spends the same total
 budget as one run of ``--first + --second`` epochs. Both are scored on the held-out cases that
 ``ph2_cpu.py`` uses; where ``ph2_cpu.py`` already trained ``supervised`` and ``--method`` from scratch at
-that total budget in the same workspace, their Dice is printed beside it.
+that total budget in the same workspace, their Dice is printed beside it. ``--control`` also trains
+``supervised`` for ``--second`` epochs from the same checkpoint: the gain of restarting the learning-rate
+schedule alone, without any unlabeled data (in ``$SEMIDIFF_HOME/recipe_control_results``).
 
 The recipe's runs live in their own results folder (``$SEMIDIFF_HOME/recipe_results``) so they never
 collide with the from-scratch runs of the same method, fraction and seed. Run ``ph2_cpu.py --plan-only``
@@ -40,6 +42,9 @@ def main() -> None:
     p.add_argument("--iters-per-epoch", type=int, default=50)
     p.add_argument("--val-iters", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--control", action="store_true",
+                   help="also train supervised for --second epochs from the same checkpoint (what the restart of "
+                        "the learning-rate schedule alone gives)")
     args = p.parse_args()
 
     data = os.environ.get("SEMIDIFF_TEST_DATA")
@@ -48,7 +53,8 @@ def main() -> None:
     home = Path(os.environ.setdefault("SEMIDIFF_HOME", "/tmp/semidiff_ph2"))
     os.environ["nnUNet_compile"] = "false"
     scratch_results = Path(os.environ.get("nnUNet_results") or home / "nnUNet_results")
-    os.environ["nnUNet_results"] = str(home / "recipe_results")
+    recipe, control = home / "recipe_results", home / "recipe_control_results"
+    os.environ["nnUNet_results"] = str(recipe)
 
     from semidiff_nnunet import api, benchmark, paths, planning
 
@@ -57,6 +63,11 @@ def main() -> None:
     if not (planning.preprocessed_folder(name) / f"{plans}.json").is_file():
         raise SystemExit("Run benchmarks/ph2_cpu.py --plan-only first (it plans the PH2 subset).")
     images, labels, held = benchmark.held_out(name, 0)
+
+    def sup_rel(seed: int) -> Path:
+        return api.run_info(name, "supervised", args.labeled, seed, cfg, 0, plans).fold_folder.relative_to(
+            paths.results_root())
+
     total = args.first + args.second
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -65,13 +76,17 @@ def main() -> None:
                       plans_name=plans, iters_per_epoch=args.iters_per_epoch, val_iters_per_epoch=args.val_iters,
                       final_validation=False, show_progress=False)
         scores = {}
-        for method, epochs, weights in (("supervised", args.first, None), (args.method, args.second, "sup")):
+        stages = [("supervised", recipe, "supervised", args.first, False),
+                  (args.method, recipe, args.method, args.second, True)]
+        if args.control:
+            stages.append(("control", control, "supervised", args.second, True))
+        for key, results, method, epochs, from_sup in stages:
+            os.environ["nnUNet_results"] = str(results)
             info = api.run_info(name, method, args.labeled, seed, cfg, 0, plans)
             if not info.finished:
                 pretrained = None
-                if weights:
-                    pretrained = api.run_info(name, "supervised", args.labeled, seed, cfg, 0,
-                                              plans).fold_folder / "checkpoint_final.pth"
+                if from_sup:
+                    pretrained = recipe / sup_rel(seed) / "checkpoint_final.pth"
                 api.train(name, method, epochs=epochs, pretrained_weights=pretrained,
                           continue_training=info.resumable_checkpoint() is not None, **common)
             pred = info.fold_folder / "benchmark_predictions"
@@ -79,13 +94,15 @@ def main() -> None:
                 api.predict(name, method, images, pred, labeled=args.labeled, seed=seed, configuration=cfg,
                             folds=(0,), device=args.device, plans_name=plans, show_progress=False)
                 api.evaluate(name, pred, labels, pred / "summary.json")
-            scores[method] = _dice(pred / "summary.json")
+            scores[key] = _dice(pred / "summary.json")
+        os.environ["nnUNet_results"] = str(recipe)
         scratch = {}
         for method in ("supervised", args.method):
             rel = api.run_info(name, method, args.labeled, seed, cfg, 0, plans).fold_folder.relative_to(
                 paths.results_root())
             scratch[method] = _dice(scratch_results / rel / "benchmark_predictions" / "summary.json")
-        rows.append((seed, scores["supervised"], scores[args.method], scratch["supervised"], scratch[args.method]))
+        rows.append((seed, scores["supervised"], scores[args.method], scores.get("control"), scratch["supervised"],
+                     scratch[args.method]))
         print(f"seed {seed}: {time.time() - t0:.0f} s", flush=True)
 
     def f(v):
@@ -94,9 +111,10 @@ def main() -> None:
     it = args.iters_per_epoch
     lines = [f"**{name}, {cfg}, labeled {args.labeled}, held out: {held}; Dice**", "",
              f"| seed | supervised {args.first * it} it | + {args.method} {args.second * it} it "
-             f"(from the checkpoint) | supervised {total * it} it | {args.method} {total * it} it (scratch) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {s} | {f(a)} | {f(b)} | {f(c)} | {f(d)} |" for s, a, b, c, d in rows]
+             f"(from the checkpoint) | + supervised {args.second * it} it (from the checkpoint) | "
+             f"supervised {total * it} it | {args.method} {total * it} it (scratch) |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join([str(r[0])] + [f(v) for v in r[1:]]) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
     out = paths.runs_root() / "benchmarks" / "recipe.md"
