@@ -47,11 +47,10 @@ def main() -> None:
                         "the learning-rate schedule alone gives)")
     args = p.parse_args()
 
-    data = os.environ.get("SEMIDIFF_TEST_DATA")
-    if not data:
-        raise SystemExit("Set SEMIDIFF_TEST_DATA to the folder holding ph2/.")
-    home = Path(os.environ.setdefault("SEMIDIFF_HOME", "/tmp/semidiff_ph2"))
-    os.environ["nnUNet_compile"] = "false"
+    from _real_data import workspace
+
+    workspace("ph2", "semidiff_ph2")  # the same workspace as ph2_cpu.py
+    home = Path(os.environ["SEMIDIFF_HOME"])
     scratch_results = Path(os.environ.get("nnUNet_results") or home / "nnUNet_results")
     recipe, control = home / "recipe_results", home / "recipe_control_results"
     os.environ["nnUNet_results"] = str(recipe)
