@@ -376,6 +376,103 @@ def test_teacher_starts_as_the_pretrained_student_also_on_continue(demo2d, resul
     assert _same(resumed_calls[-1][1], calls[-1][1])  # and the same teacher at the end
 
 
+def _scored(t, scores):
+    """Validation off, but epoch e logs the pseudo Dice ``scores[e]`` (nnU-Net's logger turns it into the
+    EMA that selects checkpoints), and the student's weights at the end of every epoch are recorded."""
+    ends = {}
+    original_end = t.on_epoch_end
+
+    def log_score():
+        t.logger.log("mean_fg_dice", scores[t.current_epoch], t.current_epoch)
+        t.logger.log("dice_per_class_or_region", [scores[t.current_epoch]], t.current_epoch)
+        t.logger.log("val_losses", 0.0, t.current_epoch)
+
+    def end():
+        ends[t.current_epoch] = _params(t.network)
+        original_end()
+
+    t._log_no_validation, t.on_epoch_end = log_score, end
+    return ends
+
+
+@pytest.mark.slow  # the demo dataset, planned with nnU-Net
+@pytest.mark.parametrize("start", ["best", "last"])
+def test_self_training_starts_from_the_best_pretraining_epoch_on_validation(demo2d, results, start):
+    """Pre-training 3 epochs whose validation scores make epoch 0 the best (EMA 0.9, 0.81, 0.73): with
+    ``selftrain_start=best`` student and teacher start self-training from epoch 0's weights, with
+    ``last`` from epoch 2's; a run resumed at the phase boundary starts the same way (the best weights
+    are checkpointed)."""
+
+    def first_step(t):
+        seen = []
+        original = t.pseudo_labels
+
+        def recording(x_u):
+            if not seen:
+                seen.append((_params(t.teacher.module), _params(t.network)))
+            return original(x_u)
+
+        t.pseudo_labels = recording
+        return seen
+
+    scores = [0.9, 0.0, 0.0, 0.0]
+    t = _trainer(demo2d, epochs=4, phases={"pretrain": "3"}, selftrain_start=start)
+    ends = _scored(t, scores)
+    seen = first_step(t)
+    t.run_training()
+    want = ends[0] if start == "best" else ends[2]
+    teacher, student = seen[0]
+    assert _same(teacher, want) and _same(student, want)
+    assert not _same(ends[0], ends[2])
+    if start == "last":
+        return
+    assert t.phase_best("pretrain").epoch == 0
+
+    import shutil
+
+    shutil.rmtree(results)
+    crashing = _trainer(demo2d, epochs=4, phases={"pretrain": "3"}, selftrain_start=start)
+    _scored(crashing, scores)
+    scored_end = crashing.on_epoch_end
+
+    def crash_after_pretraining():
+        scored_end()  # checkpoint_latest: the end of the last pre-training epoch
+        if crashing.current_epoch == 3:
+            raise KeyboardInterrupt
+
+    crashing.on_epoch_end = crash_after_pretraining
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run_training()
+    resumed = _trainer(demo2d, epochs=4, phases={"pretrain": "3"}, selftrain_start=start, initialize=False)
+    resumed.load_checkpoint(str(crashing.output_folder + "/checkpoint_latest.pth"))
+    _scored(resumed, scores)
+    seen_resumed = first_step(resumed)
+    resumed.run_training()
+    assert _same(seen_resumed[0][0], want) and _same(seen_resumed[0][1], want)
+
+
+@pytest.mark.slow  # the demo dataset, planned with nnU-Net
+def test_each_phase_runs_its_own_poly_schedule_from_the_initial_rate(demo2d, results):
+    """``phase_lr=phase`` (default): the learning rate restarts at nnU-Net's initial rate when
+    self-training begins and decays over that phase; ``run``: one poly schedule over the whole run."""
+    rates = {}
+    for mode in ("phase", "run"):
+        t = _trainer(demo2d, epochs=4, phases={"pretrain": "2"}, phase_lr=mode)
+        seen = rates[mode] = []
+        original = t.on_train_epoch_start
+
+        def start(t=t, seen=seen, original=original):
+            original()
+            seen.append(t.optimizer.param_groups[0]["lr"])
+
+        t.on_train_epoch_start = start
+        t.run_training()
+    lr0 = 1e-2
+    assert rates["phase"][0] == pytest.approx(lr0) and rates["phase"][2] == pytest.approx(lr0)
+    assert rates["phase"][1] == pytest.approx(lr0 * 0.5 ** 0.9) and rates["phase"][3] == pytest.approx(lr0 * 0.5 ** 0.9)
+    assert rates["run"] == pytest.approx([lr0 * (1 - e / 4) ** 0.9 for e in range(4)])
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def _train_and_predict(run_cli, tmp_path, dataset, config, labeled, epochs):
     code, _, err = run_cli("plan-and-train", dataset, "-m", "bcp", "--labeled", labeled, "-c", config,
@@ -389,7 +486,7 @@ def _train_and_predict(run_cli, tmp_path, dataset, config, labeled, epochs):
     ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ck["current_epoch"] == epochs and ck["trainer_name"] == "BCPTrainer"
     semi = ck["semidiff"]
-    assert set(semi["states"]) == {"teacher"} and set(semi["networks"]) == {"network"} and not semi["optimizers"]
+    assert set(semi["states"]) == {"teacher", "phase_best/pretrain"} and set(semi["networks"]) == {"network"} and not semi["optimizers"]
     assert semi["states"]["teacher"]["num_updates"] == 2 * (epochs - 1)  # after every self-training step
     assert ck["network_weights"].keys() == semi["networks"]["network"].keys()  # the student is exported
     log = ck["logging"]

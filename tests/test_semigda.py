@@ -314,6 +314,146 @@ def test_copy_paste_targets():
     assert torch.equal(t_r[:2], torch.where(inside, 2, 1)) and torch.equal(t_r[2:], torch.where(inside, 1, 2))
 
 
+def _stub_trainer(vae_folder, align_epochs=1, segment_epochs=3, iters=4, **hp):
+    """A SemiGDATrainer without nnU-Net's set-up: a tiny model in eval mode (no dropout, fixed batch
+    norm: its forwards repeat), the settings, and the phases (epochs) of a short run."""
+    from semidiff_nnunet.training import Phase, PhaseSpan
+
+    tr = T.SemiGDATrainer.__new__(T.SemiGDATrainer)
+    tr.hp = T.SemiGDAHParams(vae=str(vae_folder), **hp)
+    torch.manual_seed(0)  # the same trainable weights in every stub
+    tr.model = N.SemiGDANet(V.load_vae(vae_folder), 2).eval()
+    tr.num_classes, tr.num_iterations_per_epoch = 2, iters
+    tr.num_epochs = align_epochs + segment_epochs
+    tr.phase_spans = [PhaseSpan(Phase(T.ALIGN), 0, align_epochs),
+                      PhaseSpan(Phase(T.SEGMENT), align_epochs, align_epochs + segment_epochs)]
+    tr.current_epoch = tr.iteration = 0
+    return tr
+
+
+def _at(tr, iteration):
+    tr.iteration, tr.current_epoch = iteration, iteration // tr.num_iterations_per_epoch
+    return tr
+
+
+def test_lambda_schedule_paper_is_beta_gaussian_over_the_run(vae_folder):
+    """§3.4: λ_u(t) = 0.1·exp(−5(1 − t/t_max)²) with t_max the run's iterations, no restart at the
+    segment phase; the authors' schedule (default) is 0.3 × a ramp restarting with each phase."""
+    import math
+
+    paper = _stub_trainer(vae_folder, align_epochs=1, segment_epochs=3, iters=4, lambda_schedule="paper")
+    assert paper.hp.beta == 0.1 and paper.total_iterations == 16
+    for t, expect in ((0, 0.1 * math.exp(-5)), (8, 0.1 * math.exp(-1.25)), (16, 0.1)):
+        assert _at(paper, t).consistency_weight() == pytest.approx(expect, rel=1e-9)
+    assert _at(paper, 4).current_phase.name == T.SEGMENT  # the first segment iteration: no restart
+    assert paper.consistency_weight() == pytest.approx(0.1 * math.exp(-5 * 0.75 ** 2), rel=1e-9)
+    authors = _stub_trainer(vae_folder, align_epochs=1, segment_epochs=3, iters=4)
+    assert authors.hp.lambda_schedule == "authors"
+    assert _at(authors, 4).consistency_weight() == pytest.approx(0.3 * math.exp(-5), rel=1e-9)  # restarts
+    assert _at(authors, 10).consistency_weight() == pytest.approx(0.3 * math.exp(-5 * 0.5 ** 2), rel=1e-9)
+
+
+def test_choice_settings_are_checked_before_any_work(vae_folder):
+    for key, bad in (("lambda_schedule", "papr"), ("unsup_seg", "soft")):
+        hp = T.SemiGDAHParams(vae=str(vae_folder), **{key: bad})
+        with pytest.raises(SemidiffError) as info:
+            T.SemiGDATrainer.check_options(hp, "2d", 2)
+        msg = str(info.value)
+        assert key in msg and all(c in msg for c in T.CHOICES[key]) and msg.count(". ") == 0
+    T.SemiGDATrainer.check_options(T.SemiGDAHParams(vae=str(vae_folder), lambda_schedule="paper",
+                                                    unsup_seg="soft_dice"), "2d", 2)
+
+
+def test_cross_branch_soft_dice_is_eq_10():
+    """Eq. 10 on a hand-computed pair: foreground a = (0.2, 0.8), b = (0.6, 0.4): Σab = 0.44,
+    |a| + |b| = 2, Dice loss 1 − 0.44 = 0.56 each way, 1.12 in all; no stop-gradient, so both maps
+    get the gradient of 2·(1 − 2Σab/(|a| + |b|)): ∂/∂a_i = −4(b_i(|a| + |b|) − Σab)/(|a| + |b|)²."""
+    a = torch.tensor([0.2, 0.8], requires_grad=True)
+    b = torch.tensor([0.6, 0.4], requires_grad=True)
+    prob_v = torch.stack([1 - a, a]).view(1, 2, 1, 2)
+    prob_r = torch.stack([1 - b, b]).view(1, 2, 1, 2)
+    loss = T.cross_branch_dice(prob_v, prob_r)
+    assert loss.item() == pytest.approx(1.12, abs=1e-5)
+    ga, gb = torch.autograd.grad(loss, (a, b))
+    assert torch.allclose(ga, torch.tensor([-0.76, -0.36]), atol=1e-5)
+    assert torch.allclose(gb, torch.tensor([0.04, -1.16]), atol=1e-5)
+
+
+def _batches(seed=0, n=2):
+    g = torch.Generator().manual_seed(seed)
+    x_l, x_u = torch.randn(n, 1, 16, 16, generator=g), torch.randn(n, 1, 16, 16, generator=g)
+    y = torch.zeros(n, 1, 16, 16)
+    y[:, :, 4:12, 3:10] = 1
+    return {"data": x_l, "target": [y]}, {"data": x_u}
+
+
+def test_unsup_seg_soft_dice_trains_both_branches_from_each_other(vae_folder):
+    """``unsup_seg=soft_dice``: the unlabeled term is w·eq. 10 between the branches' probabilities
+    (no pseudo labels, no ``cps``), and its gradient reaches both branches' adapters."""
+    labeled, unlabeled = _batches()
+    tr = _at(_stub_trainer(vae_folder, unsup_seg="soft_dice", latent_noise_p=0.0, copy_paste_start=1.0), 10)
+    terms = tr.compute_losses(labeled, unlabeled)
+    assert "cps" not in terms and "_pseudo_foreground" not in terms and "latent_sup" not in terms
+    with torch.no_grad():
+        out = tr.model.branches(torch.cat([labeled["data"], unlabeled["data"]]))
+    w = tr.consistency_weight()
+    expect = w * T.cross_branch_dice(out["vae_prob"][2:], out["cnn_prob"][2:])
+    assert terms["dice_unsup"].item() == pytest.approx(expect.item(), rel=1e-5)
+    for adapters in (tr.model.adapters_vae, tr.model.adapters_cnn):
+        grads = torch.autograd.grad(terms["dice_unsup"], list(adapters.parameters()), retain_graph=True)
+        assert any(g.abs().sum() > 0 for g in grads)
+    default = _at(_stub_trainer(vae_folder, latent_noise_p=0.0, copy_paste_start=1.0), 10)
+    assert default.hp.unsup_seg == "cross_pseudo"
+    assert {"cps", "_pseudo_foreground"} <= set(default.compute_losses(labeled, unlabeled))
+
+
+def test_segment_latent_terms_are_eq_5_and_6_in_stage_2(vae_folder):
+    """``segment_latent_terms``: stage 2's terms gain latent_sup = eq. 5 on the labeled half and
+    latent_unsup = w·MSE(z̃_v^u, z_r^u) (eq. 6 as written, gradient to the mapping model and the
+    ResNet); off (default), stage 2 has no latent term."""
+    labeled, unlabeled = _batches()
+    off = _at(_stub_trainer(vae_folder, latent_noise_p=0.0, copy_paste_start=1.0), 10)
+    assert not off.hp.segment_latent_terms
+    assert not {"latent_sup", "latent_unsup"} & set(off.compute_losses(labeled, unlabeled))
+    assert not {"latent_sup", "latent_unsup"} & set(off.supervised_losses(labeled))
+    on = _at(_stub_trainer(vae_folder, latent_noise_p=0.0, copy_paste_start=1.0, segment_latent_terms=True), 10)
+    terms = on.compute_losses(labeled, unlabeled)
+    with torch.no_grad():
+        out = on.model.branches(torch.cat([labeled["data"], unlabeled["data"]]), decode=False)
+        z_g = on.model.mask_latent(labeled["target"][0][:, 0].long())
+    v, c = out["vae_latent"], out["cnn_latent"]
+    eq5 = ((v[:2] - z_g) ** 2).mean() + ((c[:2] - z_g) ** 2).mean()
+    eq6 = ((v[2:] - c[2:]) ** 2).mean()
+    assert terms["latent_sup"].item() == pytest.approx(eq5.item(), rel=1e-5)
+    assert terms["latent_unsup"].item() == pytest.approx(on.consistency_weight() * eq6.item(), rel=1e-5)
+    assert terms["dice_sup"].item() == pytest.approx(off.compute_losses(labeled, unlabeled)["dice_sup"].item(),
+                                                     rel=1e-6)
+    for part in (on.model.mapping, on.model.resnet):
+        grads = torch.autograd.grad(terms["latent_unsup"], list(part.parameters()), retain_graph=True,
+                                    allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    burnin = on.supervised_losses(labeled)  # a burn-in iteration of stage 2: L_sup = L_sup^p + L_sup^s
+    assert burnin["latent_sup"].item() == pytest.approx(eq5.item(), rel=1e-5) and "dice_sup" in burnin
+
+
+def test_copy_paste_and_latent_noise_switch_off(vae_folder, monkeypatch):
+    """The two additions of the authors' code that the paper lacks can each be switched off:
+    ``copy_paste_start=1`` keeps copy-paste off to the last iteration, ``latent_noise_p=0`` never
+    samples the latent."""
+    on = _stub_trainer(vae_folder)
+    assert not _at(on, 7).copy_paste_on() and _at(on, 8).copy_paste_on()  # a third of 12 segment iterations
+    off = _stub_trainer(vae_folder, copy_paste_start=1.0, latent_noise_p=0.0)
+    assert not any(_at(off, t).copy_paste_on() for t in range(16))
+    seen = []
+    monkeypatch.setattr(off.model, "branches", lambda x, latent_noise=False, decode=True: seen.append(latent_noise)
+                        or N.SemiGDANet.branches(off.model, x, latent_noise, decode))
+    labeled, unlabeled = _batches()
+    torch.manual_seed(0)
+    for _ in range(5):
+        off.compute_losses(labeled, unlabeled)
+    assert seen == [False] * 5
+
+
 def test_no_gradient_reaches_the_frozen_vae(vae_folder):
     vae = V.load_vae(vae_folder)
     net = N.SemiGDANet(vae, 3)

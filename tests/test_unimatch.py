@@ -299,6 +299,76 @@ def test_defaults_are_the_authors_medical_config():
     assert (hp.threshold, hp.weight_s1, hp.weight_s2, hp.weight_fp, hp.fp_dropout, hp.cutmix_p) == \
         (0.95, 0.25, 0.25, 0.5, 0.5, 0.5)
     assert math.isclose(hp.unlabeled_scale, 2.0)
+    assert (hp.weak_view, hp.strong_view, hp.strong_gamma_p, hp.strong_noise_p) == ("geometry", "authors", 0.0, 0.0)
+
+
+@pytest.mark.parametrize("weak_view", ["geometry", "nnunet"])
+def test_weak_view_is_geometry_only_by_default_as_the_authors(tiny2d, weak_view, monkeypatch, tmp_path):
+    """The unlabeled stream on constant images with its geometry switched off: the geometry-only weak view
+    (the default) leaves every patch's intensities as they are, nnU-Net's full weak view changes some;
+    the strong views always change some (the authors' brightness/contrast with p = 0.8)."""
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    t = _trainer(tiny2d, **({} if weak_view == "geometry" else {"weak_view": weak_view}))
+    assert t.hp.weak_view == weak_view
+    t.get_dataloaders()
+    try:
+        loader = t.dataloader_unlabeled.data_loader
+        loader.geometric = ComposeTransforms([])
+        real = loader._data.load_case
+        loader._data.load_case = lambda key: (np.ones_like(np.asarray(real(key)[0])), None, None, {})
+        np.random.seed(0)
+        torch.manual_seed(0)
+        weak, strong = [], []
+        for _ in range(6):
+            batch = loader.generate_train_batch()
+            weak.append(batch["data"])
+            strong += [batch["data_strong"], batch["data_strong_2"]]
+        weak, strong = torch.cat(weak), torch.cat(strong)
+        unchanged = [bool(((w == 1) | (w == 0)).all()) for w in weak]  # 0: padding beyond the image
+        assert all(unchanged) if weak_view == "geometry" else not all(unchanged)
+        assert not all(bool(((s == 1) | (s == 0)).all()) for s in strong)
+    finally:
+        t._shutdown_loaders()
+
+
+def test_authors_strong_view_is_brightness_and_contrast_together_then_blur():
+    """UniMatch's medical strong view: one p = 0.8 draw applies brightness and contrast (both ×[0.5, 1.5]),
+    then blur σ ∈ [0.1, 2] with p = 0.5; gamma and noise only when asked for."""
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+
+    from semidiff_nnunet.networks.strong_views import authors_strong_view
+
+    ops = authors_strong_view().transforms
+    assert [op.apply_probability for op in ops] == [0.8, 0.5]
+    jitter = [type(t) for t in ops[0].transform.transforms]
+    assert jitter == [MultiplicativeBrightnessTransform, ContrastTransform]
+    assert isinstance(ops[1].transform, GaussianBlurTransform) and ops[1].transform.blur_sigma == (0.1, 2.0)
+    more = [type(op.transform) for op in authors_strong_view(p_gamma=0.3, p_noise=0.2).transforms]
+    assert GammaTransform in more and GaussianNoiseTransform in more
+    torch.manual_seed(0)
+    np.random.seed(0)
+    img = torch.randn(1, 6, 12, 12)
+    outs = [authors_strong_view()(image=img.clone())["image"] for _ in range(20)]
+    assert all(o.shape == img.shape and torch.isfinite(o).all() for o in outs)
+    assert sum(not torch.allclose(o, img) for o in outs) >= 12
+
+
+def test_weak_and_strong_view_choices_are_checked_before_training():
+    from semidiff_nnunet.errors import SemidiffError
+    from semidiff_nnunet.training.hparams import resolve_hparams
+
+    assert resolve_hparams(um.UniMatchHParams, {"weak_view": "nnunet"}).weak_view == "nnunet"
+    with pytest.raises(SemidiffError, match="choose one of nnunet, geometry"):
+        resolve_hparams(um.UniMatchHParams, {"weak_view": "geom"})
+    with pytest.raises(SemidiffError, match="choose one of authors, medical"):
+        resolve_hparams(um.UniMatchHParams, {"strong_view": "strong"})
 
 
 # ---------------------------------------------------------------------------------------------- CLI end to end

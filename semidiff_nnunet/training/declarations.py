@@ -35,6 +35,11 @@ class Phase:
     #: uniformly at random instead of nnU-Net's foreground oversampling, so not even where its
     #: patches are cut depends on a label
     label_free: bool = False
+    #: keep the main network's weights at this phase's best validation score (nnU-Net's EMA pseudo
+    #: Dice, the value that selects ``checkpoint_best.pth``, compared within the phase only) for a later
+    #: phase to start from: ``SemiSupervisedTrainer.phase_best(name)`` (BCP's self-training starts from
+    #: its best pre-training checkpoint); checkpointed, so a resumed run selects the same weights
+    select_best: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,33 @@ def resolve_phases(declared: Sequence[Phase], overrides: dict[str, str], num_epo
         last = spans[-1]
         spans[-1] = PhaseSpan(last.phase, last.start, num_epochs)
     return spans
+
+
+class PhaseBest:
+    """The best weights of one phase (``Phase.select_best``): the network's ``state_dict`` (on the CPU) at
+    the epoch whose validation score was the highest of the phase so far. Non-finite scores (no
+    validation ran) never count, so with validation off nothing is kept and ``weights`` stays None."""
+
+    def __init__(self):
+        self.score: float | None = None
+        self.epoch: int | None = None
+        self.weights: dict | None = None
+
+    def offer(self, score: float, epoch: int, state_dict: Callable[[], dict]) -> bool:
+        """Keep ``state_dict()`` if ``score`` beats the phase's best; whether it did."""
+        if score != score or score in (float("inf"), float("-inf")):
+            return False
+        if self.score is not None and score <= self.score:
+            return False
+        self.score, self.epoch = float(score), int(epoch)
+        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in state_dict().items()}
+        return True
+
+    def state_dict(self) -> dict:
+        return {"score": self.score, "epoch": self.epoch, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.score, self.epoch, self.weights = state["score"], state["epoch"], state["weights"]
 
 
 @dataclass(frozen=True)

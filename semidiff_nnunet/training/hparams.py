@@ -32,6 +32,13 @@ class BaseHParams:
         30 000-iteration run; a nnU-Net-length run of 250 000 iterations therefore ramps over 30 000,
         a short run over at least 200 iterations).
 
+    weak_view: the unlabeled stream's weak view, from which pseudo labels and confidence masks come:
+        ``"nnunet"``, nnU-Net's whole training augmentation (geometry, then its intensity transforms:
+        about three patches in four change intensity), or ``"geometry"``, nnU-Net's spatial transforms
+        only (crop, rotation, scaling, mirroring), as the weak view of FixMatch and UniMatch's authors
+        (rotation and flips, resize). The strong view, where a method has one, is built on the weak view.
+        Default ``"nnunet"``; each method states its choice and source.
+
     pseudo_diagnostic: opt-in diagnostic of the pseudo labels' accuracy over training (off by default).
         The unlabeled stream then also carries the hidden label of each unlabeled patch (training
         cases only; extra unlabeled images have none); the engine takes it out of the batch before the
@@ -48,6 +55,7 @@ class BaseHParams:
     burnin_max: int = 1000
     rampup_min: int = 200
     rampup_max: int = 30000
+    weak_view: typing.Literal["nnunet", "geometry"] = "nnunet"
     pseudo_diagnostic: bool = False
 
 
@@ -55,6 +63,8 @@ def _convert(value: str, annotation, name: str):
     if isinstance(annotation, str):
         annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation.split("|")[0].strip(), str)
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return check_choice(name, value, typing.get_args(annotation))
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value.lower() in ("none", "null"):
@@ -73,6 +83,21 @@ def _convert(value: str, annotation, name: str):
     except (ValueError, json.JSONDecodeError):
         raise SemidiffError(f"--set {name}={value}: expected a value of type "
                             f"{getattr(annotation, '__name__', annotation)}.") from None
+
+
+def check_choice(name: str, value, choices: tuple):
+    """``value`` if it is one of ``choices`` (a ``Literal[...]`` field's), else one sentence naming them."""
+    if value not in choices:
+        raise SemidiffError(f"--set {name}={value}: choose one of {', '.join(map(str, choices))}.")
+    return value
+
+
+def check_choices(hp) -> None:
+    """Every ``Literal[...]`` field of the hyperparameter dataclass ``hp`` holds one of its choices
+    (values given as Python objects, e.g. by the api, bypass the string parser)."""
+    for key, annotation in typing.get_type_hints(type(hp)).items():
+        if typing.get_origin(annotation) is typing.Literal:
+            check_choice(key, getattr(hp, key), typing.get_args(annotation))
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -98,7 +123,9 @@ def resolve_hparams(cls: type, overrides: dict[str, typing.Any] | None = None):
             raise SemidiffError(f"Unknown hyperparameter {key!r} for this method.{hint} "
                                 f"Known: {', '.join(sorted(fields))}.")
         kwargs[key] = _convert(value, hints.get(key, str), key) if isinstance(value, str) else value
-    return cls(**kwargs)
+    hp = cls(**kwargs)
+    check_choices(hp)
+    return hp
 
 
 def hparams_to_dict(hp) -> dict:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -48,7 +49,7 @@ from semidiff_nnunet.training import checkpoint as ckpt
 from semidiff_nnunet.training import ramps
 from semidiff_nnunet.training.augmenters import EpochSeededAugmenter
 from semidiff_nnunet.training.curves import SemiLocalLogger
-from semidiff_nnunet.training.declarations import OptimStep, Phase, PhaseSpan, resolve_phases
+from semidiff_nnunet.training.declarations import OptimStep, Phase, PhaseBest, PhaseSpan, resolve_phases
 from semidiff_nnunet.training.ema import unwrap
 from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict
 from semidiff_nnunet.training.progress import TrainingProgress
@@ -180,6 +181,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.semi_split: SemiSplit | None = None
         self.dataloader_unlabeled = None
         self._pending_rng: dict | None = None
+
+        for span in self.phase_spans:  # Phase.select_best: the phase's best weights, checkpointed
+            if span.phase.select_best:
+                self.register_state(f"phase_best/{span.name}", PhaseBest())
 
         # per-term loss curves live in nnU-Net's logger (so they are checkpointed with it)
         self.logger.local_logger = SemiLocalLogger()
@@ -509,6 +514,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             use_mask_for_norm=None, is_cascaded=False, foreground_labels=self.label_manager.foreground_labels,
             regions=None, ignore_label=None)
         geometric, intensity = split_transforms(pipeline)
+        if self.hp.weak_view == "geometry":  # the weak view of FixMatch's and UniMatch's authors
+            intensity = ComposeTransforms([])
         # the unlabeled batch is global like nnU-Net's: split over the ranks (default: as the labeled one)
         batch_size = max(1, self.rank_share(self.hp.unlabeled_batch_size)) if self.hp.unlabeled_batch_size \
             else self.batch_size
@@ -798,6 +805,21 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             if self.progress is not None and self.local_rank == 0:
                 self.progress.close()
             self._shutdown_loaders()
+
+    def phase_best(self, name: str) -> PhaseBest:
+        """What phase ``name`` (declared with ``select_best=True``) kept: ``weights`` (a state dict of the
+        main network, None when no validation score was seen), ``score`` and ``epoch``."""
+        return self.method_states[f"phase_best/{name}"]
+
+    def on_epoch_end(self):
+        # before nnU-Net's on_epoch_end, which writes the checkpoints: they then hold the phase's best
+        span = self.current_phase
+        if span.phase.select_best:
+            score = float(self.logger.get_value("ema_fg_dice", step=-1))
+            if self.phase_best(span.name).offer(score, self.current_epoch, unwrap(self.network).state_dict):
+                self.print_to_log_file(f"phase {span.name!r}: best so far at epoch {self.current_epoch} "
+                                       f"(EMA pseudo Dice {score:.4f})", also_print_to_console=False)
+        super().on_epoch_end()
 
     def _log_no_validation(self):
         # num_val_iterations_per_epoch=0 (tests): keep the logger's one-value-per-epoch invariant

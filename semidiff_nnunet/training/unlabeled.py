@@ -116,7 +116,8 @@ class UnlabeledDataLoader(nnUNetDataLoader):
     """Yields ``{'data': weak view, 'data_strong': strong view (optional), 'keys': ids}``.
 
     Crops are uniform random (no foreground oversampling, no ignore-label steering). The weak view
-    is nnU-Net's augmentation (geometry, then intensity); the strong view is the weak view plus
+    is ``geometric`` then ``intensity`` (the trainer passes nnU-Net's augmentation split in two, or an
+    empty intensity part for a geometry-only weak view, ``weak_view="geometry"``); the strong view is the weak view plus
     ``strong_transforms`` (if given), applied to a copy of the weak view: the strong view's
     perturbations always contain the weak one's (FixMatch's "weak + strong" order). With
     ``strong_views=k > 1`` the strong transforms are drawn k times independently on the same weak

@@ -8,8 +8,8 @@ Two phases (the engine's :class:`~semidiff_nnunet.training.Phase`):
 * ``pretrain`` — labeled patches only. The labeled batch is split in halves a and b; a box from
   b is pasted into a (one box, 2/3 of every side of the patch), the labels are mixed by the same
   box, and the student learns the mixed image with nnU-Net's Dice+CE (deep supervision included).
-* ``selftrain`` — mean-teacher self-training. The teacher (an EMA of the student) is the student
-  as pre-trained when the phase's first step runs. Each step the teacher labels the unlabeled
+* ``selftrain`` — mean-teacher self-training. Student and teacher (an EMA of the student) start
+  from the pre-training weights with the best validation score (see ``selftrain_start``). Each step the teacher labels the unlabeled
   patches (argmax of its softmax, then per class the largest connected component); the labeled
   and the unlabeled batches are split in halves and mixed both ways with one box:
 
@@ -67,11 +67,19 @@ Deviations:
 * halves of a batch: ``h = n // 2`` pairs per direction with n = min(labeled, unlabeled batch) (the
   authors' ``int(labeled_bs/2)``); with an odd n the last patch is not used; with n = 1 the one
   labeled and the one unlabeled patch are mixed in both directions (pre-training: the unmixed patch);
-* no model selection on validation Dice between the phases (the authors start self-training from
-  the pre-training checkpoint with the best validation Dice): the teacher and the student start
-  from the student at the end of pre-training; the student keeps its optimiser (ACDC's
-  ``load_net_opt``; LA starts a fresh one) and nnU-Net's poly LR runs over the whole run (theirs:
-  constant 0.01 on ACDC, ×0.1 every 2 500 self-training iterations on LA);
+* selection between the phases (``selftrain_start = "best"``): the teacher and the student start
+  from the pre-training weights with the best validation score, as the authors'
+  ``*_best_model.pth`` — but the score is nnU-Net's EMA pseudo Dice on validation patches at the end
+  of each epoch (what selects nnU-Net's ``checkpoint_best.pth``), not the authors' full-image Dice
+  every 200 iterations; with validation off the last pre-training weights are used (logged);
+* learning rate (``phase_lr = "phase"``): each phase gets a fresh SGD (nnU-Net's: momentum 0.99,
+  Nesterov, weight decay 3·10⁻⁵) with nnU-Net's poly schedule from its initial rate 0.01 over that
+  phase only (the engine's ``restart_optimizer``). The authors keep the rate at 0.01 throughout on
+  ACDC (their SGD momentum 0.9, weight decay 10⁻⁴; the self-training optimiser loads the pre-training
+  one's state) and decay it ×0.1 every 2 500 self-training iterations on LA (a fresh optimiser). Both
+  their phases start at 0.01, as here; the poly decay inside each phase is nnU-Net's (a pre-training
+  that ends converged, selected on validation, and a self-training whose final weights are
+  converged), where theirs rely on selecting the best iteration;
 * the teacher's parameters are averaged, its buffers copied (the ACDC code averages the whole
   ``state_dict``; nnU-Net's instance norms have no running statistics, so nothing differs);
 * any number of classes (the authors hard-code 4 on ACDC, and threshold 0.5 on the foreground of
@@ -83,8 +91,9 @@ The student predicts at inference (the authors evaluate ``model``); it is the pl
 network, so stock ``nnUNetv2_predict`` loads the run.
 
 Schedule, mapped onto the engine's policy: the authors pre-train ACDC for ``--pre_iterations
-10000`` and self-train ``--max_iterations 30000`` (a share of 0.25; their ``pre_train`` actually
-loops to ``max_iterations``, 30 000, i.e. 0.5 as the script runs), LA 2 000 and 15 000 (0.12). The
+10000`` and self-train ``--max_iterations 30000`` (``pre_train`` loops to ``pre_iterations``; a
+pre-training share of 0.25 of the total), LA ``--pre_max_iteration 2000`` and
+``--self_max_iteration 15000`` (0.12). The
 default is ``pretrain`` = 0.25 of the run (``--set phase.pretrain=0.12`` for LA's ratio, or a number
 of epochs like ``--set phase.pretrain=40``), the rest ``selftrain``. The pre-training phase *is* the
 engine's supervised burn-in: no unlabeled batch is drawn and the engine runs
@@ -97,6 +106,7 @@ BCP has no ramp-up (the authors compute a consistency weight but never use it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +130,11 @@ class BCPHParams(BaseHParams):
     shared_box: one box for the whole batch (the authors') instead of one per pair.
     ema_decay: the teacher's EMA decay (no warm-up).
     largest_component: keep only the largest connected component per class in the pseudo labels.
+    selftrain_start: ``best``, student and teacher start self-training from the pre-training phase's
+        best weights on validation (the authors' ``*_best_model.pth``); ``last``, from the last
+        pre-training step (the earlier default).
+    phase_lr: ``phase``, each phase a fresh SGD with nnU-Net's poly schedule over the phase only;
+        ``run``, one optimiser and one poly schedule over the whole run (the earlier default).
     """
 
     alpha: float = 0.5
@@ -127,6 +142,8 @@ class BCPHParams(BaseHParams):
     shared_box: bool = True
     ema_decay: float = 0.99
     largest_component: bool = True
+    selftrain_start: Literal["best", "last"] = "best"
+    phase_lr: Literal["phase", "run"] = "phase"
     # the pre-training phase is the burn-in (see "Schedule" above)
     burnin: float = 0.0
     burnin_min: int = 0
@@ -196,8 +213,14 @@ class BCPTrainer(SemiSupervisedTrainer):
 
     method_name = "bcp"
     hparams_class = BCPHParams
-    phases = (Phase(PRETRAIN, share=0.25, summary="copy-paste between labeled patches, labeled data only"),
+    phases = (Phase(PRETRAIN, share=0.25, summary="copy-paste between labeled patches, labeled data only",
+                    select_best=True),
               Phase(SELFTRAIN, summary="bidirectional copy-paste with the EMA teacher's pseudo labels"))
+
+    def on_phase_start(self, phase):
+        """``phase_lr = "phase"``: each phase its own SGD and poly schedule from nnU-Net's initial rate."""
+        if self.hp.phase_lr == "phase":
+            self.restart_optimizer("network")
 
     def build_method(self):
         if self.label_manager.has_regions:
@@ -229,11 +252,22 @@ class BCPTrainer(SemiSupervisedTrainer):
         return seg[:, None]
 
     def start_teacher(self) -> None:
-        """Make the teacher the student, once, at the first self-training step. Done here, not in
-        ``on_phase_start``: a run resumed at the phase boundary enters the phase before the student's
-        weights are restored; its teacher has had no update yet and copies the restored student."""
-        if self.teacher.num_updates == 0:
-            self.teacher.module.load_state_dict(unwrap(self.network).state_dict())
+        """Once, at the first self-training step: with ``selftrain_start = "best"`` load the pre-training
+        phase's best weights on validation into the student, then make the teacher the student. Done
+        here, not in ``on_phase_start``: a run resumed at the phase boundary enters the phase before the
+        student's weights are restored; its teacher has had no update yet and starts the same way."""
+        if self.teacher.num_updates != 0:
+            return
+        if self.hp.selftrain_start == "best":
+            best = self.phase_best(PRETRAIN)
+            if best.weights is None:
+                self.print_to_log_file("bcp: no validation score in pre-training (validation off?); "
+                                       "self-training starts from the last pre-training weights")
+            else:
+                unwrap(self.network).load_state_dict(best.weights)
+                self.print_to_log_file(f"bcp: self-training starts from pre-training epoch {best.epoch} "
+                                       f"(EMA pseudo Dice {best.score:.4f} on validation)")
+        self.teacher.module.load_state_dict(unwrap(self.network).state_dict())
 
     def region_loss(self, output, targets: list[Tensor], regions: list[Tensor]) -> Tensor:
         """nnU-Net's Dice+CE (its weights, deep-supervision weights and soft Dice) restricted to

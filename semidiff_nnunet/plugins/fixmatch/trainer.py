@@ -2,9 +2,14 @@
 Consistency and Confidence", NeurIPS 2020, applied per voxel.
 
 Each unlabeled patch comes in two views that share their geometry (crop, rotation, scaling,
-mirroring): the weak view (nnU-Net's usual intensity augmentation) and the strong view
-(:func:`semidiff_nnunet.networks.strong_views.medical_strong_view`: brightness, contrast,
-gamma, blur, noise). The prediction on the weak view, where its confidence is ≥ τ, becomes a
+mirroring): the weak view — geometry only (``weak_view = "geometry"``), as the paper's weak
+augmentation (flip and translate, §2.3) and UniMatch's medical code — and the strong view, the weak
+view plus a photometric perturbation (``strong_view = "authors"``,
+:func:`semidiff_nnunet.networks.strong_views.authors_strong_view`: brightness and contrast with
+p = 0.8, blur σ ∈ [0.1, 2] with p = 0.5; UniMatch's medical strong view, the FixMatch lineage's
+only medical one). ``--set weak_view=nnunet strong_view=medical`` gives the earlier views (nnU-Net's
+intensity augmentation in the weak view; brightness, contrast, gamma, blur and noise in the strong).
+The prediction on the weak view, where its confidence is ≥ τ, becomes a
 hard pseudo label for the prediction on the strong view:
 ℓ_u = 1/N Σ_x 𝟙(max q_x ≥ τ)·CE(argmax q_x, p_x(strong))  (paper Eq. 4), L = L_sup + λ_u·ℓ_u.
 
@@ -15,7 +20,9 @@ gradient stopped through the pseudo labels.
 Deviations:
 
 * the strong augmentation is photometric only (no RandAugment colour/posterize/solarize ops,
-  which do not apply to z-scored medical intensities, and no Cutout), see ``strong_views``;
+  which do not apply to z-scored medical intensities, and no Cutout): UniMatch's medical strong view,
+  see ``strong_views``; the weak view's geometry is nnU-Net's spatial augmentation (rotation, scaling,
+  mirroring) rather than the paper's flip-and-translate;
 * unlabeled batch = labeled batch (``unlabeled_batch_size``, default the plans' batch size)
   instead of the paper's μ = 7, which would not fit 3D patches in memory; set it with
   ``--set unlabeled_batch_size=...``;
@@ -33,11 +40,12 @@ run, 100–1000 iterations, at most a quarter) and then has its full weight (no 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from semidiff_nnunet.losses.consistency import fixmatch_loss
-from semidiff_nnunet.networks.strong_views import medical_strong_view
+from semidiff_nnunet.networks.strong_views import authors_strong_view, medical_strong_view
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
 
 
@@ -45,6 +53,15 @@ from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer
 class FixMatchHParams(BaseHParams):
     threshold: float = 0.95
     weight: float = 1.0
+    #: the weak view: nnU-Net's spatial transforms only (the paper's flip-and-translate)
+    weak_view: Literal["nnunet", "geometry"] = "geometry"
+    #: ``authors``: UniMatch's medical strong view (brightness and contrast with p = 0.8, blur σ ∈ [0.1, 2]
+    #: with p = 0.5); ``medical``: the wider ``medical_strong_view`` (adds gamma and noise; the earlier default)
+    strong_view: Literal["authors", "medical"] = "authors"
+    #: ``authors`` view only: probabilities of gamma and of Gaussian noise (off, as the authors)
+    strong_gamma_p: float = 0.0
+    strong_noise_p: float = 0.0
+    #: ``medical`` view only: range scale and probability of its brightness/contrast ops
     strong_strength: float = 1.0
     strong_probability: float = 0.8
 
@@ -54,7 +71,10 @@ class FixMatchTrainer(SemiSupervisedTrainer):
     hparams_class = FixMatchHParams
 
     def get_strong_transforms(self):
-        return medical_strong_view(self.hp.strong_strength, self.hp.strong_probability)
+        hp = self.hp
+        if hp.strong_view == "medical":
+            return medical_strong_view(hp.strong_strength, hp.strong_probability)
+        return authors_strong_view(p_gamma=hp.strong_gamma_p, p_noise=hp.strong_noise_p)
 
     def compute_losses(self, labeled, unlabeled):
         n_l, n_u = labeled["data"].shape[0], unlabeled["data"].shape[0]

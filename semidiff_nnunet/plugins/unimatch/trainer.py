@@ -40,9 +40,16 @@ Defaults (authors' medical code):
 * CutMix per strong view with probability 0.5, box area share U(0.02, 0.4) of the patch, aspect
   ratio in (0.3, 1/0.3) (``dataset/transform.py`` ``obtain_cutmix_box``; 3D: a box in three axes,
   see ``networks/mixing.py``); one box per strong view and sample, drawn independently;
-* strong view: the engine's photometric strong view (``medical_strong_view``, brightness/contrast
-  ×[0.5, 1.5] with p = 0.8, gamma, blur and noise with p = 0.5), close to the authors'
-  ``ColorJitter(0.5, 0.5, 0.5, 0.25)`` with p = 0.8 and Gaussian blur with p = 0.5;
+* weak view (``weak_view = "geometry"``): nnU-Net's spatial transforms only (random crop, rotation,
+  scaling, mirroring), no intensity change, as the authors' weak view (``dataset/acdc.py``:
+  ``random_rot_flip``, ``random_rotate`` ±20°, resize to the patch); the pseudo labels and the τ mask
+  come from it. ``--set weak_view=nnunet`` adds nnU-Net's intensity augmentation (the earlier default);
+* strong view (``strong_view = "authors"``, :func:`~semidiff_nnunet.networks.strong_views.authors_strong_view`),
+  drawn twice on the weak view: with p = 0.8 ``ColorJitter(0.5, 0.5, 0.5, 0.25)`` — on grey images
+  brightness and contrast ×[0.5, 1.5], together — then with p = 0.5 a Gaussian blur σ ∈ [0.1, 2]
+  (``dataset/acdc.py``, ``dataset/transform.py`` ``blur``); no gamma, no noise (``strong_gamma_p``,
+  ``strong_noise_p`` switch them on). ``--set strong_view=medical`` is the wider
+  ``medical_strong_view`` (the earlier default: gamma, blur σ ∈ [0.5, 1.5] and noise with p = 0.5);
 * no EMA teacher: the model being trained predicts the pseudo labels, gradient stopped through them.
 
 Deviations:
@@ -61,8 +68,10 @@ Deviations:
 * one forward for all views instead of the authors' two (labeled ⊕ weak with FP, then the two strong
   views): the same predictions for instance-normalised networks, one pass through DDP;
 * the unlabeled terms use the full-resolution output only (no deep supervision);
-* the strong views are built on top of nnU-Net's weak augmentation (the engine's strong ⊇ weak
-  policy), not on an un-augmented image.
+* the weak view's geometry is nnU-Net's (its rotation and scaling ranges and probabilities, mirroring
+  along every axis) rather than the authors' rot90/flip and ±20° rotation; on images the brightness and
+  contrast of the strong view act on z-scored intensities (contrast clipped to the patch's range), where
+  the authors' act on [0, 255] grey values.
 
 Schedule, mapped onto the engine's policy (``BaseHParams``): the authors train 300 epochs with SGD
 (lr 0.01, momentum 0.9, poly decay per iteration) and the unlabeled terms at full weight from the
@@ -79,6 +88,7 @@ and ``forward_with_fp`` fails loudly if the perturbed stream is missing from the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +98,7 @@ from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.networks.hooks import replaced_output
 from semidiff_nnunet.networks.mixing import cutmix_box_mask, paste
 from semidiff_nnunet.networks.perturbations import channel_dropout
-from semidiff_nnunet.networks.strong_views import medical_strong_view
+from semidiff_nnunet.networks.strong_views import authors_strong_view, medical_strong_view
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, unwrap
 
 
@@ -106,6 +116,15 @@ class UniMatchHParams(BaseHParams):
     fp_dropout: float = 0.5
     #: probability of a CutMix box per strong view and sample
     cutmix_p: float = 0.5
+    #: the weak view: nnU-Net's spatial transforms only (the authors': rotation, flips, resize)
+    weak_view: Literal["nnunet", "geometry"] = "geometry"
+    #: ``authors``: UniMatch's medical strong view (brightness and contrast with p = 0.8, blur σ ∈ [0.1, 2]
+    #: with p = 0.5); ``medical``: the wider ``medical_strong_view`` (adds gamma and noise; the earlier default)
+    strong_view: Literal["authors", "medical"] = "authors"
+    #: ``authors`` view only: probabilities of gamma and of Gaussian noise (off, as the authors)
+    strong_gamma_p: float = 0.0
+    strong_noise_p: float = 0.0
+    #: ``medical`` view only: range scale and probability of its brightness/contrast ops
     strong_strength: float = 1.0
     strong_probability: float = 0.8
 
@@ -142,7 +161,10 @@ class UniMatchTrainer(SemiSupervisedTrainer):
     strong_views = 2
 
     def get_strong_transforms(self):
-        return medical_strong_view(self.hp.strong_strength, self.hp.strong_probability)
+        hp = self.hp
+        if hp.strong_view == "medical":
+            return medical_strong_view(hp.strong_strength, hp.strong_probability)
+        return authors_strong_view(p_gamma=hp.strong_gamma_p, p_noise=hp.strong_noise_p)
 
     # ------------------------------------------------------------------ the method's pieces
     def forward_with_fp(self, x: Tensor, part: slice):
