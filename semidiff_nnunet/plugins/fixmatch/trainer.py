@@ -61,9 +61,10 @@ class FixMatchHParams(BaseHParams):
     #: ``authors`` view only: probabilities of gamma and of Gaussian noise (off, as the authors)
     strong_gamma_p: float = 0.0
     strong_noise_p: float = 0.0
-    #: ``medical`` view only: range scale and probability of its brightness/contrast ops
-    strong_strength: float = 1.0
+    #: probability of the brightness/contrast ops (both views; the authors' 0.8)
     strong_probability: float = 0.8
+    #: ``medical`` view only: scale of its ranges
+    strong_strength: float = 1.0
 
 
 class FixMatchTrainer(SemiSupervisedTrainer):
@@ -74,7 +75,7 @@ class FixMatchTrainer(SemiSupervisedTrainer):
         hp = self.hp
         if hp.strong_view == "medical":
             return medical_strong_view(hp.strong_strength, hp.strong_probability)
-        return authors_strong_view(p_gamma=hp.strong_gamma_p, p_noise=hp.strong_noise_p)
+        return authors_strong_view(p=hp.strong_probability, p_gamma=hp.strong_gamma_p, p_noise=hp.strong_noise_p)
 
     def compute_losses(self, labeled, unlabeled):
         n_l, n_u = labeled["data"].shape[0], unlabeled["data"].shape[0]
@@ -82,6 +83,7 @@ class FixMatchTrainer(SemiSupervisedTrainer):
         out_l = self.batch_part(out, slice(None, n_l))
         full = self.highest_resolution(out)
         unsup, mask = fixmatch_loss(full[n_l + n_u:], full[n_l:n_l + n_u], self.hp.threshold)
+        self.report_pseudo_labels(full[n_l:n_l + n_u].argmax(1), mask.bool())  # the opt-in diagnostic
         return {"supervised": self.supervised_loss(out_l, labeled["target"]),
                 "unsupervised": self.hp.weight * unsup,
                 "_mask_fraction": mask.mean()}

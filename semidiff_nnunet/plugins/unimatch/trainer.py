@@ -124,9 +124,10 @@ class UniMatchHParams(BaseHParams):
     #: ``authors`` view only: probabilities of gamma and of Gaussian noise (off, as the authors)
     strong_gamma_p: float = 0.0
     strong_noise_p: float = 0.0
-    #: ``medical`` view only: range scale and probability of its brightness/contrast ops
-    strong_strength: float = 1.0
+    #: probability of the brightness/contrast ops (both views; the authors' 0.8)
     strong_probability: float = 0.8
+    #: ``medical`` view only: scale of its ranges
+    strong_strength: float = 1.0
 
 
 def masked_dice_loss(logits: Tensor, labels: Tensor, keep: Tensor, smooth: float = 1e-5) -> Tensor:
@@ -164,7 +165,7 @@ class UniMatchTrainer(SemiSupervisedTrainer):
         hp = self.hp
         if hp.strong_view == "medical":
             return medical_strong_view(hp.strong_strength, hp.strong_probability)
-        return authors_strong_view(p_gamma=hp.strong_gamma_p, p_noise=hp.strong_noise_p)
+        return authors_strong_view(p=hp.strong_probability, p_gamma=hp.strong_gamma_p, p_noise=hp.strong_noise_p)
 
     # ------------------------------------------------------------------ the method's pieces
     def forward_with_fp(self, x: Tensor, part: slice):
