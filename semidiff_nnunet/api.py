@@ -413,15 +413,18 @@ class RunInfo:
 
 
 def run_info(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, configuration: str = "2d",
-             fold: int | str = 0, plans_name: str = "nnUNetPlans") -> RunInfo:
-    from semidiff_nnunet.training.splits import LabeledSpec
+             fold: int | str = 0, plans_name: str = "nnUNetPlans", held_out: float | None = None) -> RunInfo:
+    """Where a run lives. ``held_out``: the share of the fold's validation cases the run keeps apart for
+    scoring (:func:`held_out_cases`); such runs live apart (``lab0.1_ho0.5``), one folder per share."""
+    from semidiff_nnunet.training.splits import LabeledSpec, held_out_tag
 
     name = planning.dataset_name(dataset)
     cls = method_trainer(method)
     spec = LabeledSpec.parse(labeled)
-    root = paths.run_root(method, spec.tag, seed)
+    tag = spec.tag + held_out_tag(held_out)
+    root = paths.run_root(method, tag, seed)
     model = root / name / f"{cls.__name__}__{plans_name}__{configuration}"
-    return RunInfo(name, method, cls.__name__, spec.tag, seed, configuration, fold, plans_name, root, model,
+    return RunInfo(name, method, cls.__name__, tag, seed, configuration, fold, plans_name, root, model,
                    model / f"fold_{fold}")
 
 
@@ -444,8 +447,12 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
           plans_name: str = "nnUNetPlans", val_iters_per_epoch: int | None = None, save_every: int | None = None,
           final_validation: bool = True, show_progress: bool = True,
           progress: TrainingProgress | None = None, nproc: int = 1,
-          pretrained_weights: str | Path | None = None) -> RunInfo:
+          pretrained_weights: str | Path | None = None, held_out: float | None = None) -> RunInfo:
     """Train one run; refuses to overwrite an existing run unless ``continue_training`` resumes it.
+
+    ``held_out``: keep this share of the fold's validation cases apart (:func:`held_out_cases`): the run
+    neither trains nor validates on them (nnU-Net's pseudo Dice, ``checkpoint_best.pth``, a method's own
+    selection see only the rest), so :func:`benchmark` can score it on them; the run gets its own folder.
 
     ``pretrained_weights``: a checkpoint (stock nnU-Net's or a semidiff run's) that initialises the new run's
     network (nnU-Net's ``-pretrained_weights``; see ``SemiSupervisedTrainer.load_pretrained_weights``).
@@ -460,6 +467,10 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     opts = check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch,
                                val_iters_per_epoch, save_every, configuration)
     _check_counts(nproc=nproc)
+    if held_out is not None:
+        from semidiff_nnunet.training.splits import check_held_out_share
+
+        held_out = check_held_out_share(held_out)
     pretrained = check_pretrained_weights(pretrained_weights)
     from semidiff_nnunet.training import distributed
     from semidiff_nnunet.training.hparams import hparams_to_dict
@@ -467,7 +478,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
 
     paths.ensure_nnunet_env()
     fold = opts.fold
-    info = run_info(dataset, method, labeled, seed, configuration, fold, plans_name)
+    info = run_info(dataset, method, labeled, seed, configuration, fold, plans_name, held_out)
     plans = planning.load_plans(info.dataset, plans_name)
     if configuration not in plans["configurations"]:
         raise SemidiffError(f"Configuration {configuration!r} is not in {plans_name} of {info.dataset} (has: "
@@ -483,9 +494,11 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
         raise SemidiffError(f"{info.dataset} is not preprocessed for {configuration!r}; run "
                             f"`semidiff plan-and-train {info.dataset} -c {configuration} ...` first.")
     check_fold(info.dataset, fold)
+    held_ids = [] if held_out is None else held_out_cases(info.dataset, fold, held_out, configuration, plans_name)[1]
+    _check_resumed_held_out(info, held_ids)
     if not info.fold_folder.is_dir():  # a new run: a split that cannot be drawn fails before any folder exists
         check_split(info.dataset, plans["configurations"][configuration], plans_name, configuration, fold,
-                    opts.labeled, seed)
+                    opts.labeled, seed, held_ids)
     if continue_training and (info.finished or info.resumable_checkpoint() is not None):
         pretrained = _resumed_pretrained(info, pretrained)
     if info.finished:
@@ -516,7 +529,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     RunConfig(method=method, labeled=opts.labeled, seed=seed, hparams=hparams_to_dict(hp), phases=phases,
               num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch,
               num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every,
-              pretrained_weights=str(pretrained) if pretrained else None).write(plans)
+              pretrained_weights=str(pretrained) if pretrained else None, held_out=held_ids).write(plans)
     plans["continue_training"] = bool(continue_training and checkpoint is not None)
     args = (opts.trainer_cls, plans, configuration, fold, dataset_json, info.run_root,
             checkpoint if continue_training else None, final_validation, show_progress)
@@ -559,6 +572,19 @@ def _resumed_pretrained(info: RunInfo, given: Path | None) -> str | None:
         raise SemidiffError(f"--pretrained-weights only initialises a new run; this run resumes from its checkpoint "
                             f"(it started from {stored or 'random weights'}), so drop --pretrained-weights {given}.")
     return stored
+
+
+def _check_resumed_held_out(info: RunInfo, held_ids: list[str]) -> None:
+    """A run's held-out cases are fixed when it starts; if the fold's cases changed since (another
+    splits_final.json), going on would select on cases it is scored on, or score on cases it trained on."""
+    run_json = info.fold_folder / "semidiff_run.json"
+    if not run_json.is_file():
+        return
+    stored = sorted((json.loads(run_json.read_text(encoding="utf-8")).get("split") or {}).get("held_out") or [])
+    if stored != sorted(held_ids):
+        raise SemidiffError(f"The run in {info.fold_folder} holds out other cases ({len(stored)}) than the fold now "
+                            f"gives ({len(held_ids)}): splits_final.json changed since it started; delete that "
+                            f"folder to train it again.")
 
 
 def _check_resumed_world_size(info: RunInfo, world: int) -> None:
@@ -671,7 +697,7 @@ def fold_keys(name: str, ident_folder: Path, fold: int | str) -> tuple[list[str]
 
 
 def check_split(name: str, config: dict, plans_name: str, configuration: str, fold: int | str, labeled,
-                seed: int) -> None:
+                seed: int, held_out: Sequence[str] = ()) -> None:
     """Draw the run's labeled split once before anything is created, so that ``--labeled 1000`` on a
     48-case fold or a labels file naming validation/unknown cases fails with one sentence and leaves no
     run folder behind."""
@@ -680,7 +706,25 @@ def check_split(name: str, config: dict, plans_name: str, configuration: str, fo
     ident = config.get("data_identifier", f"{plans_name}_{configuration}")
     train_keys, val_keys = fold_keys(name, planning.preprocessed_folder(name) / ident, fold)
     if train_keys:  # (nothing listed: the trainer's own split reports the problem)
-        make_semi_split(train_keys, val_keys, labeled, seed)
+        make_semi_split(train_keys, val_keys, labeled, seed, held_out=held_out)
+
+
+def held_out_cases(dataset: str | int, fold: int | str, share: float, configuration: str = "2d",
+                   plans_name: str = "nnUNetPlans") -> tuple[list[str], list[str]]:
+    """``(selection, held_out)``: the fold's validation cases (as nnU-Net's ``do_split`` takes them) split by
+    :func:`~semidiff_nnunet.training.splits.carve_held_out`, ``share`` of them held out. A run trained with
+    ``held_out=share`` validates and selects on ``selection`` only; the benchmark scores it on ``held_out``."""
+    from semidiff_nnunet.training.splits import carve_held_out
+
+    name = planning.dataset_name(dataset)
+    fold = parse_fold(fold)
+    plans = planning.load_plans(name, plans_name)
+    if configuration not in plans["configurations"]:
+        raise SemidiffError(f"Configuration {configuration!r} is not in {plans_name} of {name} (has: "
+                            f"{', '.join(plans['configurations'])}); pick one of those with -c.")
+    ident = plans["configurations"][configuration].get("data_identifier", f"{plans_name}_{configuration}")
+    _, val = fold_keys(name, planning.preprocessed_folder(name) / ident, fold)
+    return carve_held_out(val, share)
 
 
 def _resumed_settings(info: RunInfo, trainer_cls, hp, overrides: dict, phases: dict[str, str]):
@@ -753,26 +797,33 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
             seed: int = 0, configuration: str = "2d", folds: tuple = (0,), device: str = "auto",
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
             use_mirroring: bool = True, show_progress: bool = True,
-            log: Callable[[str], None] | None = None, save_probabilities: bool = False) -> Path:
+            log: Callable[[str], None] | None = None, save_probabilities: bool = False,
+            held_out: float | None = None) -> Path:
     """Segment every case of ``input`` (nnU-Net naming, CASE_XXXX.ext) into ``output``; files that do not
     follow the naming are skipped and named through ``log``.
 
     Several ``folds`` are ensembled (their softmax averaged, as ``nnUNetv2_predict -f 0 1 2``);
     ``tile_step_size`` is nnU-Net's ``-step_size``; ``save_probabilities`` also writes nnU-Net's
     ``CASE.npz`` (``probabilities``, (K, *spatial)) and ``CASE.pkl`` (properties), what
-    ``nnUNetv2_ensemble`` reads."""
+    ``nnUNetv2_ensemble`` reads. ``checkpoint``: ``checkpoint_final.pth`` (the end of training),
+    ``checkpoint_best.pth`` (nnU-Net's best EMA pseudo Dice on the fold's validation cases) or
+    ``checkpoint_latest.pth``; each holds the method's inference network. ``held_out``: the run's held-out
+    share (a ``semidiff benchmark`` run on a dataset without imagesTs; see :func:`train`)."""
     folds = unique_folds(folds)
     if not 0 < tile_step_size <= 1:
         raise SemidiffError(f"--step-size {tile_step_size}: give a share of the patch size in (0, 1] (nnU-Net's "
                             f"default 0.5).")
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name)
+    info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name, held_out)
     for f in folds:
         ck = info.model_folder / f"fold_{f}" / checkpoint
         if not ck.is_file():
             others = trained_variants(info, f, checkpoint)
+            final = info.model_folder / f"fold_{f}" / "checkpoint_final.pth"
             hint = (f"; this run exists with {', '.join(others)} — pass that with --plans/-c" if others else
+                    f"; this run has only {', '.join(sorted(p.name for p in final.parent.glob('checkpoint_*.pth')))}, "
+                    f"pick one of those with --checkpoint" if final.is_file() else
                     f"; train it first (semidiff plan-and-train ... --fold {f})")
             raise SemidiffError(f"No trained model at {ck}{hint}.")
     input, output = Path(input), Path(output)
@@ -855,13 +906,23 @@ def summary_notes(summary: dict) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- split
 def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, configuration: str | None = None,
-          plans_name: str = "nnUNetPlans") -> SemiSplit:
-    """The labeled/unlabeled/validation cases a run would use (without training)."""
+          plans_name: str = "nnUNetPlans", held_out: float | None = None) -> SemiSplit:
+    """The labeled/unlabeled/validation cases a run would use (without training). ``held_out``: the share of
+    the fold's validation cases kept apart for scoring (:func:`train`): they leave ``validation`` for
+    ``held_out``."""
     fold = parse_fold(fold)
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    from semidiff_nnunet.training.splits import LabeledSpec, make_semi_split
+    from semidiff_nnunet.training.splits import (
+        LabeledSpec,
+        carve_held_out,
+        check_held_out_share,
+        make_semi_split,
+    )
+
+    if held_out is not None:
+        held_out = check_held_out_share(held_out)
     from semidiff_nnunet.training.unlabeled import list_cases
 
     spec = LabeledSpec.parse(labeled)
@@ -894,7 +955,8 @@ def split(dataset: str | int, labeled: str, seed: int = 0, fold: int | str = 0, 
         extra = list_cases(str(pre / (ident + "__unlabeled")))
     elif (raw / "imagesUnlabeled").is_dir():
         extra = sorted({f.name[: -len(fe) - 5] for f in (raw / "imagesUnlabeled").iterdir() if f.name.endswith(fe)})
-    return make_semi_split(tr, val, spec, seed, extra)
+    held = [] if held_out is None else carve_held_out(val, held_out)[1]
+    return make_semi_split(tr, val, spec, seed, extra, held_out=held)
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -961,16 +1023,24 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
               val_iters_per_epoch: int | None = None, overrides: dict | Sequence[str] | None = None,
               plans_name: str | None = None, gpu_memory_target: float | None = None, output: str | Path | None = None,
               dry_run: bool = False, num_processes: int = 2, log=print, show_progress: bool = True,
-              make_progress: Callable[[], TrainingProgress] | None = None, planner: str | None = None) -> dict:
-    """Every (method, labeled spec, seed) on one dataset: train, predict the held-out cases, evaluate, and
-    write benchmark.csv/.md/.png (:mod:`semidiff_nnunet.benchmark`). Every option is checked first.
+              make_progress: Callable[[], TrainingProgress] | None = None, planner: str | None = None,
+              held_out: float | None = None) -> dict:
+    """Every (method, labeled spec, seed) on one dataset: train, predict the held-out cases with the final and
+    the best checkpoint, evaluate, and write benchmark.csv/.md/.png and held_out.json
+    (:mod:`semidiff_nnunet.benchmark`). Every option is checked first.
+
+    ``held_out``: on a dataset without imagesTs/labelsTs, the share of the fold's validation cases kept apart
+    for scoring (default 0.5): the runs never train nor validate on them; the rest selects checkpoints.
 
     ``methods``/``labeled``/``seeds``: lists or comma-separated strings. ``overrides``: ``--set`` items,
     ``key=value`` for every method that has the key, ``method:key=value`` for one method.
-    ``dry_run``: return ``{"runs": [...], "overrides": {method: {key: value}}}`` (each run with its
-    ``status``: train, resume or done) without planning or training.
+    ``dry_run``: return ``{"runs": [...], "overrides": {method: {key: value}}, "held_out_share": share or None}``
+    (each run with its ``status``: train, resume or done) without planning or training.
     """
     from semidiff_nnunet import benchmark as bench
+    from semidiff_nnunet.training.splits import check_held_out_share
+
+    held_out = bench.DEFAULT_HELD_OUT if held_out is None else check_held_out_share(held_out)
 
     methods = parse_list(methods, "--methods")
     labeled = parse_list(labeled, "--labeled")
@@ -999,7 +1069,7 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     if dry_run:
         pname = planning.plans_name_for(gpu_memory_target, plans_name, planner)
         result = bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,
-                                     dry_run=True)
+                                     dry_run=True, held_out=held_out)
         return {**result, "overrides": per_method}
     resolve_device(device)
     check_fold(planning.dataset_name(dataset), fold)
@@ -1009,4 +1079,4 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     return bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, device, pname, epochs,
                                iters_per_epoch, per_method, output, log=log, show_progress=show_progress,
                                val_iters_per_epoch=10 if val_iters_per_epoch is None else val_iters_per_epoch,
-                               make_progress=make_progress)
+                               make_progress=make_progress, held_out=held_out)

@@ -1,12 +1,30 @@
 """``semidiff benchmark``: every (method, labeled fraction, seed) on one dataset, one table.
 
-Runs that finished are skipped, interrupted ones resumed. Each run predicts the held-out cases
-(``imagesTs``/``labelsTs`` when the dataset has both, else the fold's validation cases) and is
-evaluated with :mod:`semidiff_nnunet.evaluation`. Writes ``benchmark.csv`` (one row per run),
-``benchmark.md`` (mean ± std over seeds, one row per method, one column group per fraction,
-best in bold), ``benchmark.png`` (Dice vs labeled fraction, one line per method, error bars) and
-``benchmark_cases.png`` (held-out cases — supervised's best, median and worst — with the image, the
-reference and every method's prediction, at the first labeled fraction and seed).
+Runs that finished are skipped, interrupted ones resumed. Each run is scored on held-out cases that no
+selection ever looked at:
+
+* ``imagesTs``/``labelsTs`` when the dataset has both;
+* else a share (``held_out``, default 0.5) of the fold's validation cases, drawn once per dataset and fold
+  with a fixed seed (:func:`~semidiff_nnunet.training.splits.carve_held_out`). The runs are trained with
+  ``api.train(held_out=share)``: they neither train nor validate on those cases, so nnU-Net's per-epoch
+  pseudo Dice, ``checkpoint_best.pth`` and a method's own selection (SuperDiffusion's teacher or student, a
+  phase's best checkpoint) see only the rest of the validation cases (the *selection* part). These runs
+  live in their own folders (``<method>__lab0.1_ho0.5__seed0``), apart from runs that validate on every
+  validation case. Both parts are listed in ``held_out.json`` beside the tables and in each run's
+  ``semidiff_run.json`` (``split.validation``, ``split.held_out``).
+
+Each run is scored twice: with ``checkpoint_final.pth`` (the end of training, columns ``Dice`` ...) and
+with ``checkpoint_best.pth`` (nnU-Net's best EMA pseudo Dice on the selection part, as the papers' code
+reports; columns ``Dice (best ckpt)`` ..., NaN when the run never validated). Both checkpoints hold the
+method's inference network. Metrics per run: foreground-mean Dice, Jaccard, HD95 and ASD over cases, and
+the dataset-level ``mIoU`` (background included, ProtoDiff's metric; see
+:mod:`semidiff_nnunet.evaluation.metrics`).
+
+Writes ``benchmark.csv`` (one row per run), ``benchmark.md`` (mean ± std over seeds, one row per method,
+one column group per fraction, best in bold), ``benchmark.png`` (Dice vs labeled fraction, one line per
+method, error bars), ``benchmark_cases.png`` (held-out cases — supervised's best, median and worst — with
+the image, the reference and every method's final prediction, at the first labeled fraction and seed) and
+``held_out.json``.
 """
 
 from __future__ import annotations
@@ -16,13 +34,22 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from semidiff_nnunet import api, paths, planning
 from semidiff_nnunet.errors import SemidiffError
 
-METRICS = ("Dice", "Jaccard", "HD95", "ASD")
+METRICS = ("Dice", "Jaccard", "HD95", "ASD", "mIoU")
+#: column suffix of the scores of checkpoint_best.pth
+BEST = " (best ckpt)"
+#: (column suffix, checkpoint file, prediction folder in the run's fold folder)
+CHECKPOINTS = (("", "checkpoint_final.pth", "benchmark_predictions"),
+               (BEST, "checkpoint_best.pth", "benchmark_predictions_best"))
+#: the metrics of benchmark.md, per labeled spec
+TABLE_METRICS = ("Dice", "Dice" + BEST, "mIoU", "HD95")
+#: share of the fold's validation cases held out for scoring when the dataset has no imagesTs/labelsTs
+DEFAULT_HELD_OUT = 0.5
 
 
 @dataclass
@@ -39,12 +66,15 @@ class PlannedRun:
         return "resume" if self.info.resumable_checkpoint() else "train"
 
 
-def plan_runs(dataset, methods, labeled, seeds, configuration, fold, plans_name) -> list[PlannedRun]:
+def plan_runs(dataset, methods, labeled, seeds, configuration, fold, plans_name,
+              held_out: float | None = None) -> list[PlannedRun]:
+    """``held_out``: the share of validation cases the runs keep apart (None: the dataset's imagesTs)."""
     runs = []
     for m in methods:
         for lab in labeled:
             for s in seeds:
-                runs.append(PlannedRun(m, lab, s, api.run_info(dataset, m, lab, s, configuration, fold, plans_name)))
+                runs.append(PlannedRun(m, lab, s, api.run_info(dataset, m, lab, s, configuration, fold, plans_name,
+                                                               held_out)))
     return runs
 
 
@@ -71,40 +101,150 @@ def different_settings(run: PlannedRun, epochs: int | None, iters_per_epoch: int
     return ""
 
 
-def held_out(name: str, fold, seed_for_split: int = 0) -> tuple[Path, Path, str]:
-    """(images folder, labels folder, description) of the cases every run is scored on."""
+def has_test_set(name: str) -> bool:
     raw = planning.raw_folder(name)
-    if (raw / "imagesTs").is_dir() and (raw / "labelsTs").is_dir() and any((raw / "labelsTs").iterdir()):
-        return raw / "imagesTs", raw / "labelsTs", "imagesTs/labelsTs"
-    split = api.split(name, "1.0", seed_for_split, fold)
-    ds = planning.dataset_json(raw)
-    fe = ds["file_ending"]
-    folder = paths.runs_root() / "heldout" / name / f"fold_{fold}"
-    images, labels = folder / "images", folder / "labels"
-    if not (folder / "done").is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        images.mkdir(parents=True)
-        labels.mkdir(parents=True)
-        for case in split.validation:
+    return (raw / "imagesTs").is_dir() and (raw / "labelsTs").is_dir() and any((raw / "labelsTs").iterdir())
+
+
+def held_out_share(name: str, share: float = DEFAULT_HELD_OUT) -> float | None:
+    """The share of the fold's validation cases the runs hold out: None when the dataset has its own test
+    cases (imagesTs/labelsTs), else ``share`` (checked)."""
+    from semidiff_nnunet.training.splits import check_held_out_share
+
+    share = check_held_out_share(share)
+    return None if has_test_set(name) else share
+
+
+@dataclass
+class HeldOut:
+    """The cases every run is scored on, and the validation cases that select checkpoints instead."""
+
+    images: Path
+    labels: Path
+    description: str
+    cases: list[str]
+    share: float | None = None  # None: the dataset's imagesTs/labelsTs
+    selection: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"description": self.description, "source": "imagesTs/labelsTs" if self.share is None else
+                "validation cases of the fold", "held_out_share": self.share, "held_out": self.cases,
+                "selection": self.selection}
+
+
+def held_out_set(name: str, fold, share: float | None = DEFAULT_HELD_OUT, configuration: str = "2d",
+                 plans_name: str = "nnUNetPlans") -> HeldOut:
+    """The held-out cases of the benchmark: the dataset's imagesTs/labelsTs, else ``share`` of the fold's
+    validation cases (those of :func:`~semidiff_nnunet.api.held_out_cases`, which runs trained with
+    ``held_out=share`` never see), linked into ``<runs>/heldout/<dataset>/fold_<f>_ho<share>``."""
+    raw = planning.raw_folder(name)
+    if has_test_set(name):
+        fe = planning.dataset_json(raw)["file_ending"]
+        cases = sorted(f.name[: -len(fe)] for f in (raw / "labelsTs").iterdir() if f.name.endswith(fe))
+        return HeldOut(raw / "imagesTs", raw / "labelsTs", "imagesTs/labelsTs", cases)
+    if share is None:
+        raise SemidiffError(f"{name} has no imagesTs/labelsTs; give the share of the fold's validation cases to "
+                            f"hold out for scoring (--held-out 0.5).")
+    selection, cases = api.held_out_cases(name, fold, share, configuration, plans_name)
+    fe = planning.dataset_json(raw)["file_ending"]
+    folder = paths.runs_root() / "heldout" / name / f"fold_{fold}_ho{share:g}"
+    listing = "\n".join(cases) + "\n"
+    done = folder / "done"
+    if not done.is_file() or done.read_text(encoding="utf-8") != listing:
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "labels").mkdir()
+        for case in cases:
             for f in (raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{fe}"):
-                os.symlink(f, images / f.name)
-            os.symlink(raw / "labelsTr" / f"{case}{fe}", labels / f"{case}{fe}")
-        (folder / "done").write_text("", encoding="utf-8")
-    return images, labels, f"validation cases of fold {fold}"
+                os.symlink(f, tmp / "images" / f.name)
+            os.symlink(raw / "labelsTr" / f"{case}{fe}", tmp / "labels" / f"{case}{fe}")
+        (tmp / "done").write_text(listing, encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    description = (f"{len(cases)} of the {len(cases) + len(selection)} validation cases of fold {fold} "
+                   f"(the other {len(selection)} select checkpoints)")
+    return HeldOut(folder / "images", folder / "labels", description, cases, share, selection)
+
+
+def held_out(name: str, fold, share: float | None = DEFAULT_HELD_OUT, configuration: str = "2d",
+             plans_name: str = "nnUNetPlans") -> tuple[Path, Path, str]:
+    """(images folder, labels folder, description) of :func:`held_out_set`."""
+    h = held_out_set(name, fold, share, configuration, plans_name)
+    return h.images, h.labels, h.description
+
+
+def score_run(name: str, run: PlannedRun, images: Path, labels: Path, configuration: str, fold, device: str,
+              plans_name: str, held_out: float | None, show_progress: bool = True) -> dict:
+    """Predict the held-out cases with the run's final and best checkpoints (each once: redone only when its
+    checkpoint is newer than its summary) and evaluate; return the run's row of benchmark.csv."""
+    row: dict = {"method": run.method, "labeled": run.labeled, "seed": run.seed}
+    for suffix, checkpoint, folder in CHECKPOINTS:
+        ck = run.info.fold_folder / checkpoint
+        pred = run.info.fold_folder / folder
+        summary_file = pred / "summary.json"
+        fields = _checkpoint_fields(ck) if suffix == BEST and ck.is_file() else {}
+        if suffix == BEST:
+            row["best_epoch"] = fields["epoch"] if _selected_on_validation(fields) else None
+        if not ck.is_file() or (suffix == BEST and row["best_epoch"] is None):
+            summary = None  # no checkpoint_best chosen on a validation score: the run never validated
+        else:
+            if not summary_file.is_file() or summary_file.stat().st_mtime < ck.stat().st_mtime:
+                shutil.rmtree(pred, ignore_errors=True)  # no stale case of an earlier checkpoint survives
+                api.predict(name, run.method, images, pred, labeled=run.labeled, seed=run.seed,
+                            configuration=configuration, folds=(fold,), device=device, plans_name=plans_name,
+                            checkpoint=checkpoint, show_progress=show_progress, held_out=held_out)
+                api.evaluate(name, pred, labels, summary_file)
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+            if "mIoU" not in summary:  # evaluated before mIoU existed
+                summary = api.evaluate(name, pred, labels, summary_file)
+        if suffix == "":
+            row["n_cases"] = len(summary["metric_per_case"])
+            row["distance_unit"] = summary.get("distance_unit", "mm")
+        for metric in METRICS:
+            if summary is None:
+                row[metric + suffix] = float("nan")
+            elif metric == "mIoU":
+                row[metric + suffix] = summary["mIoU"]
+            else:
+                row[metric + suffix] = summary["foreground_mean"].get(metric, float("nan"))
+        if suffix == "":
+            for label, values in sorted(summary["mean"].items()):
+                row[f"Dice_{label}"] = values["Dice"]
+    return row
+
+
+def _checkpoint_fields(path: Path) -> dict:
+    """``epoch`` (the epoch whose end wrote the checkpoint; nnU-Net stores the next one) and ``best_ema``
+    (nnU-Net's best EMA pseudo Dice when it was written)."""
+    import torch
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return {"epoch": int(ck.get("current_epoch", 0)) - 1, "best_ema": ck.get("_best_ema")}
+
+
+def _selected_on_validation(fields: dict) -> bool:
+    """Whether nnU-Net chose a checkpoint_best on a validation score (a run trained without validation
+    iterations writes one at its first epoch, with a NaN score)."""
+    best = fields.get("best_ema")
+    return best is not None and not math.isnan(float(best))
 
 
 def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[int], configuration: str = "2d",
                   fold=0, device: str = "auto", plans_name: str = "nnUNetPlans", epochs: int | None = None,
                   iters_per_epoch: int | None = None, overrides: dict | None = None, output: Path | None = None,
                   dry_run: bool = False, log=print, show_progress: bool = True,
-                  val_iters_per_epoch: int = 10, make_progress=None) -> dict:
+                  val_iters_per_epoch: int = 10, make_progress=None, held_out: float = DEFAULT_HELD_OUT) -> dict:
     """Run the benchmark (the CLI goes through :func:`semidiff_nnunet.api.benchmark`, which checks every
     option first). ``overrides``: ``{method: {key: value}}``; ``make_progress``: a factory of
-    :class:`~semidiff_nnunet.training.progress.TrainingProgress`, one per training run."""
+    :class:`~semidiff_nnunet.training.progress.TrainingProgress`, one per training run; ``held_out``: the
+    share of the fold's validation cases kept apart for scoring when the dataset has no imagesTs/labelsTs
+    (see the module docstring)."""
     name = planning.dataset_name(dataset)
     for m in methods:
         api.method_trainer(m)
-    runs = plan_runs(name, methods, labeled, seeds, configuration, fold, plans_name)
+    share = held_out_share(name, held_out)
+    runs = plan_runs(name, methods, labeled, seeds, configuration, fold, plans_name, share)
     for r in runs:
         reason = different_settings(r, epochs, iters_per_epoch, (overrides or {}).get(r.method, {}))
         if reason:
@@ -112,9 +252,15 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                                 f"{r.info.fold_folder} trained with {reason}; delete that folder or point "
                                 f"SEMIDIFF_HOME elsewhere to benchmark these settings.")
     if dry_run:
-        return {"runs": runs}
-    images, labels, held_desc = held_out(name, fold)
+        return {"runs": runs, "held_out_share": share}
+    held = held_out_set(name, fold, share, configuration, plans_name)
     rows = []
+    for r in runs:
+        stored = _stored_held_out(r)
+        if stored is not None and stored != held.cases:
+            raise SemidiffError(f"The run in {r.info.fold_folder} held out other cases than the benchmark scores on "
+                                f"(splits_final.json changed since it was trained); delete that folder to train "
+                                f"it again.")
     for i, r in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {r.method} labeled {r.labeled} seed {r.seed}: {r.status}")
         if not r.info.finished:
@@ -123,30 +269,34 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                       overrides=(overrides or {}).get(r.method, {}), plans_name=plans_name,
                       continue_training=r.info.resumable_checkpoint() is not None, final_validation=False,
                       val_iters_per_epoch=val_iters_per_epoch, show_progress=show_progress,
-                      progress=make_progress() if make_progress else None)
-        pred = r.info.fold_folder / "benchmark_predictions"
-        summary_file = pred / "summary.json"
-        ck = r.info.fold_folder / "checkpoint_final.pth"
-        if not summary_file.is_file() or summary_file.stat().st_mtime < ck.stat().st_mtime:
-            api.predict(name, r.method, images, pred, labeled=r.labeled, seed=r.seed, configuration=configuration,
-                        folds=(fold,), device=device, plans_name=plans_name, show_progress=show_progress)
-            api.evaluate(name, pred, labels, summary_file)
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        row = {"method": r.method, "labeled": r.labeled, "seed": r.seed, "n_cases": len(summary["metric_per_case"]),
-               "distance_unit": summary.get("distance_unit", "mm")}
-        for metric in METRICS:
-            row[metric] = summary["foreground_mean"].get(metric, float("nan"))
-        for label, values in sorted(summary["mean"].items()):
-            row[f"Dice_{label}"] = values["Dice"]
-        rows.append(row)
+                      progress=make_progress() if make_progress else None, held_out=share)
+        rows.append(score_run(name, r, held.images, held.labels, configuration, fold, device, plans_name, share,
+                              show_progress))
     out = Path(output) if output else paths.runs_root() / "benchmarks" / name / configuration
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "benchmark.csv")
-    md = markdown_table(rows, methods, labeled, title=f"{name}, {configuration}, fold {fold}, held out: {held_desc}")
-    (out / "benchmark.md").write_text(md, encoding="utf-8")
+    md = markdown_table(rows, methods, labeled, title=f"{name}, {configuration}, fold {fold}, held out: "
+                                                      f"{held.description}", metrics=TABLE_METRICS)
+    _write_text(out / "benchmark.md", md)
+    _write_text(out / "held_out.json", json.dumps({"dataset": name, "fold": fold, **held.to_json()}, indent=2) + "\n")
     plot(rows, methods, labeled, out / "benchmark.png", title=f"{name} ({configuration})")
-    _case_figure(name, runs, labeled[0], seeds[0], images, labels, out / "benchmark_cases.png")
-    return {"runs": runs, "rows": rows, "output": out, "markdown": md, "held_out": held_desc}
+    _case_figure(name, runs, labeled[0], seeds[0], held.images, held.labels, out / "benchmark_cases.png")
+    return {"runs": runs, "rows": rows, "output": out, "markdown": md, "held_out": held.description,
+            "held_out_cases": held.cases, "selection_cases": held.selection}
+
+
+def _stored_held_out(run: PlannedRun) -> list[str] | None:
+    """The held-out cases a trained run recorded (None when it has not started)."""
+    f = run.info.fold_folder / "semidiff_run.json"
+    if not f.is_file():
+        return None
+    return sorted((json.loads(f.read_text(encoding="utf-8")).get("split") or {}).get("held_out") or [])
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _case_figure(name, runs, labeled, seed, images, labels, path: Path) -> None:
@@ -184,10 +334,24 @@ def aggregate(rows, methods, labeled, metric):
             for m in methods for lab in labeled}
 
 
+def higher_is_better(metric: str) -> bool:
+    """Overlap scores (Dice, Jaccard, mIoU, also of the best checkpoint) rise, distances (HD95, ASD) fall."""
+    return not metric.startswith(("HD95", "ASD"))
+
+
+NOTES = {
+    "Dice": "Dice: foreground mean over the held-out cases, with checkpoint_final.pth",
+    "Dice" + BEST: "Dice (best ckpt): the same with checkpoint_best.pth (nnU-Net's best EMA pseudo Dice on the "
+                   "validation cases that select, never on the held-out ones; n/a when a run never validated)",
+    "mIoU": "mIoU: per class the IoU of all held-out voxels pooled, averaged over the classes, background "
+            "included (ProtoDiff's metric), with checkpoint_final.pth",
+}
+
+
 def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD95")) -> str:
     """Mean ± sample std over seeds (the mean alone for one seed); best mean per column in bold (highest
-    Dice, lowest distance). A cell whose metric is undefined for some runs (HD95 of an empty prediction)
-    says over how many runs it is taken, e.g. ``3.50 (1/2)``."""
+    Dice, Jaccard or mIoU, lowest distance). A cell whose metric is undefined for some runs (HD95 of an empty
+    prediction) says over how many runs it is taken, e.g. ``3.50 (1/2)``."""
     lines = [f"**{title}**", ""] if title else []
     header = ["method"] + [f"{metric} @ {lab}" for lab in labeled for metric in metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -197,7 +361,7 @@ def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD
         for lab in labeled:
             means = [(agg[metric][(m, lab)][0], m) for m in methods if not math.isnan(agg[metric][(m, lab)][0])]
             if means:
-                best[(metric, lab)] = (max if metric in ("Dice", "Jaccard") else min)(means)[1]
+                best[(metric, lab)] = (max if higher_is_better(metric) else min)(means)[1]
     for m in methods:
         cells = [m]
         for lab in labeled:
@@ -205,7 +369,7 @@ def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD
                 mean, std = agg[metric][(m, lab)]
                 values = [r[metric] for r in rows if r["method"] == m and r["labeled"] == lab]
                 n = sum(not math.isnan(x) for x in values)
-                fmt = ".4f" if metric in ("Dice", "Jaccard") else ".2f"
+                fmt = ".4f" if higher_is_better(metric) else ".2f"
                 text = "n/a" if math.isnan(mean) else f"{mean:{fmt}}" + ("" if math.isnan(std) else f" ± {std:{fmt}}")
                 if 0 < n < len(values):
                     text += f" ({n}/{len(values)})"
@@ -215,6 +379,7 @@ def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD
     unit = "px" if rows and all(r.get("distance_unit") == "px" for r in rows) else "mm"
     lines += ["", f"Foreground-mean metrics over {len(n_seeds)} seed(s) {n_seeds}; HD95 in {unit}"
               + (" (the images carry no physical spacing)." if unit == "px" else ".")]
+    lines += [f"{NOTES[m]}." for m in metrics if m in NOTES]
     return "\n".join(lines) + "\n"
 
 

@@ -7,8 +7,11 @@ through the ``semidiff`` entry-point group of its distribution::
     my-method = "my_package.plugin"
 
 Each hook is called once when the registry loads and returns a list of specs (possibly
-empty). Names must be unique per kind across all installed plugins; a clash is an error
-that names both providers. Built-in methods register through exactly these hooks.
+empty) of the type its docstring names; anything else, an exception, or a ``@hookimpl``
+whose name matches no hook here is reported as a failure of that plugin and its results
+are dropped. Names must be unique per kind across all installed plugins; a clash is an
+error that names both providers, and a third-party spec reusing a built-in name is
+refused. Built-in methods register through exactly these hooks.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
 """Plugin registry: one pluggy PluginManager, typed lookups, closest-match errors.
 
 ``get_registry()`` loads every distribution advertising the ``semidiff`` entry-point group
-(built-in plugins included). A plugin that fails to import is recorded in
-``Registry.failures`` and does not break the others.
+(built-in plugins included; only those when ``SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD`` is set). A
+plugin is isolated from the others: one that fails to import (any exception, ``sys.exit``
+included), implements a hook that does not exist (a misspelling), raises in a hook or returns
+something other than a list of the hook's spec type is recorded in ``Registry.failures`` and
+its results are dropped; the rest keep working. Built-in names cannot be taken over: a
+third-party spec or entry point reusing one is refused, the built-in is kept.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.metadata as importlib_metadata
+import os
+import re
+import reprlib
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +24,7 @@ import pluggy
 
 from semidiff_nnunet import hookspecs
 from semidiff_nnunet.errors import DuplicateNameError, UnknownNameError
+from semidiff_nnunet.specs import ConverterSpec, DiffusionHeadSpec, LossSpec, MethodSpec, NetworkSpec
 
 KINDS = {
     "method": "semidiff_register_methods",
@@ -25,6 +33,31 @@ KINDS = {
     "loss": "semidiff_register_losses",
     "converter": "semidiff_register_converters",
 }
+SPEC_TYPES = {"method": MethodSpec, "network": NetworkSpec, "diffusion_head": DiffusionHeadSpec, "loss": LossSpec,
+              "converter": ConverterSpec}
+BUILTIN_DISTRIBUTION = "semidiff-nnunet"
+DISABLE_AUTOLOAD_ENV = "SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD"
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+
+
+def _canonical(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def is_builtin(distribution: str) -> bool:
+    return _canonical(distribution) == BUILTIN_DISTRIBUTION
+
+
+def autoload_disabled() -> bool:
+    """``SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD`` set to anything but empty/0/false/no/off (as pytest's switch)."""
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _returned(value: Any) -> str:
+    kind = type(value).__name__
+    return f"{_repr.repr(value)} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
 
 
 @dataclass
@@ -59,24 +92,42 @@ class Registry:
         self.failures: list[PluginFailure] = []
         self._entries: dict[str, dict[str, Entry]] | None = None
         self.duplicates: dict[tuple[str, str], list[Entry]] = {}
+        self.autoload_disabled = False
+        self.skipped: list[tuple[str, str]] = []  # (entry point, distribution) left out by the autoload switch
         if load_entry_points:
             self._load_entry_points()
 
     # ------------------------------------------------------------------ loading
     def _load_entry_points(self) -> None:
-        seen: set[tuple[str, str]] = set()
-        for ep in sorted(importlib_metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
+        self.autoload_disabled = autoload_disabled()
+        eps = []
+        for ep in importlib_metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
-            if (dist, ep.name) in seen:  # the same distribution visible twice on sys.path
+            eps.append((not is_builtin(dist), ep.name, _canonical(dist), ep, dist, version))
+        seen: set[tuple[str, str]] = set()
+        for third_party, name, canonical, ep, dist, version in sorted(eps, key=lambda t: t[:3]):  # built-ins first
+            if (canonical, name) in seen:  # the same distribution visible twice on sys.path
                 continue
-            seen.add((dist, ep.name))
+            seen.add((canonical, name))
+            if third_party and self.autoload_disabled:
+                self.skipped.append((name, dist))
+                continue
+            if name in self.plugins:  # refused before importing it: the first one (a built-in, if any) stays
+                owner = self.plugins[name].distribution
+                taken = f"a built-in plugin of {owner}" if is_builtin(owner) else f"the plugin {name!r} of {owner}"
+                self.failures.append(PluginFailure(name, dist, f"its entry-point name {name!r} is already taken by "
+                                                               f"{taken}, so it is not loaded; rename the entry point",
+                                                   ""))
+                continue
             try:
                 plugin = ep.load()
-            except Exception as e:  # noqa: BLE001 - a broken plugin must not break the others
-                self.failures.append(PluginFailure(ep.name, dist, f"{type(e).__name__}: {e}", traceback.format_exc()))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001 - a broken plugin (even one calling sys.exit) must not break the others
+                self.failures.append(PluginFailure(name, dist, f"{type(e).__name__}: {e}", traceback.format_exc()))
                 continue
-            self.register(plugin, ep.name, dist, version)
+            self.register(plugin, name, dist, version)
 
     def register(self, plugin: Any, name: str, distribution: str = "(local)", version: str = "") -> None:
         """Register a plugin object/module by hand (tests, notebooks)."""
@@ -87,8 +138,21 @@ class Registry:
             )
         try:
             self.pm.register(plugin, name=name)
-        except Exception as e:  # noqa: BLE001 - e.g. a hookimpl with a misspelled hook name
+        except Exception as e:  # noqa: BLE001 - e.g. a hookimpl whose arguments the hookspec does not have
             self.failures.append(PluginFailure(name, distribution, f"{type(e).__name__}: {e}", traceback.format_exc()))
+            return
+        try:  # every plugin before this one passed, so what is pending is this plugin's
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            unknown = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [] if not h.has_spec())
+            self.pm.unregister(plugin, name=name)
+            hints = []
+            for hook in unknown:
+                close = difflib.get_close_matches(hook, list(KINDS.values()), n=1, cutoff=0.6)
+                hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            self.failures.append(PluginFailure(
+                name, distribution, f"it implements {', '.join(hints)}, which is no semidiff hook, so it is not "
+                                    f"loaded; fix the @hookimpl function name", ""))
             return
         hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
         self.plugins[name] = PluginInfo(name, distribution, version, getattr(plugin, "__name__", repr(plugin)), hooks)
@@ -100,24 +164,38 @@ class Registry:
             return self._entries
         entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         self.duplicates: dict[tuple[str, str], list[Entry]] = {}
+        order = {name: i for i, name in enumerate(self.plugins)}  # registration order, built-ins first
         for kind, hook_name in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
-            for impl in reversed(hook.get_hookimpls()):  # registration order
-                info = self.plugins.get(impl.plugin_name)
-                dist = info.distribution if info else "?"
+            impls = sorted(hook.get_hookimpls(), key=lambda impl: (
+                not is_builtin(self._distribution(impl.plugin_name)), order.get(impl.plugin_name, len(order))))
+            for impl in impls:
+                dist = self._distribution(impl.plugin_name)
                 try:
-                    specs = impl.function() or []
-                except Exception as e:  # noqa: BLE001
+                    specs = impl.function()
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as e:  # noqa: BLE001
                     self.failures.append(
                         PluginFailure(impl.plugin_name, dist, f"{hook_name} raised {type(e).__name__}: {e}",
                                       traceback.format_exc()))
                     continue
-                for spec in specs:
+                problem = self._check_result(kind, hook_name, specs)
+                if problem:
+                    self.failures.append(PluginFailure(impl.plugin_name, dist, problem, ""))
+                    continue
+                for spec in specs or []:
                     entry = Entry(spec, impl.plugin_name, dist)
-                    if spec.name in entries[kind]:
+                    taken = entries[kind].get(spec.name)
+                    if taken is not None and is_builtin(taken.distribution) and not is_builtin(dist):
+                        self.failures.append(PluginFailure(impl.plugin_name, dist, (
+                            f"the {kind.replace('_', ' ')} name {spec.name!r} is built into {taken.distribution} "
+                            f"and cannot be replaced, so this plugin's {spec.name!r} is ignored; rename it"), ""))
+                        continue
+                    if taken is not None:
                         # listing keeps working (the first provider is shown, the clash is a failure);
                         # using the name is refused (``entry``)
-                        clash = self.duplicates.setdefault((kind, spec.name), [entries[kind][spec.name]])
+                        clash = self.duplicates.setdefault((kind, spec.name), [taken])
                         clash.append(entry)
                         self.failures.append(PluginFailure(impl.plugin_name, dist, self._duplicate_message(
                             kind, spec.name, clash), ""))
@@ -125,6 +203,27 @@ class Registry:
                     entries[kind][spec.name] = entry
         self._entries = entries
         return entries
+
+    def _distribution(self, plugin_name: str) -> str:
+        info = self.plugins.get(plugin_name)
+        return info.distribution if info else "?"
+
+    @staticmethod
+    def _check_result(kind: str, hook_name: str, specs: Any) -> str:
+        """Why a hook's return value is unusable (one clause), or "" when it is a list of the kind's spec."""
+        spec_type = SPEC_TYPES[kind].__name__
+        if specs is None:  # a hook with nothing to register
+            return ""
+        if not isinstance(specs, (list, tuple)):
+            return f"{hook_name} returned {_returned(specs)} instead of a list of {spec_type}, so its results are ignored"
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, SPEC_TYPES[kind]):
+                return (f"{hook_name} returned a list whose item {i} is {_returned(spec)}, not a {spec_type}, "
+                        f"so its results are ignored")
+            if not isinstance(spec.name, str) or not spec.name:
+                return (f"{hook_name} returned a {spec_type} whose name is {_returned(spec.name)}, not a non-empty "
+                        f"string, so its results are ignored")
+        return ""
 
     def entries(self, kind: str) -> dict[str, Entry]:
         return dict(sorted(self._collect()[kind].items()))
@@ -155,7 +254,9 @@ class Registry:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         known = ", ".join(sorted(found)) or "none"
         broken = f" {len(self.failures)} plugin(s) failed to load: see `semidiff plugins`." if self.failures else ""
-        raise UnknownNameError(f"Unknown {label} {name!r}.{hint} Registered: {known}.{broken}")
+        off = (f" {len(self.skipped)} third-party plugin(s) were not loaded because {DISABLE_AUTOLOAD_ENV} is set."
+               if self.skipped else "")
+        raise UnknownNameError(f"Unknown {label} {name!r}.{hint} Registered: {known}.{broken}{off}")
 
     def get(self, kind: str, name: str):
         return self.entry(kind, name).spec

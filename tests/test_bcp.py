@@ -138,9 +138,10 @@ def _trainer(dataset: str, configuration: str = "2d", epochs: int = 2, iters: in
 
     plans = copy.deepcopy(planning.load_plans(dataset, PLANS))
     plans["continue_training"] = False
+    pretrained = hparams.pop("pretrained_weights", None)
     RunConfig(method="bcp", labeled=LabeledSpec.parse("0.5"), seed=0, hparams=hparams, num_epochs=epochs,
               num_iterations_per_epoch=iters, num_val_iterations_per_epoch=0, save_every=1,
-              phases=phases if phases is not None else {"pretrain": "1"}).write(plans)
+              phases=phases if phases is not None else {"pretrain": "1"}, pretrained_weights=pretrained).write(plans)
     dataset_json = json.loads((planning.preprocessed_folder(dataset) / "dataset.json").read_text(encoding="utf-8"))
     t = BCPTrainer(plans, configuration, 0, dataset_json, torch.device("cpu"))
     t.print_to_log_file = lambda *a, **k: None
@@ -471,6 +472,41 @@ def test_each_phase_runs_its_own_poly_schedule_from_the_initial_rate(demo2d, res
     assert rates["phase"][0] == pytest.approx(lr0) and rates["phase"][2] == pytest.approx(lr0)
     assert rates["phase"][1] == pytest.approx(lr0 * 0.5 ** 0.9) and rates["phase"][3] == pytest.approx(lr0 * 0.5 ** 0.9)
     assert rates["run"] == pytest.approx([lr0 * (1 - e / 4) ** 0.9 for e in range(4)])
+
+
+@pytest.mark.slow  # the demo dataset, planned with nnU-Net
+def test_a_trained_start_skips_the_pretraining_phase(demo2d, results, tmp_path):
+    """From ``--pretrained-weights`` the supervised pre-training (a warm-up of what the checkpoint holds)
+    is skipped: every epoch self-trains, and the first step's student and teacher are the checkpoint's
+    network; ``warmup_from_pretrained=true`` runs it as before."""
+    source = _trainer(demo2d, epochs=1, phases={})
+    source.run_training()
+    weights = str(tmp_path / "trained.pth")
+    import shutil
+
+    shutil.copyfile(source.output_folder + "/checkpoint_final.pth", weights)
+    trained = _params(source.network)
+    shutil.rmtree(results)
+
+    t = _trainer(demo2d, epochs=2, phases={}, pretrained_weights=weights)
+    assert [(s.name, s.start, s.end) for s in t.phase_spans] == [("pretrain", 0, 0), ("selftrain", 0, 2)]
+    assert t.burnin_iterations == 0
+    seen = []
+    original = t.pseudo_labels
+
+    def recording(x_u):
+        seen.append((_params(t.teacher.module), _params(t.network)))
+        return original(x_u)
+
+    t.pseudo_labels = recording
+    t.run_training()
+    assert len(seen) == 4 and _same(seen[0][0], trained) and _same(seen[0][1], trained)
+    assert t.logger.local_logger.my_fantastic_logging["phase"] == ["selftrain", "selftrain"]
+    shutil.rmtree(results)
+
+    again = _trainer(demo2d, epochs=4, phases={}, pretrained_weights=weights, warmup_from_pretrained=True)
+    assert [(s.name, s.start, s.end) for s in again.phase_spans] == [("pretrain", 0, 1), ("selftrain", 1, 4)]
+    assert again.burnin_iterations == 2
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -72,8 +72,12 @@ def test_benchmark_cli(demo2d, run_cli, tmp_path):
     assert {(r["method"], r["labeled"]) for r in rows} == {
         ("supervised", "0.3"), ("supervised", "3"), ("mean-teacher", "0.3"), ("mean-teacher", "3")}
     assert all(r["n_cases"] == "3" and 0 <= float(r["Dice"]) <= 1 for r in rows)  # the 3 imagesTs cases
+    # the final and the best (on validation) checkpoint, each scored; mIoU with the background
+    assert all(0 <= float(r["Dice (best ckpt)"]) <= 1 and 0 < float(r["mIoU"]) <= 1 for r in rows)
+    assert all(r["best_epoch"] == "0" for r in rows)  # one epoch: its checkpoint_best is epoch 0
     md = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
     assert "Dice @ 0.3" in md and "HD95 @ 3" in md and md.count("**") >= 4
+    assert "Dice (best ckpt) @ 0.3" in md and "mIoU @ 3" in md and "held out: imagesTs/labelsTs" in md
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
     assert (tmp_path / "benchmark_cases.png").stat().st_size > 1000  # held-out cases with every prediction
     code, out, err = run_cli(*args, "--dry-run")

@@ -42,6 +42,7 @@ from semidiff_nnunet.evaluation import (
     binary_metrics,
     compute_metrics,
     confusion_counts,
+    dataset_iou,
     dice,
     evaluate_folder,
     hd95,
@@ -419,6 +420,33 @@ def test_evaluate_folder_2d_nifti_spacing_and_inferred_labels(tmp_path):
     assert m["ASD"] == pytest.approx(19 / 18)
 
 
+def test_dataset_level_miou_pools_cases_and_includes_background(tmp_path):
+    """ProtoDiff's mIoU: per class ΣTP / Σ(TP+FP+FN) over all cases, then the mean over classes, background
+    included; not the mean of per-case Jaccard values.
+
+    case a: reference row [1 1 0 0], prediction [1 0 0 0]; case b: reference [1 0 0 0], prediction empty; a
+    second row of background in both. Label 1: TP 1+0, FP 0, FN 1+1 -> 1/3 (per-case Jaccard 1/2 and 0, mean
+    1/4). Background: TP 6+7, FP 1+1, FN 0 -> 13/15. mIoU = (1/3 + 13/15) / 2 = 0.6."""
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    ref_a, pred_a, ref_b = (np.zeros((2, 4), np.uint8) for _ in range(3))
+    ref_a[0, :2] = 1
+    pred_a[0, 0] = 1
+    ref_b[0, 0] = 1
+    for name, ref, pred in (("a", ref_a, pred_a), ("b", ref_b, np.zeros((2, 4), np.uint8))):
+        _write(ref, ref_dir / f"{name}.nii.gz", (1.0, 1.0))
+        _write(pred, pred_dir / f"{name}.nii.gz", (1.0, 1.0))
+    out = tmp_path / "summary.json"
+    summary = evaluate_folder(str(pred_dir), str(ref_dir), labels=[1], output_file=str(out))
+    assert summary["dataset_iou"] == pytest.approx({"0": 13 / 15, "1": 1 / 3})
+    assert summary["mIoU"] == pytest.approx(0.6)
+    assert summary["mean"]["1"]["Jaccard"] == pytest.approx(0.25)  # the per-case mean differs
+    assert summary["metric_per_case"][0]["background_counts"] == {"TP": 6, "FP": 1, "FN": 0, "TN": 1}
+    assert json.loads(out.read_text(encoding="utf-8"))["mIoU"] == pytest.approx(0.6)
+    assert math.isnan(dataset_iou([{"TP": 0, "FP": 0, "FN": 0}]))  # a class with no voxel anywhere
+
+
 def test_evaluate_folder_dataset_json_ignore_label(tmp_path):
     ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
     ref_dir.mkdir()
@@ -442,6 +470,8 @@ def test_evaluate_folder_dataset_json_ignore_label(tmp_path):
     assert summary["config"]["labels"] == ["1"]
     m = summary["metric_per_case"][0]["metrics"]["1"]
     assert (m["FP"], m["Dice"], m["HD95"], m["ASD"]) == (0, 1.0, 0.0, 0.0)
+    background = summary["metric_per_case"][0]["background_counts"]  # the ignore region is no background either
+    assert background == {"TP": 14 * 18 - 100 - 56, "FP": 0, "FN": 0, "TN": 100}
     plain = evaluate_folder(str(pred_dir), str(ref_dir), labels=[1])
     assert plain["metric_per_case"][0]["metrics"]["1"]["FP"] == 40
 

@@ -258,6 +258,7 @@ def test_pretrained_from_stock_nnunet_checkpoint(resenc2d, tmp_path):
     for net in (unwrap(mt.network), mt.teacher.module):
         state = net.state_dict()
         assert all(torch.equal(state[k], weights[k]) for k in weights), "network or EMA teacher not initialised"
+    assert mt.trained_start and mt.burnin_iterations == 0  # a trained start skips the supervised burn-in
     # Diff-CL: CS is the planned U-Net with HF-Mamba inside an encoder stage (keys mapped), HF-Mamba as built
     dc = _initialized_trainer(resenc2d, "diffcl", stock, tmp_path / "dc")
     state = unwrap(dc.network).state_dict()

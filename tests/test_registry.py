@@ -119,3 +119,160 @@ def test_cli_under_a_non_utf8_locale(command, tmp_path):
     else:
         assert res.returncode == 0, err
         assert b"supervised" in res.stdout
+
+
+# ------------------------------------------------------------------ isolation of third-party plugins
+@pytest.fixture
+def install(tmp_path, monkeypatch):
+    """``install(dist, {entry_point: source})``: a distribution on sys.path (a ``.dist-info`` folder, found by
+    ``importlib.metadata`` as pip's would be) whose ``semidiff`` entry points are modules with these sources."""
+    modules = []
+
+    def make(dist, plugins):
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n", encoding="utf-8")
+        lines = ["[semidiff]"]
+        for ep, source in plugins.items():
+            module = f"{dist}_{ep}".replace("-", "_")
+            (tmp_path / f"{module}.py").write_text(source, encoding="utf-8")
+            lines.append(f"{ep} = {module}")
+            modules.append(module)
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+    yield make
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+def _methods_source(*names):
+    return ("from semidiff_nnunet import MethodSpec, hookimpl\n"
+            "@hookimpl\n"
+            "def semidiff_register_methods():\n"
+            f"    return [MethodSpec(name=n, trainer=object) for n in {list(names)!r}]\n")
+
+
+def _failure(reg, name):
+    found = [f for f in reg.failures if f.name == name]
+    assert len(found) == 1, reg.failures
+    return found[0]
+
+
+def test_plugin_calling_sys_exit_on_import_is_a_reported_failure(install):
+    install("exiting-dist", {"exiter": "import sys\nsys.exit(3)\n", "fine": _methods_source("fine-method")})
+    reg = Registry()
+    f = _failure(reg, "exiter")
+    assert f.distribution == "exiting-dist" and f.error == "SystemExit: 3" and "sys.exit(3)" in f.traceback
+    assert {"fine-method", "mean-teacher"} <= set(reg.names("method"))
+
+
+def test_ctrl_c_while_a_plugin_imports_still_interrupts(install):
+    install("slow-dist", {"slow": "raise KeyboardInterrupt\n"})
+    with pytest.raises(KeyboardInterrupt):
+        Registry()
+
+
+def test_cli_plugins_reports_a_plugin_calling_sys_exit(install, run_cli, monkeypatch):
+    from semidiff_nnunet import registry
+
+    install("exiting-dist", {"exiter": "import sys\nsys.exit(3)\n"})
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+    code, out, err = run_cli("plugins")
+    assert code == 0, err
+    assert "mean-teacher" in out and "'exiter' (exiting-dist) failed to load" in " ".join(out.split())
+
+
+def test_hook_calling_sys_exit_is_a_reported_failure():
+    reg = Registry(load_entry_points=False)
+    mod = types.ModuleType("exiter")
+    mod.semidiff_register_methods = hookimpl(lambda: sys.exit(4))
+    reg.register(mod, "exiter", "exiting-dist")
+    reg.register(_plugin("ok", ["fine"]), "ok")
+    assert reg.names("method") == ["fine"]
+    assert _failure(reg, "exiter").error == "semidiff_register_methods raised SystemExit: 4"
+
+
+@pytest.mark.parametrize("returned, said", [
+    (3, "semidiff_register_methods returned 3 (an int) instead of a list of MethodSpec"),
+    ("mean", "semidiff_register_methods returned 'mean' (a str) instead of a list of MethodSpec"),
+    (["cps"], "semidiff_register_methods returned a list whose item 0 is 'cps' (a str), not a MethodSpec"),
+    ("network", "semidiff_register_methods returned a list whose item 1 is NetworkSpec("),
+    ("unnamed", "semidiff_register_methods returned a MethodSpec whose name is 7 (an int), not a non-empty string"),
+])
+def test_hook_returning_the_wrong_type_is_a_reported_failure(returned, said):
+    from semidiff_nnunet import NetworkSpec
+
+    if returned == "network":
+        returned = [MethodSpec(name="ok-part", trainer=object), NetworkSpec(name="net", factory=object)]
+    elif returned == "unnamed":
+        returned = [MethodSpec(name=7, trainer=object)]
+    mod = types.ModuleType("wrong")
+    mod.semidiff_register_methods = hookimpl(lambda: returned)
+    reg = Registry(load_entry_points=False)
+    reg.register(mod, "wrong", "wrong-dist")
+    reg.register(_plugin("ok", ["fine"]), "ok", "ok-dist")
+    assert reg.names("method") == ["fine"]  # the failing plugin's results are dropped, the rest keep working
+    f = _failure(reg, "wrong")
+    assert f.distribution == "wrong-dist" and f.error.startswith(said) and "results are ignored" in f.error
+    with pytest.raises(UnknownNameError, match="1 plugin\\(s\\) failed to load"):
+        reg.method("ok-part")
+
+
+@pytest.mark.parametrize("entry_point", ["aaa-thief", "zzz-thief"])  # registered before and after the built-in
+def test_third_party_cannot_take_over_a_builtin_name(install, entry_point):
+    install("thief-dist", {entry_point: _methods_source("mean-teacher", "own-method")})
+    reg = Registry()
+    entry = reg.entry("method", "mean-teacher")  # still usable, still the built-in
+    assert entry.distribution == "semidiff-nnunet" and entry.provider == "mean-teacher"
+    assert reg.entry("method", "own-method").distribution == "thief-dist"  # the thief's other names work
+    f = _failure(reg, entry_point)
+    assert f.distribution == "thief-dist" and "'mean-teacher' is built into semidiff-nnunet" in f.error
+    assert not [f for f in reg.failures if f.distribution == "semidiff-nnunet"]
+
+
+def test_third_party_entry_point_named_like_a_builtin_is_refused(install):
+    install("thief-dist", {"mean-teacher": _methods_source("mean-teacher", "own-method")})
+    reg = Registry()  # no DuplicateNameError: every command keeps working
+    assert reg.entry("method", "mean-teacher").distribution == "semidiff-nnunet"
+    assert reg.plugins["mean-teacher"].distribution == "semidiff-nnunet"
+    assert "own-method" not in reg.names("method")
+    f = _failure(reg, "mean-teacher")
+    assert f.distribution == "thief-dist" and "a built-in plugin of semidiff-nnunet" in f.error
+
+
+def test_clash_between_two_third_party_plugins_names_both(install):
+    install("dist-a", {"plugin-a": _methods_source("shared")})
+    install("dist-b", {"plugin-b": _methods_source("shared")})
+    reg = Registry()
+    with pytest.raises(DuplicateNameError) as e:  # unchanged: neither third party wins
+        reg.method("shared")
+    assert "plugin 'plugin-a' (dist-a)" in str(e.value) and "plugin 'plugin-b' (dist-b)" in str(e.value)
+
+
+@pytest.mark.parametrize("value, loaded", [("1", False), ("true", False), ("0", True), ("", True)])
+def test_disable_plugin_autoload_loads_only_builtins(install, monkeypatch, value, loaded):
+    install("third-dist", {"third": _methods_source("third-method")})
+    monkeypatch.setenv("SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD", value)
+    reg = Registry()
+    assert "mean-teacher" in reg.names("method") and "converters" in reg.plugins
+    assert ("third-method" in reg.names("method")) is loaded
+    assert ("third_dist_third" in sys.modules) is loaded  # a switched-off plugin is not even imported
+    if not loaded:
+        assert reg.skipped == [("third", "third-dist")] and not reg.failures
+        with pytest.raises(UnknownNameError, match="1 third-party plugin\\(s\\) were not loaded because "
+                                                   "SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD is set"):
+            reg.method("third-method")
+
+
+def test_misspelled_hook_is_a_reported_failure(install):
+    install("typo-dist", {"typo": _methods_source("typo-method") + (
+        "@hookimpl\n"
+        "def semidiff_register_network():\n"
+        "    return []\n")})
+    reg = Registry()
+    f = _failure(reg, "typo")
+    assert f.distribution == "typo-dist"
+    assert "'semidiff_register_network' (did you mean 'semidiff_register_networks'?)" in f.error
+    assert "typo" not in reg.plugins and "typo-method" not in reg.names("method")
+    assert "mean-teacher" in reg.names("method")

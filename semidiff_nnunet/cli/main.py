@@ -72,6 +72,9 @@ Pretrained = Annotated[Path | None, typer.Option(
                                  "teachers start from it too.")]
 Processes = Annotated[int, typer.Option("-np", "--num-processes", help="Worker processes for planning and "
                                                                      "preprocessing.")]
+HeldOutRun = Annotated[float | None, typer.Option(
+    "--held-out", help="The run's held-out share of the fold's validation cases (a semidiff benchmark run on a "
+                       "dataset without imagesTs), e.g. 0.5.")]
 
 # What Ctrl-C leaves behind, said by the command that is running (see main()).
 _INTERRUPTED = {
@@ -201,8 +204,10 @@ def predict(
                                                                  "repeatable.")] = ["0"],  # noqa: B006
     device: Device = "auto",
     plans: Plans = None,
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Checkpoint file in the fold folder "
-                                                                 "(checkpoint_best.pth, checkpoint_latest.pth).")]
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Checkpoint file in the fold folder: "
+                                                                 "checkpoint_final.pth (end of training), "
+                                                                 "checkpoint_best.pth (best validation pseudo "
+                                                                 "Dice) or checkpoint_latest.pth.")]
     = "checkpoint_final.pth",
     no_mirroring: Annotated[bool, typer.Option("--disable-tta", help="No mirroring test-time augmentation.")] = False,
     save_probabilities: Annotated[bool, typer.Option(
@@ -211,13 +216,14 @@ def predict(
     step_size: Annotated[float, typer.Option(
         "--step-size", help="Sliding-window step as a share of the patch size, in (0, 1] (nnU-Net's -step_size; "
                             "smaller is slower and slightly better).")] = 0.5,
+    held_out: HeldOutRun = None,
 ):
     """Segment a folder of images with a trained run (nnU-Net's sliding window); several -f are ensembled."""
     _announce_workspace()
     folder = api.predict(dataset, method, input, output, labeled=labeled, seed=seed, configuration=configuration,
                          folds=tuple(fold), device=device, plans_name=plans or "nnUNetPlans",
                          checkpoint=checkpoint, use_mirroring=not no_mirroring, tile_step_size=step_size,
-                         save_probabilities=save_probabilities,
+                         save_probabilities=save_probabilities, held_out=held_out,
                          log=lambda message: console.print(f"[yellow]Warning:[/yellow] {escape(message)}."))
     folds = api.unique_folds(fold)
     console.print(f"[green]Predictions written to[/green] {escape(str(folder))} ("
@@ -236,7 +242,8 @@ def evaluate(
     num_processes: Annotated[int, typer.Option("-np", "--num-processes", help="Worker processes computing the "
                                                                               "metrics.")] = 2,
 ):
-    """Dice, Jaccard, HD95 and ASD per class; writes summary.json (nnU-Net's fields plus ours)."""
+    """Dice, Jaccard, HD95 and ASD per class, and the dataset-level mIoU; writes summary.json (nnU-Net's fields
+    plus ours)."""
     _announce_workspace()
     summary = api.evaluate(dataset, pred, ref, output_file, num_processes)
     unit = summary.get("distance_unit", "mm")
@@ -246,6 +253,8 @@ def evaluate(
     for row in api.summary_table_rows(summary):
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else escape(str(v)) for v in row])
     out.print(table)
+    per_class = ", ".join(f"{k}: {v:.4f}" for k, v in summary["dataset_iou"].items())
+    out.print(f"Dataset-level mIoU (background included; per class {escape(per_class)}): {summary['mIoU']:.4f}")
     for note in api.summary_notes(summary):
         out.print(f"Note: {escape(note)}.")
 
@@ -284,10 +293,13 @@ def split(
     seed: Seed = 0,
     fold: Fold = "0",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    held_out: Annotated[float | None, typer.Option(
+        "--held-out", help="Also keep this share of the validation cases apart for scoring, as semidiff benchmark "
+                           "does on a dataset without imagesTs (e.g. 0.5).")] = None,
 ):
-    """Which cases are labeled / unlabeled / validation for a run."""
+    """Which cases are labeled / unlabeled / validation (/ held out) for a run."""
     _announce_workspace()
-    s = api.split(dataset, labeled, seed, fold)
+    s = api.split(dataset, labeled, seed, fold, held_out=held_out)
     if as_json:
         out.print_json(json.dumps(s.to_json()))
         return
@@ -295,8 +307,11 @@ def split(
     table.add_column("kind")
     table.add_column("n", justify="right")
     table.add_column("cases")
-    for kind, cases in (("labeled", s.labeled), ("unlabeled", s.unlabeled), ("unlabeled (imagesUnlabeled)",
-                        s.extra_unlabeled), ("validation", s.validation)):
+    kinds = [("labeled", s.labeled), ("unlabeled", s.unlabeled), ("unlabeled (imagesUnlabeled)", s.extra_unlabeled),
+             ("validation", s.validation)]
+    if held_out is not None:
+        kinds.append(("held out (scored only)", s.held_out))
+    for kind, cases in kinds:
         table.add_row(kind, str(len(cases)), escape(", ".join(cases)))
     out.print(table)
 
@@ -364,8 +379,15 @@ def benchmark(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state, then exit.")] = False,
     num_processes: Processes = 2,
     planner: Planner = None,
+    held_out: Annotated[float | None, typer.Option(
+        "--held-out", help="Without imagesTs/labelsTs: the share of the fold's validation cases kept apart for "
+                           "scoring (default 0.5); the runs never train nor validate on them, the rest selects "
+                           "checkpoints.")] = None,
 ):
     """Train, predict and evaluate every (method, labeled, seed); write benchmark.csv, .md and .png.
+
+    Runs are scored on imagesTs/labelsTs, else on a held-out share of the fold's validation cases that no
+    selection sees; with the final and with the best checkpoint (columns Dice and Dice (best ckpt)).
 
     Example: semidiff benchmark 990 -m supervised,mean-teacher --labeled 0.05,0.1,0.2 --seeds 0,1,2 -c 2d
     """
@@ -375,7 +397,7 @@ def benchmark(
                            epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters_per_epoch=val_iters,
                            overrides=sets, plans_name=plans, gpu_memory_target=gpu_memory_target, output=output,
                            dry_run=dry_run, num_processes=num_processes, log=console.print,
-                           make_progress=_progress_bar, planner=planner)
+                           make_progress=_progress_bar, planner=planner, held_out=held_out)
     if dry_run:
         runs = result["runs"]
         table = Table(title=f"{len(runs)} run(s)")
@@ -385,9 +407,13 @@ def benchmark(
             sets = " ".join(f"{k}={v}" for k, v in result["overrides"][r.method].items())
             table.add_row(*(escape(str(v)) for v in (r.method, r.labeled, r.seed, sets, r.status, r.info.fold_folder)))
         out.print(table)
+        share = result.get("held_out_share")
+        out.print("held out: imagesTs/labelsTs" if share is None else
+                  f"held out: {share:g} of the fold's validation cases (never trained nor validated on)")
         return
     out.print(result["markdown"], markup=False)
-    console.print(f"[green]Wrote[/green] {escape(str(result['output']))}/benchmark.csv, benchmark.md, benchmark.png")
+    console.print(f"[green]Wrote[/green] {escape(str(result['output']))}/benchmark.csv, benchmark.md, benchmark.png, "
+                  f"held_out.json")
 
 
 def _register_convert() -> None:

@@ -1,4 +1,5 @@
-"""Segmentation metrics (Dice, Jaccard, HD95, ASD) and folder evaluation with an nnU-Net-style summary.json.
+"""Segmentation metrics (Dice, Jaccard, HD95, ASD, dataset-level mIoU) and folder evaluation with an
+nnU-Net-style summary.json.
 
 Importing this package is light (numpy and scipy); nnU-Net is imported when a folder is evaluated.
 See :mod:`semidiff_nnunet.evaluation.metrics` for the definitions and the empty-mask convention.
@@ -7,6 +8,7 @@ See :mod:`semidiff_nnunet.evaluation.metrics` for the definitions and the empty-
 from semidiff_nnunet.evaluation.folder import (
     MIN_CASES_FOR_POOL,
     TABLE_COLUMNS,
+    dataset_level_iou,
     evaluate_case,
     evaluate_folder,
     summary_notes,
@@ -21,6 +23,7 @@ from semidiff_nnunet.evaluation.metrics import (
     binary_metrics,
     compute_metrics,
     confusion_counts,
+    dataset_iou,
     dice,
     hd95,
     jaccard,
@@ -38,6 +41,8 @@ __all__ = [
     "binary_metrics",
     "compute_metrics",
     "confusion_counts",
+    "dataset_iou",
+    "dataset_level_iou",
     "dice",
     "evaluate_case",
     "evaluate_folder",

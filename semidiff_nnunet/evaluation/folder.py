@@ -7,7 +7,10 @@ label; ``foreground_mean``), with nnU-Net's values, and adds per label ``Jaccard
 
 * ``nan_count``: per label and metric, the number of cases whose value is NaN (left out of the mean);
 * ``n_cases``; ``config`` (labels, ignore label, file ending, reader); ``definitions`` (one line per metric);
-* ``spacing`` in each case (the reference's ``properties['spacing']``, in array order, used for distances).
+* ``spacing`` in each case (the reference's ``properties['spacing']``, in array order, used for distances);
+* ``background_counts`` in each case (TP, FP, FN, TN of label value 0 against 0, ignore region left out);
+* ``dataset_iou`` (per class, background ``'0'`` included: ``ΣTP / Σ(TP+FP+FN)`` over all cases) and ``mIoU``,
+  their mean, background included (ProtoDiff's metric; see :func:`~.metrics.dataset_iou`).
 
 Label keys are strings as in nnU-Net's file (``'1'``, or ``'(1, 2)'`` for a region); the returned dict is the
 same structure that is written, so ``evaluate_folder(...)`` equals ``json.load(open(output_file, encoding="utf-8"))`` (NaN
@@ -35,13 +38,16 @@ from semidiff_nnunet.evaluation.metrics import (
     METRIC_NAMES,
     LabelOrRegion,
     compute_metrics,
+    confusion_counts,
+    dataset_iou,
     key_to_label,
     label_key,
     nan_mean,
     normalize_labels,
 )
 
-__all__ = ["evaluate_folder", "evaluate_case", "summary_table_rows", "summary_notes", "TABLE_COLUMNS"]
+__all__ = ["evaluate_folder", "evaluate_case", "dataset_level_iou", "summary_table_rows", "summary_notes",
+           "TABLE_COLUMNS"]
 
 #: Below this many cases the evaluation runs in the calling process (a spawn pool costs seconds to start).
 MIN_CASES_FOR_POOL = 8
@@ -58,6 +64,8 @@ DEFINITIONS = {
     "ASD": "mean of the pooled symmetric surface distances (ASSD), in spacing units; "
     "NaN when prediction or reference is empty",
     "mean": "per label: mean over cases, NaN values skipped (counted in nan_count)",
+    "dataset_iou": "per class, background ('0') included: sum of TP over all cases / sum of (TP+FP+FN)",
+    "mIoU": "mean of dataset_iou over the classes, background included (ProtoDiff); NaN classes skipped",
     "ignore_label": "voxels with reference == ignore_label are removed from both masks",
 }
 
@@ -181,6 +189,8 @@ def evaluate_case(
             f"Reference {reference_file} has {ref.ndim} spatial axes but {len(spacing)} spacing values."
         )
     metrics = compute_metrics(pred, ref, labels, spacing=spacing, ignore_label=ignore_label)
+    ignore = (ref == ignore_label) if ignore_label is not None else None
+    tp, fp, fn, tn = confusion_counts(pred == 0, ref == 0, ignore)  # background, for the dataset-level mIoU
     allowed = {0} | {int(v) for lab in labels for v in (lab if isinstance(lab, tuple) else (lab,))}
     if ignore_label is not None:
         allowed.add(int(ignore_label))
@@ -190,6 +200,7 @@ def evaluate_case(
         "prediction_file": prediction_file,
         "spacing": spacing,
         "metrics": {label_key(lab): m for lab, m in metrics.items()},
+        "background_counts": {"TP": tp, "FP": fp, "FN": fn, "TN": tn},
         "unexpected_values": unexpected,
     }
 
@@ -208,6 +219,16 @@ def _aggregate(per_case: list[dict], labels: Sequence[LabelOrRegion]) -> tuple[d
     foreground = [k for k in means if k != "0"]
     foreground_mean = {m: nan_mean(means[k][m] for k in foreground) for m in METRIC_NAMES}
     return means, foreground_mean, nan_count
+
+
+def dataset_level_iou(per_case: list[dict], labels: Sequence[LabelOrRegion]) -> tuple[dict[str, float], float]:
+    """``(dataset_iou, mIoU)``: per class (background ``'0'`` first), the IoU of the counts pooled over all
+    cases, and their mean (background included, NaN classes skipped)."""
+    per_class = {"0": dataset_iou(case["background_counts"] for case in per_case)}
+    for lab in labels:
+        k = label_key(lab)
+        per_class[k] = dataset_iou(case["metrics"][k] for case in per_case)
+    return per_class, nan_mean(per_class.values())
 
 
 def evaluate_folder(
@@ -295,6 +316,7 @@ def evaluate_folder(
         per_case = [evaluate_case(*job) for job in jobs]
 
     means, foreground_mean, nan_count = _aggregate(per_case, label_list)
+    per_class_iou, miou = dataset_level_iou(per_case, label_list)
     unexpected: dict[str, list[str]] = {}
     for case in per_case:
         for v in case["unexpected_values"]:
@@ -311,6 +333,8 @@ def evaluate_folder(
         "mean": means,
         "foreground_mean": foreground_mean,
         "nan_count": nan_count,
+        "dataset_iou": per_class_iou,
+        "mIoU": miou,
         "n_cases": len(per_case),
         "config": {
             "labels": [label_key(lab) for lab in label_list],
@@ -331,8 +355,10 @@ def evaluate_folder(
     if output_file is not None:
         parent = os.path.dirname(os.path.abspath(output_file))
         os.makedirs(parent, exist_ok=True)
-        with open(output_file, "w", encoding="utf-8") as f:
+        tmp = f"{output_file}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(summary, f, sort_keys=True, indent=4)  # nnU-Net: sort_keys, NaN as NaN
+        os.replace(tmp, output_file)
     return summary
 
 

@@ -41,6 +41,14 @@ reference, and its test scripts call medpy unguarded (an empty mask raises). Dif
 (0, 0, 50, 10) rule for (Dice, Jaccard, HD95, ASD). Such fixed penalties depend on the image size and are not
 comparable with ours; their "ASD" is also medpy's directed ``asd``, and SSL4MIS hard-codes the spacing.
 
+Dataset-level IoU and mIoU
+-------------------------
+Per class, the **dataset-level IoU** pools the voxel counts of every case before dividing:
+``ΣTP / Σ(TP + FP + FN)`` (a large case weighs more; a class absent from a case's prediction and reference
+adds nothing). **mIoU** is the mean of these over the classes, background (label value 0) included, as
+ProtoDiff reports it (a confusion matrix accumulated over the test set); it is not the mean of the per-case
+Jaccard values. A class with no voxel in any prediction or reference is NaN and left out of the mean.
+
 Ignore label
 ------------
 Voxels of the ignore region (``reference == ignore_label``) are removed from both masks before anything is
@@ -64,7 +72,7 @@ volume would be "surface". Dice and IoU do not depend on this.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
@@ -78,6 +86,7 @@ __all__ = [
     "binary_metrics",
     "compute_metrics",
     "confusion_counts",
+    "dataset_iou",
     "dice",
     "hd95",
     "jaccard",
@@ -152,6 +161,15 @@ def confusion_counts(
 
     Voxels where ``ignore_mask`` is true are not counted (nnU-Net's convention)."""
     return _counts(*_prepare(pred_mask, ref_mask, ignore_mask))
+
+
+def dataset_iou(counts: Iterable[Mapping[str, float]]) -> float:
+    """Dataset-level IoU of one class: ``ΣTP / Σ(TP + FP + FN)`` over the cases' counts (mappings with
+    ``TP``, ``FP``, ``FN``); NaN when the class has no voxel in any prediction or reference."""
+    tp = fp = fn = 0
+    for c in counts:
+        tp, fp, fn = tp + int(c["TP"]), fp + int(c["FP"]), fn + int(c["FN"])
+    return _dice_iou(tp, fp, fn)[1]
 
 
 def _dice_iou(tp: int, fp: int, fn: int) -> tuple[float, float]:

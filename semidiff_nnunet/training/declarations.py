@@ -40,6 +40,10 @@ class Phase:
     #: phase to start from: ``SemiSupervisedTrainer.phase_best(name)`` (BCP's self-training starts from
     #: its best pre-training checkpoint); checkpointed, so a resumed run selects the same weights
     select_best: bool = False
+    #: the phase only warms up what a trained network already holds (BCP's supervised pre-training): a
+    #: run that starts from ``--pretrained-weights`` skips it (0 epochs) unless its length is set with
+    #: ``--set phase.NAME=...`` or ``warmup_from_pretrained`` is on
+    warmup: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,14 @@ class PhaseSpan:
         return self.end - self.start
 
 
-def resolve_phases(declared: Sequence[Phase], overrides: dict[str, str], num_epochs: int) -> list[PhaseSpan]:
+def resolve_phases(declared: Sequence[Phase], overrides: dict[str, str], num_epochs: int,
+                   skip_warmup: bool = False) -> list[PhaseSpan]:
     """Epoch spans of the declared phases for a run of ``num_epochs`` epochs (overrides applied).
 
     Shares are rounded to whole epochs; the phase without a length takes the rest. A run too short
-    for its fixed phases is an error naming the phase, not a silently empty phase.
+    for its fixed phases is an error naming the phase, not a silently empty phase. With
+    ``skip_warmup`` (a trained start) every ``warmup`` phase whose length is not overridden gets 0
+    epochs (an empty span: it never becomes active).
     """
     if not declared:
         return [PhaseSpan(Phase("training"), 0, num_epochs)]
@@ -69,6 +76,8 @@ def resolve_phases(declared: Sequence[Phase], overrides: dict[str, str], num_epo
         if p.name in overrides:
             share, epochs = parse_phase_length(p.name, overrides[p.name])
             p = dataclasses.replace(p, share=share, epochs=epochs)
+        elif skip_warmup and p.warmup:
+            p = dataclasses.replace(p, share=None, epochs=0)
         phases.append(p)
     open_ended = [p.name for p in phases if p.share is None and p.epochs is None]
     if len(open_ended) > 1:

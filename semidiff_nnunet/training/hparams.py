@@ -39,6 +39,11 @@ class BaseHParams:
         (rotation and flips, resize). The strong view, where a method has one, is built on the weak view.
         Default ``"nnunet"``; each method states its choice and source.
 
+    warmup_from_pretrained: with ``--pretrained-weights`` the network starts trained, so what only warms
+        it up is skipped: the supervised burn-in and the phases declared ``warmup`` (BCP's pre-training).
+        ``true`` runs them anyway (the earlier behaviour). Phases that train what the checkpoint lacks
+        (SuperDiffusion's label-free pathways, SemiGDA's alignment) always run.
+
     pseudo_diagnostic: opt-in diagnostic of the pseudo labels' accuracy over training (off by default).
         The unlabeled stream then also carries the hidden label of each unlabeled patch (training
         cases only; extra unlabeled images have none); the engine takes it out of the batch before the
@@ -56,6 +61,7 @@ class BaseHParams:
     rampup_min: int = 200
     rampup_max: int = 30000
     weak_view: typing.Literal["nnunet", "geometry"] = "nnunet"
+    warmup_from_pretrained: bool = False
     pseudo_diagnostic: bool = False
 
 

@@ -49,6 +49,9 @@ class RunConfig:
     save_every: int | None = None
     #: checkpoint that initialises a new run's network (``--pretrained-weights``; absolute path)
     pretrained_weights: str | None = None
+    #: validation cases of the fold kept apart for the benchmark's scoring: the trainer neither trains nor
+    #: validates (pseudo Dice, checkpoint_best, method selections) on them (:func:`~.splits.drop_held_out`)
+    held_out: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ plans <-> object
     def to_json(self) -> dict:
@@ -64,6 +67,7 @@ class RunConfig:
         kwargs["labeled"] = LabeledSpec.from_json(data["labeled"]) if data.get("labeled") else LabeledSpec(fraction=1.0)
         kwargs["hparams"] = dict(data.get("hparams") or {})
         kwargs["phases"] = {str(k): str(v) for k, v in (data.get("phases") or {}).items()}
+        kwargs["held_out"] = sorted(str(k) for k in (data.get("held_out") or []))
         for key in ("seed",):
             kwargs[key] = int(kwargs.get(key) or 0)
         for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every"):

@@ -54,7 +54,7 @@ from semidiff_nnunet.training.ema import unwrap
 from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict
 from semidiff_nnunet.training.progress import TrainingProgress
 from semidiff_nnunet.training.run_config import RunConfig
-from semidiff_nnunet.training.splits import SemiSplit, make_semi_split
+from semidiff_nnunet.training.splits import SemiSplit, drop_held_out, make_semi_split
 from semidiff_nnunet.training.unlabeled import (
     UnlabeledDataLoader,
     UnlabeledDataset,
@@ -174,7 +174,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.extra_optimizers: dict[str, tuple[torch.optim.Optimizer, Any]] = {}
         self.method_states: dict[str, Any] = {}
         self.iteration = 0
-        self.phase_spans: list[PhaseSpan] = resolve_phases(self.phases, cfg.phases, self.num_epochs)
+        self.phase_spans: list[PhaseSpan] = resolve_phases(
+            self.phases, cfg.phases, self.num_epochs,
+            skip_warmup=bool(cfg.pretrained_weights) and not self.hp.warmup_from_pretrained)
         self._active_phase: str | None = None
         self._restarted: set[str] = set()  # optimisers rebuilt by the current phase's on_phase_start
         self._nonfinite_steps = 0
@@ -310,12 +312,21 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     @property
     def burnin_iterations(self) -> int:
         """Iterations of supervised burn-in: ``burnin`` × run within [burnin_min, burnin_max], at most
-        a quarter of the run (0 for methods that use no unlabeled data)."""
-        if not self.uses_unlabeled:
+        a quarter of the run (0 for methods that use no unlabeled data, and for a trained start: see
+        :attr:`trained_start`)."""
+        if not self.uses_unlabeled or self.trained_start:
             return 0
         hp = self.hp
         n = min(max(int(round(hp.burnin * self.total_iterations)), hp.burnin_min), hp.burnin_max)
         return max(0, min(n, self.total_iterations // 4))
+
+    @property
+    def trained_start(self) -> bool:
+        """The run starts from ``--pretrained-weights`` and ``warmup_from_pretrained`` is off: what only warms
+        up a network the checkpoint already holds trained — the supervised burn-in and the phases
+        declared ``Phase(warmup=True)`` (BCP's pre-training) — is skipped. Phases that train what the
+        checkpoint lacks (SuperDiffusion's diffusion pathways, SemiGDA's alignment) still run."""
+        return bool(self.run_config.pretrained_weights) and not self.hp.warmup_from_pretrained
 
     @property
     def in_burnin(self) -> bool:
@@ -462,11 +473,17 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
             torch._dynamo.config.skip_nnmodule_hook_guards = False
 
+    def do_split(self):
+        # nnU-Net's fold split less the run's held-out cases (scored by `semidiff benchmark` only): nnU-Net's
+        # validation, checkpoint_best and every method's selection see only the rest
+        return drop_held_out(*super().do_split(), self.run_config.held_out)
+
     def make_semi_split(self) -> SemiSplit:
         tr_keys, val_keys = self.do_split()
         extra = list_cases(unlabeled_preprocessed_folder(self.preprocessed_dataset_folder))
         pseudo = list_cases(self.preprocessed_dataset_folder + PSEUDO_SUFFIX)
-        return make_semi_split(tr_keys, val_keys, self.labeled_spec, self.seed, extra, pseudo)
+        return make_semi_split(tr_keys, val_keys, self.labeled_spec, self.seed, extra, pseudo,
+                               held_out=self.run_config.held_out)
 
     def get_tr_and_val_datasets(self):
         # the labeled stream sees only the labeled cases of the fold

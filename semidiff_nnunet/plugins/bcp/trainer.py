@@ -214,7 +214,7 @@ class BCPTrainer(SemiSupervisedTrainer):
     method_name = "bcp"
     hparams_class = BCPHParams
     phases = (Phase(PRETRAIN, share=0.25, summary="copy-paste between labeled patches, labeled data only",
-                    select_best=True),
+                    select_best=True, warmup=True),
               Phase(SELFTRAIN, summary="bidirectional copy-paste with the EMA teacher's pseudo labels"))
 
     def on_phase_start(self, phase):
@@ -261,8 +261,8 @@ class BCPTrainer(SemiSupervisedTrainer):
         if self.hp.selftrain_start == "best":
             best = self.phase_best(PRETRAIN)
             if best.weights is None:
-                self.print_to_log_file("bcp: no validation score in pre-training (validation off?); "
-                                       "self-training starts from the last pre-training weights")
+                self.print_to_log_file("bcp: self-training starts from the network as it is (pre-training "
+                                       "skipped for --pretrained-weights, or no validation score in it)")
             else:
                 unwrap(self.network).load_state_dict(best.weights)
                 self.print_to_log_file(f"bcp: self-training starts from pre-training epoch {best.epoch} "
