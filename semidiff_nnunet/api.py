@@ -62,6 +62,11 @@ def list_plugins() -> tuple[list, list]:
     return list(reg.plugins.values()), list(reg.failures)
 
 
+def skipped_plugins() -> list[str]:
+    """Entry points of third-party plugins not loaded because ``SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD`` is set."""
+    return [f"{name} ({dist})" for name, dist in get_registry().skipped]
+
+
 def method_trainer(method: str) -> type:
     return get_registry().method(method).load_trainer()
 

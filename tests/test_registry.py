@@ -180,7 +180,20 @@ def test_cli_plugins_reports_a_plugin_calling_sys_exit(install, run_cli, monkeyp
     monkeypatch.setattr(registry, "_REGISTRY", None)
     code, out, err = run_cli("plugins")
     assert code == 0, err
-    assert "mean-teacher" in out and "'exiter' (exiting-dist) failed to load" in " ".join(out.split())
+    assert "mean-teacher" in out and "'exiter' (exiting-dist): " in " ".join(out.split())
+    assert "SystemExit" in out
+
+
+def test_cli_plugins_names_the_plugins_the_switch_left_out(install, run_cli, monkeypatch):
+    from semidiff_nnunet import registry
+
+    install("third-dist", {"third": _methods_source("third-method")})
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+    monkeypatch.setenv("SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD", "1")
+    code, out, err = run_cli("plugins")
+    assert code == 0, err
+    assert "1 third-party plugin(s) not loaded (third (third-dist)): SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD" in " ".join(
+        out.split())
 
 
 def test_hook_calling_sys_exit_is_a_reported_failure():

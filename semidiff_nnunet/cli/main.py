@@ -282,8 +282,12 @@ def plugins():
         table.add_row(*(escape(v) for v in (p.name, f"{p.distribution} {p.version}", p.module, ", ".join(p.hooks))))
     out.print(table)
     for f in failures:
-        out.print(f"[red]plugin {escape(repr(f.name))} ({escape(f.distribution)}) failed to load:[/red] "
+        out.print(f"[red]plugin {escape(repr(f.name))} ({escape(f.distribution)}):[/red] "
                   f"{escape(f.error)}", soft_wrap=True)
+    skipped = api.skipped_plugins()
+    if skipped:
+        out.print(f"{len(skipped)} third-party plugin(s) not loaded ({escape(', '.join(skipped))}): "
+                  "SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD is set.", soft_wrap=True)
 
 
 @app.command()
