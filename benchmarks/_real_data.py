@@ -10,11 +10,14 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
 def parse_args(doc: str, methods: str, labeled: str, epochs: int, iters_per_epoch: int, val_iters: int,
-               set_example: str) -> argparse.Namespace:
+               set_example: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+               ) -> argparse.Namespace:
+    """The shared options; ``extra`` adds a script's own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=methods)
     p.add_argument("--labeled", default=labeled)
@@ -27,6 +30,8 @@ def parse_args(doc: str, methods: str, labeled: str, epochs: int, iters_per_epoc
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help=f"a hyperparameter of one method, e.g. {set_example} (repeatable)")
     p.add_argument("--plan-only", action="store_true", help="convert, plan and preprocess, then stop")
+    if extra:
+        extra(p)
     return p.parse_args()
 
 
