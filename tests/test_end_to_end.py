@@ -22,6 +22,10 @@ def test_2d_plan_train_predict_evaluate_cli(demo2d, run_cli, tmp_path):
                              *SHORT, *TINY)
     assert code == 0, err
     assert "perform_everything_on_device" not in out + err  # nnU-Net's CPU warning during validation
+    # not a terminal (as under nohup or SLURM): one plain line per epoch, with the loss terms, while it runs
+    lines = [x for x in err.splitlines() if x.startswith("mean-teacher epoch ")]
+    assert [x.split(",")[0] for x in lines] == ["mean-teacher epoch 1/2", "mean-teacher epoch 2/2"], err
+    assert "supervised " in lines[0] and lines[0].rstrip().endswith(" s")
     from semidiff_nnunet import api
 
     info = api.run_info(demo2d, "mean-teacher", "0.2", 0, "2d", 0, "semidiffDemoPlans")

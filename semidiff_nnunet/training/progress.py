@@ -7,6 +7,11 @@ trainer, which calls::
     cb.step(loss=float, epoch=e, num_epochs=n, phase="co-training" or "")   # after every iteration
     cb.close()
 
+and, if it has the method, after every epoch (validation included)::
+
+    cb.epoch_end(epoch=e, num_epochs=n, phase=..., loss=mean training loss, terms={name: mean},
+                 seconds=epoch time, pseudo_dice=nnU-Net's validation pseudo Dice or None)
+
 ``semidiff_nnunet.cli.progress.RichTrainingProgress`` draws a rich progress bar; anything with
 these three methods works (a notebook widget, a logger, a test recorder).
 """
