@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from semidiff_nnunet import paths, planning
+from semidiff_nnunet import locks, paths, planning
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.registry import get_registry
 
@@ -242,7 +242,7 @@ def write_trainer_shim() -> Path:
     target = folder / SHIM_MODULE
     if not target.is_file() or target.read_text(encoding="utf-8") != text:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (SHIM_MODULE + ".tmp")
+        tmp = folder / f"{SHIM_MODULE}.tmp{os.getpid()}"  # runs of other methods may write it at the same time
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
     return folder
@@ -298,8 +298,13 @@ def resolve_device(device: str):
 def plan_and_preprocess(dataset: str | int, configurations: list[str] | None = None,
                         gpu_memory_target: float | None = None, plans_name: str | None = None,
                         num_processes: int = 2, verify: bool = True, fingerprint_voxels: float | None = None,
-                        force: bool = False, show_progress: bool = True, planner: str | None = None) -> str:
+                        force: bool = False, show_progress: bool = True, planner: str | None = None,
+                        wait: bool = False, log: Callable[[str], None] | None = None) -> str:
     """Fingerprint, plan and preprocess (skipping steps already done); return the plans name.
+
+    One process at a time writes a dataset's preprocessed data (:mod:`semidiff_nnunet.locks`): while another
+    holds it, this one refuses naming it, or with ``wait`` waits for it (telling ``log``) and then skips
+    what that one did.
 
     ``planner``: the nnU-Net experiment planner class by name (``nnUNetv2_plan_and_preprocess -pl``):
     ``ExperimentPlanner`` (default), ``nnUNetPlannerResEncM``/``L``/``XL`` or any planner nnU-Net finds; the
@@ -309,6 +314,16 @@ def plan_and_preprocess(dataset: str | int, configurations: list[str] | None = N
     name = planning.dataset_name(dataset)
     pre = planning.preprocessed_folder(name)
     pname = planning.plans_name_for(gpu_memory_target, plans_name, planner)
+    with locks.exclusive(locks.preprocessing_lock_file(pre), f"preprocessing {name}", wait, log):
+        _plan_and_preprocess(name, pre, pname, configurations, gpu_memory_target, num_processes, verify,
+                             fingerprint_voxels, force, show_progress, planner)
+    return pname
+
+
+def _plan_and_preprocess(name: str, pre: Path, pname: str, configurations: list[str] | None,
+                         gpu_memory_target: float | None, num_processes: int, verify: bool,
+                         fingerprint_voxels: float | None, force: bool, show_progress: bool,
+                         planner: str | None) -> None:
     steps: list[tuple[str, object]] = []
     if verify and (force or not (pre / "dataset_fingerprint.json").is_file()):
         steps.append(("checking dataset integrity", lambda: planning.verify_raw_dataset(name, num_processes)))
@@ -343,7 +358,6 @@ def plan_and_preprocess(dataset: str | int, configurations: list[str] | None = N
                 fn()
             if progress:
                 progress.advance(task)
-    return pname
 
 
 def _preprocessed_complete(name: str, folder: Path) -> bool:
@@ -418,15 +432,18 @@ class RunInfo:
 
 
 def run_info(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, configuration: str = "2d",
-             fold: int | str = 0, plans_name: str = "nnUNetPlans", held_out: float | None = None) -> RunInfo:
+             fold: int | str = 0, plans_name: str = "nnUNetPlans", held_out: float | None = None,
+             stage: str = "") -> RunInfo:
     """Where a run lives. ``held_out``: the share of the fold's validation cases the run keeps apart for
-    scoring (:func:`held_out_cases`); such runs live apart (``lab0.1_ho0.5``), one folder per share."""
+    scoring (:func:`held_out_cases`); such runs live apart (``lab0.1_ho0.5``), one folder per share.
+    ``stage``: a stage of ``semidiff benchmark --from-checkpoint`` (``first-e4``, ``from-first-e4``), its own
+    folder too (``lab0.1_ho0.5_from-first-e4``)."""
     from semidiff_nnunet.training.splits import LabeledSpec, held_out_tag
 
     name = planning.dataset_name(dataset)
     cls = method_trainer(method)
     spec = LabeledSpec.parse(labeled)
-    tag = spec.tag + held_out_tag(held_out)
+    tag = spec.tag + held_out_tag(held_out) + (f"_{stage}" if stage else "")
     root = paths.run_root(method, tag, seed)
     model = root / name / f"{cls.__name__}__{plans_name}__{configuration}"
     return RunInfo(name, method, cls.__name__, tag, seed, configuration, fold, plans_name, root, model,
@@ -452,8 +469,14 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
           plans_name: str = "nnUNetPlans", val_iters_per_epoch: int | None = None, save_every: int | None = None,
           final_validation: bool = True, show_progress: bool = True,
           progress: TrainingProgress | None = None, nproc: int = 1,
-          pretrained_weights: str | Path | None = None, held_out: float | None = None) -> RunInfo:
+          pretrained_weights: str | Path | None = None, held_out: float | None = None, wait: bool = False,
+          log: Callable[[str], None] | None = None, stage: str = "") -> RunInfo:
     """Train one run; refuses to overwrite an existing run unless ``continue_training`` resumes it.
+
+    One process at a time trains a run (:mod:`semidiff_nnunet.locks`): while another holds it, this one
+    refuses naming it, or with ``wait`` waits for it (telling ``log``), then finds the run as it left it.
+    A run that fails after its training started keeps its folder (training log, checkpoints) and the error
+    names it; one refused while the trainer was being set up, before any step, leaves no folder behind.
 
     ``held_out``: keep this share of the fold's validation cases apart (:func:`held_out_cases`): the run
     neither trains nor validates on them (nnU-Net's pseudo Dice, ``checkpoint_best.pth``, a method's own
@@ -462,6 +485,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     ``pretrained_weights``: a checkpoint (stock nnU-Net's or a semidiff run's) that initialises the new run's
     network (nnU-Net's ``-pretrained_weights``; see ``SemiSupervisedTrainer.load_pretrained_weights``).
     A resumed run keeps the weights of its checkpoint: the same file again is ignored, another one refused.
+    ``stage``: the run's stage of ``semidiff benchmark --from-checkpoint``, its own folder (:func:`run_info`).
 
     ``nproc`` > 1: a distributed run of that many ranks on this node (:mod:`semidiff_nnunet.training.
     distributed`); under ``torchrun`` the ranks come from the environment instead.
@@ -483,7 +507,7 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
 
     paths.ensure_nnunet_env()
     fold = opts.fold
-    info = run_info(dataset, method, labeled, seed, configuration, fold, plans_name, held_out)
+    info = run_info(dataset, method, labeled, seed, configuration, fold, plans_name, held_out, stage)
     plans = planning.load_plans(info.dataset, plans_name)
     if configuration not in plans["configurations"]:
         raise SemidiffError(f"Configuration {configuration!r} is not in {plans_name} of {info.dataset} (has: "
@@ -504,51 +528,84 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
     if not info.fold_folder.is_dir():  # a new run: a split that cannot be drawn fails before any folder exists
         check_split(info.dataset, plans["configurations"][configuration], plans_name, configuration, fold,
                     opts.labeled, seed, held_ids)
-    if continue_training and (info.finished or info.resumable_checkpoint() is not None):
-        pretrained = _resumed_pretrained(info, pretrained)
-    if info.finished:
-        if continue_training:
-            if final_validation and not (info.fold_folder / "validation" / "summary.json").is_file():
-                _validate_only(info, plans, configuration, fold, opts)  # killed during its final validation
-            return info
-        raise SemidiffError(f"This run already finished ({info.fold_folder}); use another --seed or --labeled, "
-                            f"or delete the folder to train it again.")
-    checkpoint = info.resumable_checkpoint()
-    if info.fold_folder.is_dir() and checkpoint is not None and not continue_training:
-        raise SemidiffError(f"A run already exists in {info.fold_folder}; pass --continue to resume it.")
-    hp, phases = opts.hparams, opts.phases
-    torchrun = distributed.init_from_env(opts.device) or distributed.world_size() > 1
-    world = distributed.world_size() if torchrun else nproc
-    if continue_training and checkpoint is not None:
-        hp, phases = _resumed_settings(info, opts.trainer_cls, hp, opts.hparam_overrides, phases)
-        _check_resumed_world_size(info, world)
-    if info.fold_folder.is_dir() and checkpoint is None and not continue_training and distributed.rank() == 0:
-        shutil.rmtree(info.fold_folder)  # an attempt that died before its first checkpoint
-    if torchrun:
-        import torch.distributed as dist
+    # from here on one process at a time (under torchrun: rank 0 for all, the others wait at its barrier)
+    with locks.exclusive(locks.run_lock_file(info.fold_folder), f"training the run in {info.fold_folder}",
+                         wait, log) if _env_rank() == 0 else contextlib.nullcontext():
+        if continue_training and (info.finished or info.resumable_checkpoint() is not None):
+            pretrained = _resumed_pretrained(info, pretrained)
+        if info.finished:
+            if continue_training:
+                if final_validation and not (info.fold_folder / "validation" / "summary.json").is_file():
+                    _validate_only(info, plans, configuration, fold, opts)  # killed during its final validation
+                return info
+            raise SemidiffError(f"This run already finished ({info.fold_folder}); use another --seed or --labeled, "
+                                f"or delete the folder to train it again.")
+        checkpoint = info.resumable_checkpoint()
+        if info.fold_folder.is_dir() and checkpoint is not None and not continue_training:
+            raise SemidiffError(f"A run already exists in {info.fold_folder}; pass --continue to resume it.")
+        hp, phases = opts.hparams, opts.phases
+        torchrun = distributed.init_from_env(opts.device) or distributed.world_size() > 1
+        world = distributed.world_size() if torchrun else nproc
+        if continue_training and checkpoint is not None:
+            hp, phases = _resumed_settings(info, opts.trainer_cls, hp, opts.hparam_overrides, phases)
+            _check_resumed_world_size(info, world)
+        if info.fold_folder.is_dir() and checkpoint is None and not continue_training and distributed.rank() == 0:
+            shutil.rmtree(info.fold_folder)  # an attempt that died before its first checkpoint
+        if torchrun:
+            import torch.distributed as dist
 
-        dist.barrier()  # no rank starts before rank 0 has cleared a dead attempt
+            dist.barrier()  # no rank starts before rank 0 has cleared a dead attempt
 
-    activate_trainer_shim()
-    dataset_json = planning.dataset_json(planning.preprocessed_folder(info.dataset))
-    RunConfig(method=method, labeled=opts.labeled, seed=seed, hparams=hparams_to_dict(hp), phases=phases,
-              num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch,
-              num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every,
-              pretrained_weights=str(pretrained) if pretrained else None, held_out=held_ids).write(plans)
-    plans["continue_training"] = bool(continue_training and checkpoint is not None)
-    args = (opts.trainer_cls, plans, configuration, fold, dataset_json, info.run_root,
-            checkpoint if continue_training else None, final_validation, show_progress)
+        activate_trainer_shim()
+        dataset_json = planning.dataset_json(planning.preprocessed_folder(info.dataset))
+        RunConfig(method=method, labeled=opts.labeled, seed=seed, hparams=hparams_to_dict(hp), phases=phases,
+                  num_epochs=epochs, num_iterations_per_epoch=iters_per_epoch,
+                  num_val_iterations_per_epoch=val_iters_per_epoch, save_every=save_every,
+                  pretrained_weights=str(pretrained) if pretrained else None, held_out=held_ids).write(plans)
+        plans["continue_training"] = bool(continue_training and checkpoint is not None)
+        args = (opts.trainer_cls, plans, configuration, fold, dataset_json, info.run_root,
+                checkpoint if continue_training else None, final_validation, show_progress)
+        before = _run_json_stamp(info)
+        try:
+            if nproc > 1 and not torchrun:
+                distributed.launch(nproc, opts.device, run_trainer, args, progress)
+            else:
+                run_trainer(*args, device=opts.device, progress=progress if distributed.rank() == 0 else None)
+        except Exception as e:
+            if _run_json_stamp(info) != before:  # this attempt started training: its folder is the evidence
+                if isinstance(e, SemidiffError):
+                    raise SemidiffError(_failed_run_message(str(e), info)) from e
+                e.add_note(_failed_run_message("The run failed", info))
+            elif isinstance(e, SemidiffError) and checkpoint is None and before is None and distributed.rank() == 0:
+                shutil.rmtree(info.fold_folder, ignore_errors=True)  # refused in its set-up: no husk left
+            raise
+        return info
+
+
+def _env_rank() -> int:
+    """This process's global rank under torchrun (``RANK``), 0 otherwise (one process, or ``--nproc``)."""
+    from semidiff_nnunet.training import distributed
+
+    return int(os.environ.get("RANK", "0") or 0) if distributed.env_world_size() > 1 else 0
+
+
+def _run_json_stamp(info: RunInfo) -> tuple[int, int] | None:
+    """Which ``semidiff_run.json`` the run folder holds (None: none). The trainer writes a new one (a new
+    file, replaced atomically) when its set-up is done and training starts: a changed stamp after an
+    attempt says that attempt started training."""
     try:
-        if nproc > 1 and not torchrun:
-            distributed.launch(nproc, opts.device, run_trainer, args, progress)
-        else:
-            run_trainer(*args, device=opts.device, progress=progress if distributed.rank() == 0 else None)
-    except SemidiffError:
-        if (checkpoint is None and info.resumable_checkpoint() is None and not info.finished
-                and distributed.rank() == 0):
-            shutil.rmtree(info.fold_folder, ignore_errors=True)  # refused before its first step: no husk left
-        raise
-    return info
+        st = (info.fold_folder / "semidiff_run.json").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _failed_run_message(message: str, info: RunInfo) -> str:
+    """``message`` plus where the failed run's evidence is: its folder and last checkpoint."""
+    last = info.resumable_checkpoint()
+    kept = (f"its training log and its last checkpoint, {last.name} (--continue resumes from it)" if last else
+            "its training log (no checkpoint was saved yet; the same command again starts the run over)")
+    return f"{message.rstrip().rstrip('.')}; the run folder {info.fold_folder} keeps {kept}."
 
 
 def run_trainer(trainer_cls, plans: dict, configuration: str, fold, dataset_json: dict, run_root: Path,
@@ -606,11 +663,10 @@ def _validate_only(info: RunInfo, plans: dict, configuration: str, fold, opts) -
     """The final validation of a finished run whose validation never completed (the process was killed
     during it): rebuild the trainer with the run's own configuration (from its checkpoint), load the final
     weights and validate; nothing is trained."""
-    import torch
-
+    from semidiff_nnunet.training.checkpoint import safe_load
     from semidiff_nnunet.training.run_config import RunConfig
 
-    checkpoint = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint = safe_load(info.fold_folder / "checkpoint_final.pth")
     RunConfig.from_json((checkpoint.get("semidiff") or {}).get("run")).write(plans)
     plans["continue_training"] = True
     activate_trainer_shim()
@@ -630,9 +686,11 @@ def plan_and_train(dataset: str | int, method: str, labeled: str = "1.0", seed: 
                    num_processes: int = 2, val_iters_per_epoch: int | None = None, save_every: int | None = None,
                    final_validation: bool = True, show_progress: bool = True,
                    progress: TrainingProgress | None = None, nproc: int = 1, planner: str | None = None,
-                   pretrained_weights: str | Path | None = None) -> RunInfo:
+                   pretrained_weights: str | Path | None = None, wait: bool = False,
+                   log: Callable[[str], None] | None = None) -> RunInfo:
     """Check the run's options, plan and preprocess ``dataset`` for ``configuration`` with ``planner``
-    (steps already done are skipped; see :func:`plan_and_preprocess`), then :func:`train`."""
+    (steps already done are skipped; see :func:`plan_and_preprocess`), then :func:`train`. ``wait``:
+    wait for another process that writes the dataset's preprocessed data or trains the run (else refuse)."""
     check_train_options(method, labeled, fold, device, overrides, epochs, iters_per_epoch, val_iters_per_epoch,
                         save_every, configuration)
     _check_counts(num_processes=num_processes, nproc=nproc)
@@ -641,12 +699,12 @@ def plan_and_train(dataset: str | int, method: str, labeled: str = "1.0", seed: 
         planning.planner_class(planner)  # before the dataset is even looked up
     pname = plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,
                                 plans_name=plans_name, num_processes=num_processes, show_progress=show_progress,
-                                planner=planner)
+                                planner=planner, wait=wait, log=log)
     return train(dataset, method, labeled=labeled, seed=seed, configuration=configuration, fold=fold, device=device,
                  epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=overrides,
                  continue_training=continue_training, plans_name=pname, val_iters_per_epoch=val_iters_per_epoch,
                  save_every=save_every, final_validation=final_validation, show_progress=show_progress,
-                 progress=progress, nproc=nproc, pretrained_weights=pretrained_weights)
+                 progress=progress, nproc=nproc, pretrained_weights=pretrained_weights, wait=wait, log=log)
 
 
 def check_pretrained_weights(path: str | Path | None) -> Path | None:
@@ -803,7 +861,7 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
             plans_name: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth", tile_step_size: float = 0.5,
             use_mirroring: bool = True, show_progress: bool = True,
             log: Callable[[str], None] | None = None, save_probabilities: bool = False,
-            held_out: float | None = None) -> Path:
+            held_out: float | None = None, stage: str = "") -> Path:
     """Segment every case of ``input`` (nnU-Net naming, CASE_XXXX.ext) into ``output``; files that do not
     follow the naming are skipped and named through ``log``.
 
@@ -813,14 +871,17 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
     ``nnUNetv2_ensemble`` reads. ``checkpoint``: ``checkpoint_final.pth`` (the end of training),
     ``checkpoint_best.pth`` (nnU-Net's best EMA pseudo Dice on the fold's validation cases) or
     ``checkpoint_latest.pth``; each holds the method's inference network. ``held_out``: the run's held-out
-    share (a ``semidiff benchmark`` run on a dataset without imagesTs; see :func:`train`)."""
+    share (a ``semidiff benchmark`` run on a dataset without imagesTs; see :func:`train`); ``stage``: the run's
+    stage of ``semidiff benchmark --from-checkpoint`` (:func:`run_info`)."""
     folds = unique_folds(folds)
     if not 0 < tile_step_size <= 1:
         raise SemidiffError(f"--step-size {tile_step_size}: give a share of the patch size in (0, 1] (nnU-Net's "
                             f"default 0.5).")
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name, held_out)
+    from semidiff_nnunet.training.checkpoint import safe_load
+
+    info = run_info(dataset, method, labeled, seed, configuration, folds[0], plans_name, held_out, stage)
     for f in folds:
         ck = info.model_folder / f"fold_{f}" / checkpoint
         if not ck.is_file():
@@ -831,6 +892,14 @@ def predict(dataset: str | int, method: str, input: str | Path, output: str | Pa
                     f"pick one of those with --checkpoint" if final.is_file() else
                     f"; train it first (semidiff plan-and-train ... --fold {f})")
             raise SemidiffError(f"No trained model at {ck}{hint}.")
+        # nnU-Net's predictor unpickles it with weights_only=False: a file that could run code is refused first
+        try:
+            safe_load(ck)
+        except SemidiffError:
+            raise
+        except Exception as e:  # noqa: BLE001 (anything torch cannot read)
+            raise SemidiffError(f"{ck} is not a readable PyTorch checkpoint ({type(e).__name__}); train the run "
+                                f"again or pick another with --checkpoint.") from None
     input, output = Path(input), Path(output)
     if not input.is_dir():
         raise SemidiffError(f"Input folder {input} does not exist.")
@@ -1029,7 +1098,8 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
               plans_name: str | None = None, gpu_memory_target: float | None = None, output: str | Path | None = None,
               dry_run: bool = False, num_processes: int = 2, log=print, show_progress: bool = True,
               make_progress: Callable[[], TrainingProgress] | None = None, planner: str | None = None,
-              held_out: float | None = None) -> dict:
+              held_out: float | None = None, from_checkpoint: str | None = None,
+              first_epochs: int | None = None) -> dict:
     """Every (method, labeled spec, seed) on one dataset: train, predict the held-out cases with the final and
     the best checkpoint, evaluate, and write benchmark.csv/.md/.png and held_out.json
     (:mod:`semidiff_nnunet.benchmark`). Every option is checked first.
@@ -1037,7 +1107,12 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     ``held_out``: on a dataset without imagesTs/labelsTs, the share of the fold's validation cases kept apart
     for scoring (default 0.5): the runs never train nor validate on them; the rest selects checkpoints.
 
-    ``methods``/``labeled``/``seeds``: lists or comma-separated strings. ``overrides``: ``--set`` items,
+    ``from_checkpoint``: ``"auto"`` (``supervised`` trained first, ``first_epochs`` epochs, default ``epochs``)
+    or a checkpoint path with ``{labeled}``/``{seed}``; every method, and ``supervised`` as the control, then
+    trains ``epochs`` more from it (:func:`semidiff_nnunet.benchmark.run_benchmark`).
+
+    ``methods``/``labeled``/``seeds``: lists or comma-separated strings (``"all"``: every installed method).
+    ``overrides``: ``--set`` items,
     ``key=value`` for every method that has the key, ``method:key=value`` for one method.
     ``dry_run``: return ``{"runs": [...], "overrides": {method: {key: value}}, "held_out_share": share or None}``
     (each run with its ``status``: train, resume or done) without planning or training.
@@ -1048,13 +1123,21 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     held_out = bench.DEFAULT_HELD_OUT if held_out is None else check_held_out_share(held_out)
 
     methods = parse_list(methods, "--methods")
+    if methods == ["all"]:
+        methods = [m["name"] for m in list_methods()]
+    if from_checkpoint is not None:
+        methods = bench.protocol_methods(methods, from_checkpoint, first_epochs)
+    elif first_epochs is not None:
+        raise SemidiffError("--first-epochs is the length of the first stage of --from-checkpoint auto; add "
+                            "--from-checkpoint auto or drop --first-epochs.")
     labeled = parse_list(labeled, "--labeled")
     try:
         seeds = [int(s) for s in parse_list(seeds, "--seeds")]
     except ValueError:
         raise SemidiffError(f"--seeds {seeds}: give comma-separated integers, e.g. 0,1,2.") from None
     fold = parse_fold(fold)
-    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, num_processes=num_processes)
+    _check_counts(epochs=epochs, iters_per_epoch=iters_per_epoch, num_processes=num_processes,
+                  first_epochs=first_epochs)
     _check_counts(0, val_iters=val_iters_per_epoch)
     for m in methods:
         get_registry().method(m)
@@ -1074,7 +1157,8 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     if dry_run:
         pname = planning.plans_name_for(gpu_memory_target, plans_name, planner)
         result = bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,
-                                     dry_run=True, held_out=held_out)
+                                     dry_run=True, held_out=held_out, from_checkpoint=from_checkpoint,
+                                     first_epochs=first_epochs, epochs=epochs)
         return {**result, "overrides": per_method}
     resolve_device(device)
     check_fold(planning.dataset_name(dataset), fold)
@@ -1084,4 +1168,5 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     return bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, device, pname, epochs,
                                iters_per_epoch, per_method, output, log=log, show_progress=show_progress,
                                val_iters_per_epoch=10 if val_iters_per_epoch is None else val_iters_per_epoch,
-                               make_progress=make_progress, held_out=held_out)
+                               make_progress=make_progress, held_out=held_out, from_checkpoint=from_checkpoint,
+                               first_epochs=first_epochs)

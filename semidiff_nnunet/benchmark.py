@@ -25,15 +25,36 @@ one column group per fraction, best in bold), ``benchmark.png`` (Dice vs labeled
 method, error bars), ``benchmark_cases.png`` (held-out cases — supervised's best, median and worst — with
 the image, the reference and every method's final prediction, at the first labeled fraction and seed) and
 ``held_out.json``.
+
+``from_checkpoint`` (``--from-checkpoint``) runs a two-stage protocol instead, one group of runs per (labeled
+spec, seed):
+
+1. the *first stage*: ``supervised`` on the labeled cases, ``first_epochs`` epochs (``auto``; folder tag
+   ``first-e<N>``, e.g. ``supervised__lab0.1_ho0.5_first-e4__seed0``), or an existing checkpoint per labeled
+   spec and seed (a path with ``{labeled}`` and ``{seed}``; tag ``ck<hash of the path>``). Whether it converged
+   is judged on its logged per-epoch validation pseudo Dice (:func:`convergence`), its curve drawn;
+2. the *second stage*: every method, and ``supervised`` again as the *control* (the restart of the learning
+   rate alone), ``epochs`` more epochs from that checkpoint (``--pretrained-weights``; a trained start skips
+   the burn-in and BCP's pre-training), each in its own folder (``<method>__lab0.1_ho0.5_from-first-e4__seed0``).
+
+Both stages hold out the same cases. A run's ``gain`` is its Dice minus the control's of the same labeled
+spec and seed; its ``cost`` its training seconds per iteration over the control's. The tables go to the
+subfolder ``from-<tag>`` of the default output folder, with ``first_stage.json`` and one
+``first_stage_<labeled>_seed<s>.png`` per first stage.
+
+Every stage of every run is skipped when finished and resumed when interrupted; the tables are rewritten after
+each run.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import shutil
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +71,13 @@ CHECKPOINTS = (("", "checkpoint_final.pth", "benchmark_predictions"),
 TABLE_METRICS = ("Dice", "Dice" + BEST, "mIoU", "HD95")
 #: share of the fold's validation cases held out for scoring when the dataset has no imagesTs/labelsTs
 DEFAULT_HELD_OUT = 0.5
+#: ``--from-checkpoint auto``: the benchmark trains the first stage itself
+AUTO = "auto"
+#: the method of the first stage, and of the control of the second
+CONTROL = "supervised"
+FIRST, SECOND = "first", "second"
+#: the first stage has converged when its validation pseudo Dice gains less than this over its last quarter
+CONVERGED_GAIN = 0.005
 
 
 @dataclass
@@ -58,12 +86,26 @@ class PlannedRun:
     labeled: str
     seed: int
     info: api.RunInfo
+    role: str = ""  # "": from scratch; FIRST or SECOND stage of the --from-checkpoint protocol
+    stage_tag: str = ""  # the stage's part of the folder name (api.run_info's ``stage``)
+    pretrained: Path | None = None  # the checkpoint a second-stage run starts from
 
     @property
     def status(self) -> str:
         if self.info.finished:
             return "done"
         return "resume" if self.info.resumable_checkpoint() else "train"
+
+    @property
+    def label(self) -> str:
+        """The run's row in benchmark.md: the method, or which stage of ``supervised`` it is."""
+        return run_label(self.method, self.role)
+
+
+def run_label(method: str, role: str) -> str:
+    if role == FIRST:
+        return f"{method} (first stage)"
+    return f"{method} (control)" if role == SECOND and method == CONTROL else method
 
 
 def plan_runs(dataset, methods, labeled, seeds, configuration, fold, plans_name,
@@ -78,13 +120,70 @@ def plan_runs(dataset, methods, labeled, seeds, configuration, fold, plans_name,
     return runs
 
 
+def check_from_checkpoint(value: str, first_epochs: int | None = None) -> None:
+    """``--from-checkpoint``: ``auto``, or a checkpoint path whose only placeholders are ``{labeled}`` and
+    ``{seed}``; ``--first-epochs`` only with ``auto``."""
+    if value == AUTO:
+        return
+    if first_epochs is not None:
+        raise SemidiffError("--first-epochs sets the first stage that --from-checkpoint auto trains; drop it when "
+                            "--from-checkpoint names checkpoints.")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+    except ValueError:
+        fields = {"?"}
+    if fields - {"labeled", "seed"}:
+        raise SemidiffError(f"--from-checkpoint {value}: give auto, or a checkpoint path with {{labeled}} and "
+                            f"{{seed}} as its only placeholders (e.g. runs/lab{{labeled}}_seed{{seed}}/"
+                            f"checkpoint_final.pth).")
+
+
+def protocol_methods(methods: list[str], from_checkpoint: str, first_epochs: int | None = None) -> list[str]:
+    """The second stage's methods: ``supervised`` (the control) first, then the others."""
+    check_from_checkpoint(from_checkpoint, first_epochs)
+    return [CONTROL] + [m for m in methods if m != CONTROL]
+
+
+def first_stage_tag(from_checkpoint: str, first_epochs: int | None) -> str:
+    """``first-e<N>`` for ``auto`` (``first`` when nnU-Net's default length), else ``ck`` + a hash of the
+    checkpoint path."""
+    if from_checkpoint == AUTO:
+        return "first" + (f"-e{first_epochs}" if first_epochs else "")
+    return "ck" + hashlib.sha1(os.path.abspath(os.path.expanduser(from_checkpoint)).encode()).hexdigest()[:8]
+
+
+def plan_protocol(dataset, methods, labeled, seeds, configuration, fold, plans_name, held_out: float | None,
+                  from_checkpoint: str, first_epochs: int | None) -> list[PlannedRun]:
+    """Per (labeled spec, seed): the first stage (``auto`` only), then the control and every other method
+    from its checkpoint."""
+    tag = first_stage_tag(from_checkpoint, first_epochs)
+    runs = []
+    for lab in labeled:
+        for s in seeds:
+            if from_checkpoint == AUTO:
+                first = PlannedRun(CONTROL, lab, s, api.run_info(dataset, CONTROL, lab, s, configuration, fold,
+                                                                 plans_name, held_out, tag), FIRST, tag)
+                runs.append(first)
+                checkpoint = first.info.fold_folder / "checkpoint_final.pth"
+            else:
+                checkpoint = Path(from_checkpoint.format(labeled=lab, seed=s)).expanduser()
+            for m in protocol_methods(methods, from_checkpoint):
+                runs.append(PlannedRun(m, lab, s, api.run_info(dataset, m, lab, s, configuration, fold, plans_name,
+                                                               held_out, f"from-{tag}"),
+                                       SECOND, f"from-{tag}", checkpoint.resolve()))
+    return runs
+
+
 def different_settings(run: PlannedRun, epochs: int | None, iters_per_epoch: int | None, overrides: dict) -> str:
     """How an existing (finished or resumable) run's stored settings differ from what this benchmark asks
-    for ("" when they agree or nothing exists): a table must never mix budgets or hyperparameters."""
+    for ("" when they agree or nothing exists): a table must never mix budgets, hyperparameters or (second
+    stage) starting checkpoints."""
     stored_file = run.info.fold_folder / "semidiff_run.json"
     if not stored_file.is_file():
         return ""
     stored = json.loads(stored_file.read_text(encoding="utf-8"))
+    if run.pretrained is not None and stored.get("pretrained_weights") != str(run.pretrained):
+        return f"pretrained_weights={stored.get('pretrained_weights')}, not {run.pretrained}"
     for key, wanted in (("num_epochs", epochs), ("num_iterations_per_epoch", iters_per_epoch)):
         if wanted is not None and stored.get(key) not in (None, wanted):
             return f"{key}={stored[key]}, not {wanted}"
@@ -193,7 +292,8 @@ def score_run(name: str, run: PlannedRun, images: Path, labels: Path, configurat
                 shutil.rmtree(pred, ignore_errors=True)  # no stale case of an earlier checkpoint survives
                 api.predict(name, run.method, images, pred, labeled=run.labeled, seed=run.seed,
                             configuration=configuration, folds=(fold,), device=device, plans_name=plans_name,
-                            checkpoint=checkpoint, show_progress=show_progress, held_out=held_out)
+                            checkpoint=checkpoint, show_progress=show_progress, held_out=held_out,
+                            stage=run.stage_tag)
                 api.evaluate(name, pred, labels, summary_file)
             summary = json.loads(summary_file.read_text(encoding="utf-8"))
             if "mIoU" not in summary:  # evaluated before mIoU existed
@@ -217,9 +317,9 @@ def score_run(name: str, run: PlannedRun, images: Path, labels: Path, configurat
 def _checkpoint_fields(path: Path) -> dict:
     """``epoch`` (the epoch whose end wrote the checkpoint; nnU-Net stores the next one) and ``best_ema``
     (nnU-Net's best EMA pseudo Dice when it was written)."""
-    import torch
+    from semidiff_nnunet.training.checkpoint import safe_load
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = safe_load(path)
     return {"epoch": int(ck.get("current_epoch", 0)) - 1, "best_ema": ck.get("_best_ema")}
 
 
@@ -234,55 +334,260 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                   fold=0, device: str = "auto", plans_name: str = "nnUNetPlans", epochs: int | None = None,
                   iters_per_epoch: int | None = None, overrides: dict | None = None, output: Path | None = None,
                   dry_run: bool = False, log=print, show_progress: bool = True,
-                  val_iters_per_epoch: int = 10, make_progress=None, held_out: float = DEFAULT_HELD_OUT) -> dict:
+                  val_iters_per_epoch: int = 10, make_progress=None, held_out: float = DEFAULT_HELD_OUT,
+                  from_checkpoint: str | None = None, first_epochs: int | None = None) -> dict:
     """Run the benchmark (the CLI goes through :func:`semidiff_nnunet.api.benchmark`, which checks every
     option first). ``overrides``: ``{method: {key: value}}``; ``make_progress``: a factory of
     :class:`~semidiff_nnunet.training.progress.TrainingProgress`, one per training run; ``held_out``: the
-    share of the fold's validation cases kept apart for scoring when the dataset has no imagesTs/labelsTs
-    (see the module docstring)."""
+    share of the fold's validation cases kept apart for scoring when the dataset has no imagesTs/labelsTs;
+    ``from_checkpoint``/``first_epochs``: the two-stage protocol (``first_epochs`` defaults to ``epochs``;
+    see the module docstring)."""
+    from semidiff_nnunet.training.splits import LabeledSpec
+
     name = planning.dataset_name(dataset)
+    overrides = overrides or {}
     for m in methods:
         api.method_trainer(m)
     share = held_out_share(name, held_out)
-    runs = plan_runs(name, methods, labeled, seeds, configuration, fold, plans_name, share)
+    if from_checkpoint is not None:
+        methods = protocol_methods(methods, from_checkpoint, first_epochs)
+        first_epochs = first_epochs or epochs
+        runs = plan_protocol(name, methods, labeled, seeds, configuration, fold, plans_name, share, from_checkpoint,
+                             first_epochs)
+    else:
+        runs = plan_runs(name, methods, labeled, seeds, configuration, fold, plans_name, share)
     for r in runs:
-        reason = different_settings(r, epochs, iters_per_epoch, (overrides or {}).get(r.method, {}))
+        reason = different_settings(r, first_epochs if r.role == FIRST else epochs, iters_per_epoch,
+                                    overrides.get(r.method, {}))
         if reason:
-            raise SemidiffError(f"{r.method} labeled {r.labeled} seed {r.seed} already has a run in "
+            raise SemidiffError(f"{r.label} labeled {r.labeled} seed {r.seed} already has a run in "
                                 f"{r.info.fold_folder} trained with {reason}; delete that folder or point "
                                 f"SEMIDIFF_HOME elsewhere to benchmark these settings.")
     if dry_run:
         return {"runs": runs, "held_out_share": share}
     held = held_out_set(name, fold, share, configuration, plans_name)
-    rows = []
     for r in runs:
-        stored = _stored_held_out(r)
-        if stored is not None and stored != held.cases:
+        stored = _stored_held_out(r)  # imagesTs: the runs hold out no validation case
+        if stored is not None and stored != (held.cases if share is not None else []):
             raise SemidiffError(f"The run in {r.info.fold_folder} held out other cases than the benchmark scores on "
                                 f"(splits_final.json changed since it was trained); delete that folder to train "
                                 f"it again.")
+    if from_checkpoint not in (None, AUTO):
+        for r in {(r.labeled, r.seed): r for r in runs}.values():
+            _check_given_first_stage(name, r, fold, share, held.cases, log)
+    out = Path(output) if output else paths.runs_root() / "benchmarks" / name / configuration
+    if output is None and from_checkpoint is not None:
+        out = out / f"from-{first_stage_tag(from_checkpoint, first_epochs)}"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{name}, {configuration}, fold {fold}, held out: {held.description}"
+    if from_checkpoint is not None:
+        title += "; " + _protocol_summary(from_checkpoint, first_epochs, epochs, iters_per_epoch)
+    labels = list(dict.fromkeys(r.label for r in runs))
+    rows: list[dict] = []
+    first_stage: dict[tuple[str, int], dict] = {}
     for i, r in enumerate(runs, 1):
-        log(f"[{i}/{len(runs)}] {r.method} labeled {r.labeled} seed {r.seed}: {r.status}")
+        log(f"[{i}/{len(runs)}] {r.label} labeled {r.labeled} seed {r.seed}: {r.status}")
         if not r.info.finished:
             api.train(name, r.method, labeled=r.labeled, seed=r.seed, configuration=configuration, fold=fold,
-                      device=device, epochs=epochs, iters_per_epoch=iters_per_epoch,
-                      overrides=(overrides or {}).get(r.method, {}), plans_name=plans_name,
+                      device=device, epochs=first_epochs if r.role == FIRST else epochs,
+                      iters_per_epoch=iters_per_epoch, overrides=overrides.get(r.method, {}), plans_name=plans_name,
                       continue_training=r.info.resumable_checkpoint() is not None, final_validation=False,
                       val_iters_per_epoch=val_iters_per_epoch, show_progress=show_progress,
-                      progress=make_progress() if make_progress else None, held_out=share)
-        rows.append(score_run(name, r, held.images, held.labels, configuration, fold, device, plans_name, share,
-                              show_progress))
-    out = Path(output) if output else paths.runs_root() / "benchmarks" / name / configuration
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "benchmark.csv")
-    md = markdown_table(rows, methods, labeled, title=f"{name}, {configuration}, fold {fold}, held out: "
-                                                      f"{held.description}", metrics=TABLE_METRICS)
-    _write_text(out / "benchmark.md", md)
+                      progress=make_progress() if make_progress else None, held_out=share,
+                      pretrained_weights=r.pretrained, stage=r.stage_tag)
+        row = score_run(name, r, held.images, held.labels, configuration, fold, device, plans_name, share,
+                        show_progress)
+        row["s_per_it"] = seconds_per_iteration(r.info.fold_folder)
+        if from_checkpoint is not None:
+            first_ck = r.info.fold_folder / "checkpoint_final.pth" if r.role == FIRST else r.pretrained
+            key = (r.labeled, r.seed)
+            if key not in first_stage:
+                png = out / f"first_stage_{LabeledSpec.parse(r.labeled).tag}_seed{r.seed}.png"
+                first_stage[key] = judge_first_stage(first_ck, png, f"first stage, labeled {r.labeled}, seed {r.seed}")
+            row.update({"stage": r.role, "from": str(r.pretrained or "")})
+            if r.role == FIRST:
+                row.update({"converged": first_stage[key]["converged"], "last_quarter_gain": first_stage[key]["gain"]})
+        rows.append(row)
+        add_gains(rows)
+        _write_tables(rows, labels, labeled, out, title, first_stage if from_checkpoint is not None else None)
     _write_text(out / "held_out.json", json.dumps({"dataset": name, "fold": fold, **held.to_json()}, indent=2) + "\n")
-    plot(rows, methods, labeled, out / "benchmark.png", title=f"{name} ({configuration})")
+    shown = _display_rows(rows)
+    plot(shown, labels, labeled, out / "benchmark.png", title=f"{name} ({configuration})")
     _case_figure(name, runs, labeled[0], seeds[0], held.images, held.labels, out / "benchmark_cases.png")
-    return {"runs": runs, "rows": rows, "output": out, "markdown": md, "held_out": held.description,
-            "held_out_cases": held.cases, "selection_cases": held.selection}
+    return {"runs": runs, "rows": rows, "output": out, "markdown": (out / "benchmark.md").read_text(encoding="utf-8"),
+            "held_out": held.description, "held_out_cases": held.cases, "selection_cases": held.selection,
+            "first_stage": first_stage}
+
+
+def _protocol_summary(from_checkpoint: str, first_epochs, epochs, iters_per_epoch) -> str:
+    def budget(n):
+        return (f"{n} epoch{'' if n == 1 else 's'}" if n else "nnU-Net's default epochs") + (
+            f" × {iters_per_epoch} it" if iters_per_epoch else "")
+
+    start = (f"supervised's first stage ({budget(first_epochs)})" if from_checkpoint == AUTO else
+             f"the checkpoints {from_checkpoint}")
+    return f"second stage: {budget(epochs)} from {start}"
+
+
+def _display_rows(rows: list[dict]) -> list[dict]:
+    """The rows with ``method`` as benchmark.md shows it (the stage of ``supervised`` named)."""
+    return [{**r, "method": run_label(r["method"], r.get("stage", ""))} for r in rows]
+
+
+def _write_tables(rows, labels, labeled, out: Path, title: str, first_stage: dict | None) -> None:
+    """benchmark.csv and benchmark.md (and, for the protocol, first_stage.json) as far as the runs have come."""
+    write_csv(rows, out / "benchmark.csv")
+    metrics = TABLE_METRICS + (("gain", "cost") if first_stage is not None else ())
+    md = markdown_table(_display_rows(rows), labels, labeled, title=title, metrics=metrics)
+    if first_stage is not None:
+        md += "\n" + first_stage_markdown(first_stage)
+        _write_text(out / "first_stage.json", json.dumps(
+            {"rule": f"converged: the validation pseudo Dice gains < {CONVERGED_GAIN} over the last quarter of the "
+                     f"epochs (least-squares fit)", "threshold": CONVERGED_GAIN,
+             "runs": [{"labeled": lab, "seed": s, **v} for (lab, s), v in first_stage.items()]}, indent=2) + "\n")
+    _write_text(out / "benchmark.md", md)
+
+
+def add_gains(rows: list[dict]) -> None:
+    """Second-stage rows: ``gain`` = Dice − the control's Dice (same labeled spec and seed), ``cost`` = seconds
+    per iteration ÷ the control's; NaN elsewhere and while the control has no row yet."""
+    control = {(r["labeled"], r["seed"]): r for r in rows if r.get("stage") == SECOND and r["method"] == CONTROL}
+    for r in rows:
+        c = control.get((r["labeled"], r["seed"])) if r.get("stage") == SECOND else None
+        r["gain"] = r["Dice"] - c["Dice"] if c else float("nan")
+        ok = c is not None and c.get("s_per_it", 0) > 0
+        r["cost"] = r.get("s_per_it", float("nan")) / c["s_per_it"] if ok else float("nan")
+
+
+def _check_given_first_stage(name: str, run: PlannedRun, fold, share: float | None, held_out_cases: list[str],
+                             log) -> None:
+    """A given first-stage checkpoint exists, and (when a semidiff run wrote it) trained on exactly the labeled
+    cases of its labeled spec and seed and saw no held-out case."""
+    ck = run.pretrained
+    if not ck.is_file():
+        raise SemidiffError(f"--from-checkpoint: no checkpoint {ck} for labeled {run.labeled} seed {run.seed}; "
+                            f"give a path that exists for every labeled spec and seed, or auto.")
+    run_json = ck.parent / "semidiff_run.json"
+    if not run_json.is_file():
+        log(f"note: {ck} has no semidiff_run.json beside it, so whether it trained only on the labeled cases of "
+            f"labeled {run.labeled} seed {run.seed} (and on no held-out case) is not checked.")
+        return
+    split = json.loads(run_json.read_text(encoding="utf-8")).get("split") or {}
+    want = api.split(name, run.labeled, run.seed, fold, held_out=share)
+    seen = set(split.get("labeled") or []) | set(split.get("unlabeled") or [])
+    if sorted(split.get("labeled") or []) != sorted(want.labeled) or seen & set(held_out_cases):
+        raise SemidiffError(f"--from-checkpoint: {ck} was trained on other cases than labeled {run.labeled} seed "
+                            f"{run.seed} labels (or on held-out cases); give the checkpoint of that labeled spec "
+                            f"and seed, or auto.")
+
+
+# ---------------------------------------------------------------------------------------------- first stage
+def convergence(dice, threshold: float = CONVERGED_GAIN) -> dict:
+    """Whether a run's per-epoch validation pseudo Dice (nnU-Net's ``mean_fg_dice``) has levelled off: its
+    gain over the last quarter of the ``n`` epochs (``q = ceil(n / 4)``, at most ``n - 1``) is below
+    ``threshold``. The gain is the least-squares slope over the ``q + 1`` values ending at the last one, times
+    ``q`` — the difference of the two end values on a straight curve, but one noisy epoch at either end does
+    not decide it.
+
+    Returns ``{"epochs": n, "window": q, "start_epoch": n - 1 - q, "from": value there, "to": the last
+    value, "gain": g, "converged": g < threshold}``; ``gain`` NaN and ``converged`` None with fewer than two
+    epochs or an epoch without a validation score (NaN) in the window."""
+    values = [float(v) for v in dice]
+    n = len(values)
+    q = min(n - 1, math.ceil(n / 4))
+    result = {"epochs": n, "window": max(q, 0), "start_epoch": n - 1 - q if q > 0 else None,
+              "from": values[n - 1 - q] if q > 0 else float("nan"), "to": values[-1] if n else float("nan"),
+              "gain": float("nan"), "converged": None}
+    window = values[n - 1 - q:] if q > 0 else []
+    if not window or any(math.isnan(v) for v in window):
+        return result
+    xs = range(len(window))
+    mx, my = sum(xs) / len(window), sum(window) / len(window)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, window)) / sum((x - mx) ** 2 for x in xs)
+    result["gain"] = slope * q
+    result["converged"] = bool(result["gain"] < threshold)
+    return result
+
+
+def _logging(checkpoint: Path) -> dict:
+    """nnU-Net's per-epoch log stored in a checkpoint (``mean_fg_dice``, ``ema_fg_dice``, timestamps ...)."""
+    from semidiff_nnunet.training.checkpoint import safe_load
+
+    ck = safe_load(checkpoint)
+    return (ck.get("logging") if isinstance(ck, dict) else None) or {}
+
+
+def judge_first_stage(checkpoint: Path, png: Path, title: str) -> dict:
+    """:func:`convergence` of the first stage's logged pseudo Dice, and its curve drawn to ``png``."""
+    log = _logging(checkpoint)
+    verdict = {**convergence(log.get("mean_fg_dice") or []), "checkpoint": str(checkpoint), "curve": None}
+    if log.get("mean_fg_dice"):
+        plot_first_stage(log, verdict, png, title)
+        verdict["curve"] = png.name
+    return verdict
+
+
+def first_stage_markdown(first_stage: dict) -> str:
+    lines = [f"First stage: converged when its validation pseudo Dice (nnU-Net's per-epoch mean_fg_dice, on the "
+             f"selection cases) gains < {CONVERGED_GAIN} over the last quarter of its epochs (least-squares fit "
+             f"over that quarter; curves in first_stage_*.png):", ""]
+    for (lab, seed), v in first_stage.items():
+        if v["converged"] is None:
+            lines.append(f"- labeled {lab}, seed {seed}: n/a ({v['epochs']} epoch(s) with a validation score; "
+                         f"needs 2 or more, each validated)")
+            continue
+        lines.append(f"- labeled {lab}, seed {seed}: converged {'yes' if v['converged'] else '**no**'} — pseudo Dice "
+                     f"{v['from']:.4f} → {v['to']:.4f} over epochs {v['start_epoch']}–{v['epochs'] - 1} of "
+                     f"{v['epochs']}, fitted gain {v['gain']:+.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_first_stage(log: dict, verdict: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dice = [float(v) for v in log.get("mean_fg_dice") or []]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(len(dice)), dice, marker=".", label="pseudo Dice (mean_fg_dice)")
+    ema = [float(v) for v in log.get("ema_fg_dice") or []]
+    if ema:
+        ax.plot(range(len(ema)), ema, alpha=0.6, label="EMA pseudo Dice")
+    if verdict["converged"] is not None:
+        start, n, q = verdict["start_epoch"], verdict["epochs"], verdict["window"]
+        ax.axvspan(start, n - 1, color="grey", alpha=0.15, label="last quarter")
+        window = dice[start:]
+        mid = sum(window) / len(window)
+        slope = verdict["gain"] / q
+        half = (len(window) - 1) / 2
+        ax.plot([start, n - 1], [mid - slope * half, mid + slope * half], "k--",
+                label=f"fit: gain {verdict['gain']:+.4f}")
+        title += f": {'converged' if verdict['converged'] else 'not converged'}"
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation pseudo Dice")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def seconds_per_iteration(fold_folder: Path) -> float:
+    """Training seconds per iteration of a finished run: the median epoch (its logged start to end time,
+    validation included) over its iterations per epoch; NaN without the log."""
+    ck, run_json = fold_folder / "checkpoint_final.pth", fold_folder / "semidiff_run.json"
+    if not ck.is_file() or not run_json.is_file():
+        return float("nan")
+    log = _logging(ck)
+    its = json.loads(run_json.read_text(encoding="utf-8")).get("num_iterations_per_epoch")
+    spans = sorted(e - s for s, e in zip(log.get("epoch_start_timestamps") or [], log.get("epoch_end_timestamps") or []))
+    if not spans or not its:
+        return float("nan")
+    return float(spans[len(spans) // 2]) / its
 
 
 def _stored_held_out(run: PlannedRun) -> list[str] | None:
@@ -302,11 +607,13 @@ def _write_text(path: Path, text: str) -> None:
 def _case_figure(name, runs, labeled, seed, images, labels, path: Path) -> None:
     from semidiff_nnunet.evaluation.figures import case_grid
 
-    chosen = {r.method: r.info.fold_folder / "benchmark_predictions" for r in runs
+    chosen = {r.label: r.info.fold_folder / "benchmark_predictions" for r in runs
               if r.labeled == labeled and r.seed == seed}
     summaries = {m: json.loads((folder / "summary.json").read_text(encoding="utf-8")) for m, folder in chosen.items()}
     ds = planning.dataset_json(planning.raw_folder(name))
+    control = run_label(CONTROL, SECOND)  # the protocol: cases picked by the control's scores
     case_grid(images, labels, chosen, summaries, path, ds["file_ending"], ds,
+              reference_method=control if control in chosen else None,
               title=f"{name}: held-out cases, labeled {labeled}, seed {seed}")
 
 
@@ -345,7 +652,16 @@ NOTES = {
                    "validation cases that select, never on the held-out ones; n/a when a run never validated)",
     "mIoU": "mIoU: per class the IoU of all held-out voxels pooled, averaged over the classes, background "
             "included (ProtoDiff's metric), with checkpoint_final.pth",
+    "gain": "gain over control: Dice minus the Dice of the control (supervised trained on from the same "
+            "checkpoint for the same iterations: what restarting the learning rate alone gives), per seed",
+    "cost": "cost × control: training seconds per iteration (median epoch, validation included, from the run's "
+            "logged timestamps) over the control's; as noisy as the machine's load",
 }
+#: column names and number formats of benchmark.md that differ from the metric's own
+HEADERS = {"gain": "gain over control", "cost": "cost × control"}
+FORMATS = {"gain": "+.4f", "cost": ".2f"}
+#: columns without a best (bold) cell
+UNRANKED = {"cost"}
 
 
 def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD95")) -> str:
@@ -353,12 +669,14 @@ def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD
     Dice, Jaccard or mIoU, lowest distance). A cell whose metric is undefined for some runs (HD95 of an empty
     prediction) says over how many runs it is taken, e.g. ``3.50 (1/2)``."""
     lines = [f"**{title}**", ""] if title else []
-    header = ["method"] + [f"{metric} @ {lab}" for lab in labeled for metric in metrics]
+    header = ["method"] + [f"{HEADERS.get(metric, metric)} @ {lab}" for lab in labeled for metric in metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     agg = {metric: aggregate(rows, methods, labeled, metric) for metric in metrics}
     best = {}
     for metric in metrics:
         for lab in labeled:
+            if metric in UNRANKED:
+                continue
             means = [(agg[metric][(m, lab)][0], m) for m in methods if not math.isnan(agg[metric][(m, lab)][0])]
             if means:
                 best[(metric, lab)] = (max if higher_is_better(metric) else min)(means)[1]
@@ -369,7 +687,7 @@ def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD
                 mean, std = agg[metric][(m, lab)]
                 values = [r[metric] for r in rows if r["method"] == m and r["labeled"] == lab]
                 n = sum(not math.isnan(x) for x in values)
-                fmt = ".4f" if higher_is_better(metric) else ".2f"
+                fmt = FORMATS.get(metric, ".4f" if higher_is_better(metric) else ".2f")
                 text = "n/a" if math.isnan(mean) else f"{mean:{fmt}}" + ("" if math.isnan(std) else f" ± {std:{fmt}}")
                 if 0 < n < len(values):
                     text += f" ({n}/{len(values)})"

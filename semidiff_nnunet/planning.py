@@ -286,29 +286,34 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
 
 
 def _write_cases(out: Path, cases: dict, segs: dict | None, pp, plans_manager, cm, dataset_json, save_seg) -> int:
-    """Write preprocessed cases to a temporary folder, then move it into place (never half-written)."""
+    """Write preprocessed cases to a temporary folder (named for this process), then move it into place
+    (never half-written)."""
     import blosc2
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
 
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     blosc2.set_nthreads(1)
-    for case, files in cases.items():
-        seg_file = segs[case] if segs else None
-        data, seg, props = pp.run_case(files, seg_file, plans_manager, cm, dataset_json)
-        data = np.ascontiguousarray(data.astype(np.float32, copy=False))
-        blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
-        blosc2.asarray(data, urlpath=str(tmp / f"{case}.b2nd"), chunks=chunks, blocks=blocks)
-        if save_seg:
-            seg = np.ascontiguousarray(seg.astype(np.int16, copy=False))
-            blocks, chunks = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
-            blosc2.asarray(seg, urlpath=str(tmp / f"{case}_seg.b2nd"), chunks=chunks, blocks=blocks)
-        else:
-            props.pop("class_locations", None)
-        with open(tmp / f"{case}.pkl", "wb") as f:
-            pickle.dump(props, f)
+    try:
+        for case, files in cases.items():
+            seg_file = segs[case] if segs else None
+            data, seg, props = pp.run_case(files, seg_file, plans_manager, cm, dataset_json)
+            data = np.ascontiguousarray(data.astype(np.float32, copy=False))
+            blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
+            blosc2.asarray(data, urlpath=str(tmp / f"{case}.b2nd"), chunks=chunks, blocks=blocks)
+            if save_seg:
+                seg = np.ascontiguousarray(seg.astype(np.int16, copy=False))
+                blocks, chunks = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
+                blosc2.asarray(seg, urlpath=str(tmp / f"{case}_seg.b2nd"), chunks=chunks, blocks=blocks)
+            else:
+                props.pop("class_locations", None)
+            with open(tmp / f"{case}.pkl", "wb") as f:
+                pickle.dump(props, f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return len(cases)

@@ -72,6 +72,9 @@ Pretrained = Annotated[Path | None, typer.Option(
                                  "teachers start from it too.")]
 Processes = Annotated[int, typer.Option("-np", "--num-processes", help="Worker processes for planning and "
                                                                      "preprocessing.")]
+Wait = Annotated[bool, typer.Option("--wait", help="If another semidiff command is training this run (or writing "
+                                                  "the dataset's preprocessed data), wait for it to end instead of "
+                                                  "refusing; then go on from what it left.")]
 HeldOutRun = Annotated[float | None, typer.Option(
     "--held-out", help="The run's held-out share of the fold's validation cases (a semidiff benchmark run on a "
                        "dataset without imagesTs), e.g. 0.5.")]
@@ -97,6 +100,10 @@ def _announce_workspace() -> None:
     if filled:
         console.print(f"[dim]{escape(', '.join(filled))} not set; using the workspace {escape(str(workspace))} "
                       f"(set SEMIDIFF_HOME or nnU-Net's variables to change it).[/dim]", soft_wrap=True)
+
+
+def _say(message: str) -> None:
+    console.print(escape(message), soft_wrap=True, highlight=False)
 
 
 def _report_run(info, t0: float) -> None:
@@ -129,6 +136,7 @@ def plan_and_train(
     nproc: Nproc = 1,
     planner: Planner = None,
     pretrained_weights: Pretrained = None,
+    wait: Wait = False,
 ):
     """Plan and preprocess DATASET with nnU-Net (once), then train METHOD on a labeled fraction.
 
@@ -146,7 +154,7 @@ def plan_and_train(
                                   continue_training=cont, plans_name=plans, gpu_memory_target=gpu_memory_target,
                                   num_processes=num_processes, val_iters_per_epoch=val_iters, save_every=save_every,
                                   final_validation=not no_val, show_progress=True, progress=bar, nproc=nproc,
-                                  planner=planner, pretrained_weights=pretrained_weights)
+                                  planner=planner, pretrained_weights=pretrained_weights, wait=wait, log=_say)
     finally:
         bar.close()
     _report_run(info, t0)
@@ -171,6 +179,7 @@ def train(
     no_val: NoVal = False,
     nproc: Nproc = 1,
     pretrained_weights: Pretrained = None,
+    wait: Wait = False,
 ):
     """Train METHOD on an already preprocessed dataset.
 
@@ -185,7 +194,7 @@ def train(
                          device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
                          continue_training=cont, plans_name=plans or "nnUNetPlans", val_iters_per_epoch=val_iters,
                          save_every=save_every, final_validation=not no_val, show_progress=True, progress=bar,
-                         nproc=nproc, pretrained_weights=pretrained_weights)
+                         nproc=nproc, pretrained_weights=pretrained_weights, wait=wait, log=_say)
     finally:
         bar.close()
     _report_run(info, t0)
@@ -387,6 +396,14 @@ def benchmark(
         "--held-out", help="Without imagesTs/labelsTs: the share of the fold's validation cases kept apart for "
                            "scoring (default 0.5); the runs never train nor validate on them, the rest selects "
                            "checkpoints.")] = None,
+    from_checkpoint: Annotated[str | None, typer.Option(
+        "--from-checkpoint", help="Two stages: auto trains supervised first (--first-epochs), or give its "
+                                  "checkpoint per labeled spec and seed as a path with {labeled} and {seed}; then "
+                                  "every method, and supervised as the control, trains --epochs more from it. "
+                                  "Adds the gain over the control, per seed.")] = None,
+    first_epochs: Annotated[int | None, typer.Option(
+        "--first-epochs", help="With --from-checkpoint auto: epochs of the supervised first stage (default "
+                               "--epochs).")] = None,
 ):
     """Train, predict and evaluate every (method, labeled, seed); write benchmark.csv, .md and .png.
 
@@ -394,6 +411,8 @@ def benchmark(
     selection sees; with the final and with the best checkpoint (columns Dice and Dice (best ckpt)).
 
     Example: semidiff benchmark 990 -m supervised,mean-teacher --labeled 0.05,0.1,0.2 --seeds 0,1,2 -c 2d
+
+    From a trained start: semidiff benchmark 990 -m all --from-checkpoint auto --first-epochs 100 --epochs 50
     """
     _running["command"] = "benchmark"
     _announce_workspace()
@@ -401,7 +420,8 @@ def benchmark(
                            epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters_per_epoch=val_iters,
                            overrides=sets, plans_name=plans, gpu_memory_target=gpu_memory_target, output=output,
                            dry_run=dry_run, num_processes=num_processes, log=console.print,
-                           make_progress=_progress_bar, planner=planner, held_out=held_out)
+                           make_progress=_progress_bar, planner=planner, held_out=held_out,
+                           from_checkpoint=from_checkpoint, first_epochs=first_epochs)
     if dry_run:
         runs = result["runs"]
         table = Table(title=f"{len(runs)} run(s)")
@@ -409,7 +429,7 @@ def benchmark(
             table.add_column(col)
         for r in runs:
             sets = " ".join(f"{k}={v}" for k, v in result["overrides"][r.method].items())
-            table.add_row(*(escape(str(v)) for v in (r.method, r.labeled, r.seed, sets, r.status, r.info.fold_folder)))
+            table.add_row(*(escape(str(v)) for v in (r.label, r.labeled, r.seed, sets, r.status, r.info.fold_folder)))
         out.print(table)
         share = result.get("held_out_share")
         out.print("held out: imagesTs/labelsTs" if share is None else
@@ -417,7 +437,7 @@ def benchmark(
         return
     out.print(result["markdown"], markup=False)
     console.print(f"[green]Wrote[/green] {escape(str(result['output']))}/benchmark.csv, benchmark.md, benchmark.png, "
-                  f"held_out.json")
+                  f"held_out.json" + (", first_stage.json, first_stage_*.png" if from_checkpoint else ""))
 
 
 def _register_convert() -> None:

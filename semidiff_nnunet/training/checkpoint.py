@@ -5,14 +5,19 @@ logger, epoch, init args, mirroring axes and whatever a future nnU-Net adds) and
 ``"semidiff"``: every network, extra optimizer, method state, the iteration counter and the RNG
 state. ``network_weights`` holds the inference network, so stock ``nnUNetv2_predict`` loads the run.
 ``load`` hands nnU-Net's part back to nnU-Net's ``load_checkpoint`` and restores the rest.
+Every checkpoint is read with :func:`safe_load` (``torch.load(weights_only=True)`` and an allowlist of plain
+data types): a file that needs anything else is refused before any of its code runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,6 +69,66 @@ def _nnunet_torch_io(loaded=None):
         _nnunet_module.torch = real
 
 
+# ---------------------------------------------------------------------------------------------- safe loading
+def _numpy_safe_globals() -> list:
+    """The numpy callables and types our checkpoints (and stock nnU-Net's) hold, under both module spellings
+    (``numpy._core`` of numpy 2, ``numpy.core`` of numpy 1) so a checkpoint written with either loads:
+
+    * ``multiarray._reconstruct`` and ``ndarray``: numpy arrays (the numpy RNG state, the loaders' RNG);
+    * ``multiarray.scalar``: numpy scalars (nnU-Net's logger values and ``_best_ema``, ``np.str_`` case ids);
+    * ``dtype`` and the dtype classes of booleans, integers, floats and strings: the dtypes those arrays and
+      scalars carry (unpickling an array or scalar sets a dtype's state, which torch allows only for
+      allowlisted classes). Object, void (structured) and datetime dtypes are left out: none of ours holds
+      them, and an object array is how arbitrary Python objects would ride along.
+    """
+    reconstruct, scalar = np.ndarray.__reduce__(np.empty(0))[0], np.float32(0).__reduce__()[0]
+    entries: list = [np.ndarray, np.dtype]
+    for fn in (reconstruct, scalar):
+        entries += [(fn, f"numpy._core.multiarray.{fn.__name__}"), (fn, f"numpy.core.multiarray.{fn.__name__}")]
+    kinds = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64, np.str_]
+    entries += sorted({type(np.dtype(k)) for k in kinds}, key=lambda t: t.__name__)
+    return entries
+
+
+SAFE_GLOBALS = _numpy_safe_globals()  # beyond torch's own: tensors, torch.device/dtype/Size, OrderedDict, set
+
+
+def _unsupported(path, error: Exception) -> str | None:
+    """What the file needs beyond the allowlist, read without running it (the pickle's globals), else from
+    torch's refusal; None where torch refused something else (a file that is no checkpoint at all)."""
+    with contextlib.suppress(Exception), torch.serialization.safe_globals(SAFE_GLOBALS):
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if names:
+            names = sorted(set(names))
+            return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    text = str(error)
+    match = (re.search(r"GLOBAL (\S+) (?:was not|whose module)", text)
+             or re.search(r"but got <class '([^']+)'>", text) or re.search(r"but got (\S+)", text))
+    return match.group(1) if match else None
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with :data:`SAFE_GLOBALS` allowed: tensors, numbers, strings,
+    containers and numpy arrays/scalars load; anything else (a class, a function such as ``os.system``) is
+    refused with a :class:`~semidiff_nnunet.errors.SemidiffError` naming the file and what it needs, and
+    nothing from the file runs. A file that is no checkpoint raises what ``torch.load`` raises (also an
+    ``UnpicklingError``: an opcode the safe unpickler does not run). Every checkpoint semidiff reads goes
+    through here."""
+    from semidiff_nnunet.errors import SemidiffError
+
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        needs = _unsupported(path, e)
+        if needs is None:
+            raise
+        raise SemidiffError(f"Refused to load {Path(path)}: it needs {needs}, and semidiff loads only "
+                            f"tensors, numbers, strings and plain numpy arrays from a checkpoint (anything else could "
+                            f"run code from the file); use a checkpoint written by nnU-Net or semidiff.") from None
+
+
 def nnunet_checkpoint(trainer) -> dict:
     """The dict nnU-Net's ``save_checkpoint`` would write for ``trainer`` (nothing is written)."""
     with _nnunet_torch_io() as io:
@@ -104,7 +169,9 @@ def pretrained_state(path: str) -> dict:
     from semidiff_nnunet.errors import SemidiffError
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = safe_load(path)
+    except SemidiffError:
+        raise
     except Exception as e:  # noqa: BLE001 (anything torch cannot read)
         raise SemidiffError(f"--pretrained-weights {path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
                             f"give a checkpoint_final.pth of nnU-Net or of a semidiff run.") from None

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -746,8 +747,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise SemidiffError(
                 f"Training diverged: the loss was NaN or infinite for {self._nonfinite_steps} steps in a row (up "
                 f"to iteration {self.iteration}; non-finite terms: {', '.join(bad) or 'the total'}). Lower the "
-                f"learning rate or the method's loss weights with --set, or check the data; the last saved "
-                f"checkpoint is in {self.output_folder}.")
+                f"learning rate or the method's loss weights with --set, or check the data.")  # api.train
+            # adds the run folder and its last checkpoint (it knows whether one was saved)
 
     def autocast(self):
         """nnU-Net's mixed-precision rule as a context: autocast on CUDA, nothing elsewhere (for
@@ -836,7 +837,22 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             if self.phase_best(span.name).offer(score, self.current_epoch, unwrap(self.network).state_dict):
                 self.print_to_log_file(f"phase {span.name!r}: best so far at epoch {self.current_epoch} "
                                        f"(EMA pseudo Dice {score:.4f})", also_print_to_console=False)
+        self._report_epoch()
         super().on_epoch_end()
+
+    def _report_epoch(self) -> None:
+        """The epoch's summary to the progress callback's ``epoch_end``, if it has one (rank 0)."""
+        report = getattr(self.progress, "epoch_end", None)
+        if report is None or self.local_rank != 0:
+            return
+        log = self.logger.local_logger.my_fantastic_logging
+        terms = {k[5:].lstrip("_"): float(v[-1]) for k, v in sorted(log.items())
+                 if k.startswith("term/") and v and np.isfinite(v[-1])}
+        start = self.logger.get_value("epoch_start_timestamps", step=-1)
+        report(epoch=self.current_epoch, num_epochs=self.num_epochs,
+               phase=self.current_phase.name if self.phases else "",
+               loss=float(self.logger.get_value("train_losses", step=-1)), terms=terms,
+               seconds=time.time() - start, pseudo_dice=float(self.logger.get_value("mean_fg_dice", step=-1)))
 
     def _log_no_validation(self):
         # num_val_iterations_per_epoch=0 (tests): keep the logger's one-value-per-epoch invariant
@@ -903,7 +919,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            checkpoint = ckpt.safe_load(checkpoint, map_location=self.device)
         semi = checkpoint.get(ckpt.SEMIDIFF_KEY)
         if semi is None:
             raise SemidiffError("This checkpoint was not written by a semidiff trainer and cannot be resumed here.")

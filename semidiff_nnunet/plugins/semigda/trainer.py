@@ -135,7 +135,7 @@ from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.losses.consistency import largest_components
 from semidiff_nnunet.networks.mixing import paste, random_box_mask
 from semidiff_nnunet.training import BaseHParams, Phase, SemiSupervisedTrainer, ramps, run_hparams, unwrap
-from semidiff_nnunet.training.checkpoint import SEMIDIFF_KEY
+from semidiff_nnunet.training.checkpoint import SEMIDIFF_KEY, safe_load
 
 ALIGN, SEGMENT = "align", "segment"
 INPUT_RANGES = ("auto", "rgb01", "zscore")
@@ -392,7 +392,7 @@ class SemiGDATrainer(SemiSupervisedTrainer):
             self.initialize()
         ck = filename_or_checkpoint
         if isinstance(ck, str):
-            ck = torch.load(ck, map_location=self.device, weights_only=False)
+            ck = safe_load(ck, map_location=self.device)
         semi = ck.get(SEMIDIFF_KEY)
         if semi is not None:
             self.current_epoch = int(ck["current_epoch"])
