@@ -10,6 +10,17 @@ and its inference forward ÷ the plain planned network's.
    forward only, no gradient.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/superdiffusion_cost.py --device cpu --steps 5 [--dim 3] [--set rounds=5]
+
+4. **Peak memory** (``--memory``, CPU): the resident memory one training step adds (peak RSS during the
+   step − RSS before it, the larger of two steps) for ``supervised``'s step and superdiffusion's phase-1
+   and phase-2 steps under each ``checkpointing`` setting, on the same plans. Every measurement runs in
+   a fresh process with glibc's mmap threshold fixed (freed tensors go back to the system, so RSS
+   before a step holds no freed heap); the peak is Linux's VmHWM, reset before each step. The 3D demo
+   dataset's ``nnUNetPlans`` (nnU-Net's default features 32–256, four stages, strides 1, 2, 2, 2) at a
+   chosen patch and batch size:
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/superdiffusion_cost.py --memory --dim 3 --plans nnUNetPlans \\
+        --patch 24,40,48 --batch 2
 """
 
 from __future__ import annotations
@@ -34,7 +45,17 @@ def main() -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], help="superdiffusion hyperparameter key=value")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--memory", action="store_true", help="measure peak step memory instead (CPU)")
+    parser.add_argument("--patch", default=None, help="with --memory: patch size, e.g. 24,40,48")
+    parser.add_argument("--batch", type=int, default=None, help="with --memory: batch size")
+    parser.add_argument("--runs", default=None, help="with --memory: comma-separated subset of "
+                        "METHOD/PHASE/CHECKPOINTING (default: all six)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child of --memory
     args = parser.parse_args()
+    if args.one:
+        return memory_one(args)
+    if args.memory:
+        return memory_main(args)
 
     from _demo_trainer import demo_dataset, median_timer, started_trainer
 
@@ -98,6 +119,111 @@ def main() -> dict:
     print(f"inference     {ms(inf)}   / plain planned network {ms(base)} = {inf / base:.3f}")
     save_json(args.json, result)
     return result
+
+
+MEMORY_RUNS = (("supervised", "step", "none"), ("superdiffusion", "pretrain", "none"),
+               ("superdiffusion", "pretrain", "all"), ("superdiffusion", "cotrain", "none"),
+               ("superdiffusion", "cotrain", "rounds"), ("superdiffusion", "cotrain", "all"))
+
+
+def _memory_kb() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in KiB."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status", encoding="ascii"))
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:  # "5": VmHWM := VmRSS
+        f.write("5")
+
+
+def memory_main(args) -> list:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    rows = []
+    wanted = args.runs.split(",") if args.runs else ["/".join(r) for r in MEMORY_RUNS]
+    for method, phase, ck in (r.split("/") for r in wanted):
+        cmd = [sys.executable, __file__, "--one", f"{method}:{phase}:{ck}", "--dim", str(args.dim),
+               "--plans", args.plans, "--device", "cpu"] + [f"--set={kv}" for kv in args.set]
+        cmd += ["--patch", args.patch] if args.patch else []
+        cmd += ["--batch", str(args.batch)] if args.batch else []
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{method:15s} {phase:9s} checkpointing={ck:7s} step adds {row['step_mb']:8.0f} MB "
+              f"(RSS before {row['rss_before_mb']:.0f} MB, step {row['step_s']:.2f} s)", flush=True)
+    base = next((r["step_mb"] for r in rows if r["run"].startswith("supervised")), None)
+    for row in rows:
+        row["over_supervised"] = row["step_mb"] / base if base else None
+    print(f"patch {rows[0]['patch']}, batch {rows[0]['batch']}, features {rows[0]['features']}, "
+          f"R = {rows[-1]['rounds']}" + ("; ratios to supervised: " + ", ".join(
+              f"{r['run']} {r['over_supervised']:.1f}" for r in rows) if base else ""))
+    save_json(args.json, rows)
+    return rows
+
+
+def memory_one(args) -> dict:
+    """One measurement (a child process of ``--memory``): build the trainer, fetch one batch, and report
+    the memory the next two training steps add."""
+    import gc
+    import json
+    import time
+
+    from _demo_trainer import demo_dataset
+
+    method, phase, ck = args.one.split(":")
+    name, configuration, device, dataset_json = demo_dataset(args.dim, "cpu", "superdiffusion_mem_")
+    from semidiff_nnunet import api, planning
+    from semidiff_nnunet.training import RunConfig
+    from semidiff_nnunet.training.hparams import hparams_to_dict, parse_overrides, resolve_hparams
+    from semidiff_nnunet.training.splits import LabeledSpec
+
+    cls = api.method_trainer(method)
+    sets = parse_overrides(args.set + ([f"checkpointing={ck}"] if method == "superdiffusion" else []))
+    hp = resolve_hparams(cls.hparams_class, sets)
+    plans = planning.load_plans(name, args.plans)
+    plans["continue_training"] = False
+    c = plans["configurations"][configuration]
+    if args.patch:
+        c["patch_size"] = [int(v) for v in args.patch.split(",")]
+        kw = c["architecture"]["arch_kwargs"]
+        kw["kernel_sizes"] = [[3] * len(c["patch_size"])] * kw["n_stages"]
+        kw["strides"] = [[1] * len(c["patch_size"])] + [[2] * len(c["patch_size"])] * (kw["n_stages"] - 1)
+    if args.batch:
+        c["batch_size"] = args.batch
+    run = {"labeled": LabeledSpec(fraction=0.5).to_json(), "hparams": hparams_to_dict(hp), "num_epochs": 2}
+    if method == "superdiffusion":
+        run["phases"] = {"pretrain": "1"}
+    RunConfig.from_json(run).write(plans)
+    t = cls(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json, device=device)
+    t.print_to_log_file = lambda *a, **k: None
+    t.on_train_start()
+    t.current_epoch = 1 if method == "superdiffusion" and phase == "cotrain" else 0
+    t.on_train_epoch_start()  # enters the epoch's phase
+    t.iteration = getattr(t, "burnin_iterations", 0)
+    labeled, _ = fixed_batches(t)
+    extra, times = [], []
+    for _ in range(2):
+        gc.collect()
+        _reset_peak()
+        before, _ = _memory_kb()
+        start = time.perf_counter()
+        t.train_step(labeled)
+        times.append(time.perf_counter() - start)
+        _, peak = _memory_kb()
+        extra.append((peak - before, before))
+    t.on_train_end = None
+    step_kb, before_kb = max(extra)
+    row = {"run": f"{method}/{phase}/{ck}", "patch": c["patch_size"], "batch": c["batch_size"],
+           "features": c["architecture"]["arch_kwargs"]["features_per_stage"],
+           "rounds": getattr(hp, "rounds", None), "step_mb": step_kb / 1024, "rss_before_mb": before_kb / 1024,
+           "step_s": min(times)}
+    print(json.dumps(row))
+    return row
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from helpers import assert_stock_predictor_matches, load_image, raw
 
 from semidiff_nnunet.diffusion import alphas_cumprod_from_betas, get_beta_schedule, q_sample
+from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.networks.timestep_unet import TimestepConditionedUNet
 from semidiff_nnunet.plugins.superdiffusion.networks import MaskPathway, reconstruct_image
 from semidiff_nnunet.plugins.superdiffusion.trainer import (
@@ -21,7 +22,10 @@ from semidiff_nnunet.plugins.superdiffusion.trainer import (
     cross_pseudo_supervision,
     cycle_loss,
     diffusion_rounds,
+    image_pathway,
+    network_pass,
 )
+from semidiff_nnunet.training.hparams import resolve_hparams
 
 K = 3  # classes of the toy problems
 
@@ -71,6 +75,100 @@ def test_cycle_loss_decreases_and_trains_both_pathways():
         losses.append(loss.item())
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first and last < 0.8, (first, last)
+
+
+class _SeeingImage(torch.nn.Module):
+    """An image pathway that records its input (image part ⊕ mask part) and returns a function of it."""
+
+    def __init__(self, c_img: int = 1):
+        super().__init__()
+        self.c_img, self.seen = c_img, []
+        self.conv = torch.nn.Conv2d(c_img + K, c_img, 3, padding=1)
+
+    def forward(self, x, t):
+        self.seen.append(x.detach().clone())
+        return self.conv(x)
+
+
+class _ConstantMask(torch.nn.Module):
+    """A 'mask pathway' whose logits do not depend on the image: nothing about it reaches f_i's mask input."""
+
+    num_classes, num_timesteps = K, 1000
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod_from_betas(get_beta_schedule("linear", 1000)).float())
+        self.logits = torch.nn.Parameter(torch.randn(1, K, 1, 1))
+
+    def forward(self, image, noise=None, t=None):
+        return self.logits.expand(image.shape[0], K, *image.shape[2:])
+
+
+def _cycle_inputs(f_m, x, form, seed=3):
+    f_i = _SeeingImage()
+    torch.manual_seed(seed)
+    loss = cycle_loss(f_m, f_i, x, form=form)
+    (seen,) = f_i.seen
+    return seen[:, :1], seen[:, 1:], loss
+
+
+def test_paper_cycle_feeds_pure_noise_and_the_mask_carries_the_image():
+    """Eq. 6 (``cycle="paper"``): f_i's image input is pure noise q(0 | t'), the same for any image given the
+    seed, so only the mask (from f_m, which reads the image) can tell f_i about the image; with an f_m
+    that ignores its image, f_i sees exactly the same input for two different images. The code's form
+    feeds a noisy copy of the image instead."""
+    torch.manual_seed(0)
+    f_m, _ = _pathways()
+    x, other = torch.randn(2, 1, 16, 16), 3 * torch.randn(2, 1, 16, 16)
+    img_a, mask_a, loss_a = _cycle_inputs(f_m, x, "paper")
+    img_b, mask_b, loss_b = _cycle_inputs(f_m, other, "paper")
+    assert torch.equal(img_a, img_b)  # the image input does not depend on the image
+    assert not torch.allclose(mask_a, mask_b, atol=1e-4)  # the mask does
+    assert loss_a != loss_b  # and the loss still reconstructs the image (eq. 7)
+    # it is q(0 | t') = sqrt(1 − ᾱ_t')·n: the seed's draws in cycle_loss's order (t, v_m, t', n)
+    torch.manual_seed(3)
+    torch.randint(0, 1000, (2,)), torch.randn(2, K, 16, 16)
+    t2, n = torch.randint(0, 1000, (2,)), torch.randn(2, 1, 16, 16)
+    expect = (1 - f_m.alphas_cumprod[t2]).sqrt().view(2, 1, 1, 1) * n
+    assert torch.allclose(img_a, expect, atol=1e-6)
+    # an f_m that ignores the image: f_i's whole input is the same for both images
+    const = _ConstantMask()
+    ia, ma, _ = _cycle_inputs(const, x, "paper")
+    ib, mb, _ = _cycle_inputs(const, other, "paper")
+    assert torch.equal(ia, ib) and torch.equal(ma, mb)
+    # the code's form: a noisy copy of the image (what differs between the two settings)
+    ca, _, _ = _cycle_inputs(const, x, "code")
+    cb, _, _ = _cycle_inputs(const, other, "code")
+    assert not torch.allclose(ca, cb, atol=1e-3)
+
+
+@pytest.mark.parametrize("pure_noise", [False, True])
+def test_the_reconstruction_target_is_the_noise_that_eq3_turns_into_the_image(pure_noise):
+    """Both forms' ε target: eq. 3 of f_i's image input with it returns the image, so MSE(ε̂, v) and eq. 7's
+    (i − î)² have the same minimiser; with pure noise it is not the drawn noise."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    ab = alphas_cumprod_from_betas(get_beta_schedule("linear", 1000)).float()
+    probs, f_i = torch.rand(4, K, 8, 8), _SeeingImage()
+    torch.manual_seed(1)
+    _, v, noisy, a = image_pathway(f_i, x, probs, ab, 1000, pure_noise=pure_noise)
+    assert torch.allclose(reconstruct_image(noisy, v, a), x, atol=1e-3)
+    torch.manual_seed(1)
+    torch.randint(0, 1000, (4,))
+    drawn = torch.randn(4, 1, 8, 8)
+    assert torch.equal(v, drawn) != pure_noise
+
+
+def test_cycle_and_checkpointing_choices_are_checked():
+    hp = resolve_hparams(SuperDiffusionHParams, {"cycle": "paper", "checkpointing": "rounds"})
+    assert (hp.cycle, hp.checkpointing) == ("paper", "rounds")
+    assert (SuperDiffusionHParams().cycle, SuperDiffusionHParams().checkpointing) == ("code", "all")
+    with pytest.raises(SemidiffError, match="cycle=eq6: choose one of code, paper"):
+        resolve_hparams(SuperDiffusionHParams, {"cycle": "eq6"})
+    with pytest.raises(SemidiffError, match="checkpointing=yes: choose one of all, rounds, none"):
+        resolve_hparams(SuperDiffusionHParams, {"checkpointing": "yes"})
+    with pytest.raises(SemidiffError, match="recon_loss=x0: choose one of eps, image"):
+        resolve_hparams(SuperDiffusionHParams, {"recon_loss": "x0"})
 
 
 class _NoLabels(dict):
@@ -171,6 +269,59 @@ def test_rounds_chained_vs_independent(chained):
     m_r, rec, _ = out[-1]
     assert torch.autograd.grad(m_r.sum(), f_m.conv.weight)[0].abs().sum() > 0
     assert torch.autograd.grad(rec, f_i.conv.weight)[0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------- memory
+def _cotrain_like(f_m, f_i, x, recompute, rounds=3):
+    """The co-training step's network passes: the teacher's first pass, then R chained rounds; one loss."""
+    torch.manual_seed(11)
+    n, shape = x.shape[0], x.shape[2:]
+    out = network_pass(f_m, x, torch.randn(n, K, *shape), torch.randint(0, 1000, (n,)), recompute=recompute)
+    first = out[0]
+    target = first.detach().argmax(1)
+    loss = torch.nn.functional.cross_entropy(first, target) + sum(o.sum() for o in out[1:]) * 1e-3
+    for m_r, rec, _ in diffusion_rounds(f_m, f_i, x, first, rounds, True, recompute=recompute):
+        loss = loss + torch.nn.functional.cross_entropy(m_r, target) / rounds + rec / rounds
+    return loss + cycle_loss(f_m, f_i, x, recompute=recompute)
+
+
+def _saved_bytes_and_grads(dim, recompute):
+    torch.manual_seed(0)
+    f_m, f_i = _pathways(dim, ds=True)
+    x = torch.randn(2, 1, *((16, 16) if dim == 2 else (8, 8, 8)))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _cotrain_like(f_m, f_i, x, recompute)
+    loss.backward()
+    grads = {f"{i}.{k}": p.grad for i, m in enumerate((f_m, f_i)) for k, p in m.named_parameters()
+             if p.grad is not None}
+    return loss.detach(), sum(saved), grads
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_checkpointing_keeps_the_gradients_and_stores_far_less(dim):
+    """Activation checkpointing of the network passes (``checkpointing``): the same loss and the same
+    gradients as one backward through the stored graph of every round (to 1e-5; in practice bit-identical),
+    while the forward stores a small fraction of the activations (what the backward would hold)."""
+    loss_a, bytes_a, grads_a = _saved_bytes_and_grads(dim, recompute=False)
+    loss_b, bytes_b, grads_b = _saved_bytes_and_grads(dim, recompute=True)
+    assert torch.equal(loss_a, loss_b)
+    assert set(grads_a) == set(grads_b) and len(grads_a) > 0
+    assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-5, rtol=1e-5) for k in grads_a)
+    assert sum(int(g.abs().sum() > 0) for g in grads_b.values()) > len(grads_b) // 2
+    assert bytes_b < 0.25 * bytes_a, (bytes_a, bytes_b)
+
+
+def test_network_pass_without_grad_is_the_plain_call():
+    f_m, _ = _pathways()
+    x, v, t = torch.randn(1, 1, 16, 16), torch.randn(1, K, 16, 16), torch.tensor([5])
+    with torch.no_grad():
+        assert torch.equal(network_pass(f_m, x, v, t, recompute=True), f_m(x, v, t))
 
 
 # ----------------------------------------------------------------------------------------- inference
@@ -303,11 +454,11 @@ def _params(*modules) -> dict:
     return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(modules) for k, v in m.state_dict().items()}
 
 
-def _one_step(dataset: str, epoch: int, target_seed: int) -> dict:
+def _one_step(dataset: str, epoch: int, target_seed: int, **hparams) -> dict:
     """One train_step of a fresh trainer at ``epoch`` on a fixed batch whose labels are drawn with ``target_seed``."""
     import itertools
 
-    t = _trainer(dataset)
+    t = _trainer(dataset, hparams={"rounds": 2, **hparams})
     t.initialize()
     t.current_epoch = epoch
     t._enter_phase_of_current_epoch()
@@ -392,3 +543,14 @@ def test_resume_inside_the_cotraining_phase_is_exact(demo2d, results, monkeypatc
     resumed.run_training()
     got = _params(resumed.network, resumed.image, resumed.student)
     assert all(torch.equal(reference[k], got[k]) for k in got)
+
+
+@pytest.mark.slow  # plans the demo dataset
+@pytest.mark.parametrize("epoch", [0, 1])  # phase 1 (cycle), phase 2 (co-training)
+def test_checkpointing_settings_give_the_same_training_step(demo2d, results, epoch):
+    """The trainer's step (engine backward, clipping, SGD) with every network pass checkpointed, with the
+    rounds only, and with nothing: bit-identical weights afterwards."""
+    ref = _one_step(demo2d, epoch, 1, checkpointing="none")
+    for setting in ("rounds", "all"):
+        got = _one_step(demo2d, epoch, 1, checkpointing=setting)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), setting

@@ -18,8 +18,9 @@ Two phases (:class:`~semidiff_nnunet.training.Phase`):
 
 1. ``pretrain`` (eq. 5–7), **no label at all**: on the images of every training patch — the
    labeled stream's ``data`` and the unlabeled stream's, never ``target`` — m̂ = f_m(i, q(0|t), t),
-   then ĩ = q(i|t'), v̂ = f_i(ĩ, 2·softmax(m̂) − 1, t') and the cycle loss; gradients reach f_m
-   through the mask (as in the code). Only ``network`` and ``image`` are updated.
+   then v̂ = f_i(ĩ, 2·softmax(m̂) − 1, t') with the image input ĩ of ``cycle`` (below) and the cycle
+   loss; gradients reach f_m through the mask (as in the code). Only ``network`` and ``image`` are
+   updated.
    *Class identity*: nothing in phase 1 says which channel means which class, and we do not train
    the code's 3×3 read-out on ground truth. The phase-2 supervised loss on the labeled cases (on
    the teacher's mask pathway itself) fixes it, while λ is still near 0 (linear ramp from 0).
@@ -35,6 +36,43 @@ Two phases (:class:`~semidiff_nnunet.training.Phase`):
    first mask); ``chained_rounds = False`` gives the code's behaviour, every round re-drawn from
    m_0 (its loop resets ``pj = p2``). As in the code, the mask fed to f_i and î fed to f_m are
    detached, so L_align trains f_m and L_reconstr trains f_i.
+
+The label-free cycle, two forms (``cycle``):
+
+* ``"code"`` (default; the code's ``pretrain_superdiff_unsup_2d.py``: ``diffusion(img, pseudo)``
+  noises the image at a random t and its loss is lucidrains' ``pred_noise`` MSE): ĩ = q(i | t') =
+  sqrt(ᾱ_t')·i + sqrt(1 − ᾱ_t')·v, target v. The image pathway sees a noisy copy of the image, so at
+  small t' it can reconstruct the image without reading the mask.
+* ``"paper"`` (eq. 6, §3.1: m̂ "is then fed back to the teacher via the image pathway f_i, in its clean
+  form, alongside a pure noise tensor serving as the input image": î' = f_i(v_i, m̂, t'), loss eq. 7
+  (i − î')²): ĩ = v_i = q(0 | t') = sqrt(1 − ᾱ_t')·v, built as the paper builds v_m (eq. 5, "adding
+  noise to a zero tensor"); it does not depend on the image, so everything f_i learns about the
+  image comes through m̂. Target of ``recon_loss = "eps"``: the noise for which eq. 3 returns i,
+  (v_i − sqrt(ᾱ_t')·i) / sqrt(1 − ᾱ_t') (same minimiser as eq. 7, weight ᾱ/(1 − ᾱ) apart);
+  ``"image"`` is eq. 7 literally. Both are badly scaled at one end of t' (the ε target grows as
+  sqrt(ᾱ/(1 − ᾱ))·i ≈ 100·i at t' = 0; î' amplifies ε̂ by sqrt((1 − ᾱ)/ᾱ) ≈ 158 at t' = T − 1): the
+  paper says t' is drawn like t, and so do we. Unmeasured on real data (no run yet).
+  Deviation from the paper kept by the default: the code's form, which is what produced the
+  authors' numbers; ``--set cycle=paper`` gives eq. 6. Phase 1 only: the rounds of phase 2 feed
+  f_i the noise-corrupted image in both forms (eq. 11's text: "along with the noise-corrupted
+  image ĩ"; its formula prints i).
+
+Memory (``checkpointing``; not in paper or code, which run one backward through every pass): a
+co-training step runs 2 + 2R network passes on labeled ⊕ unlabeled patches (teacher, student, and
+f_i + f_m per round); one backward through all of them keeps every pass's activations until the end.
+``"all"`` (default) wraps every training pass in non-reentrant activation checkpointing
+(``torch.utils.checkpoint``, :func:`network_pass`): a pass keeps its inputs and outputs, and the
+backward recomputes its activations one pass at a time; ``"rounds"`` does it for the rounds only,
+``"none"`` for nothing. Every random draw is an input of its pass, so the recomputation is the same
+function: losses and gradients are bit-identical to ``"none"`` (tests: function level in 2D and 3D,
+the trainer's step in both phases; two gloo ranks under DDP by a one-off script). The price is one
+more forward per pass: step ÷ its networks' forward+backward 0.98–1.02 → 1.11–1.31 in phase 2 (2D
+demo plans, loaded 2-core VM, two runs). Peak memory one step adds (3D, nnU-Net's default features 32–256 in four
+stages, batch 2 + 2, R = 5; 2-core CPU VM, torch 2.14.1 CPU; ``benchmarks/superdiffusion_cost.py
+--memory``): at patch 16×32×48, ``none`` 2209 MB, ``rounds`` 697 MB, ``all`` 347 MB, ``supervised``'s
+step 129 MB; at 24×40×48, ``rounds`` 1224 MB, ``all`` 570 MB, supervised 218 MB (``none`` ≈ 4.1 GB by
+its linear scaling, 88 KB per voxel, not run). At nnU-Net's 48×80×112 ``none`` would add ≈ 38 GB
+(the OOM on Left Atrium), ``all`` ≈ 4.6 GB (extrapolated, not measured).
 
 Inference (``build_network_architecture`` returns it, so stock ``nnUNetv2_predict`` and ``semidiff
 predict`` run the same module on the image alone): one mask-pathway forward from pure noise at the
@@ -53,6 +91,8 @@ Defaults and their sources:
 * T = ``num_timesteps = 1000`` (paper App. A, code); ``beta_schedule = "linear"`` (paper App. A:
   β from 1e-4 to 0.02; the code passes no schedule, so lucidrains' default applies — ``sigmoid``
   in 2.x, ``--set beta_schedule=sigmoid``); t ~ U{0..T−1} in training (eq. 5, code);
+* ``cycle = "code"`` (the code; ``"paper"`` is eq. 6, see "The label-free cycle");
+  ``checkpointing = "all"`` (ours, neither paper nor code has it; same numbers, see "Memory");
 * ``rounds = 5`` (paper §4.3: R = 5 "a reasonable trade-off"; the code's scripts use 3, 5, 10);
 * ``lambda_max = 5`` (paper App. A), all three λ's equal (paper §3.3, code), ramped linearly from 0
   to λ_max over phase 2 (paper: λ_max·epoch/max_epochs; code (epoch+1)/num_epochs), per iteration
@@ -88,7 +128,8 @@ augmentation instead of 128×128 resized images; a truly 3D network in 3D (the c
 net on the central slice); poly LR per phase instead of warm-up + step decay; the unlabeled batch
 is not truncated to the labeled batch size. Region-based datasets are not supported (CPS needs
 mutually exclusive labels). Under DDP every training pass goes through the wrappers' forward (two-rank
-test: every network bit-identical across ranks).
+test: every network bit-identical across ranks); a checkpointed pass is recomputed in the backward
+through the wrapped network, since a DDP forward there would re-arm the reducer mid-backward.
 Phase 1 reads no label, also not through the crops: it is declared ``label_free``, so the engine's
 labeled loader cuts its patches uniformly at random during it (no foreground oversampling, which
 would look at label maps to choose *where* a patch is cut); phase 2 has nnU-Net's oversampling.
@@ -105,16 +146,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from semidiff_nnunet.diffusion import onehot_to_signed, q_sample
+from semidiff_nnunet.diffusion import eps_from_x0, onehot_to_signed, q_sample
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.networks.timestep_unet import TimestepConditionedUNet
-from semidiff_nnunet.plugins.superdiffusion.networks import INFER_NOISE, MaskPathway, reconstruct_image
+from semidiff_nnunet.plugins.superdiffusion.networks import MaskPathway, mask_noise_input, reconstruct_image
 from semidiff_nnunet.training import (
     BaseHParams,
     OptimStep,
@@ -138,22 +181,26 @@ class SuperDiffusionHParams(BaseHParams):
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
     time_embedding_dim: int = 64
+    # phase 1: the image pathway's image input (see "The label-free cycle")
+    cycle: Literal["code", "paper"] = "code"
     # co-training (paper §3.3, §4.3, App. A)
     rounds: int = 5
     chained_rounds: bool = True
     lambda_max: float = 5.0
     rampup_fraction: float = 1.0
-    recon_loss: str = "eps"
+    recon_loss: Literal["eps", "image"] = "eps"
+    # memory (see "Memory"): recompute network passes in the backward instead of storing them
+    checkpointing: Literal["all", "rounds", "none"] = "all"
     # optimisation
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adam"] = "sgd"
     lr_pretrain: float = 0.01
     lr: float = 0.01
     # inference
     infer_t: int = -1
-    infer_noise: str = "fixed"
+    infer_noise: Literal["fixed", "zeros"] = "fixed"
     infer_seed: int = 0
     infer_draws: int = 1
-    predictor: str = "auto"
+    predictor: Literal["auto", "teacher", "student"] = "auto"
     select_batches: int = 10
 
 
@@ -195,53 +242,92 @@ def _randn(shape, like: Tensor, generator: torch.Generator | None = None) -> Ten
     return torch.randn(tuple(shape), device=like.device, dtype=torch.float32, generator=generator)
 
 
+def network_pass(module: nn.Module, *inputs: Tensor, recompute: bool = False):
+    """``module(*inputs)``; with ``recompute`` (and autograd on), through non-reentrant activation
+    checkpointing (``torch.utils.checkpoint``): the pass keeps only its inputs and outputs, and the
+    backward recomputes its activations. The values are the same: every random draw of a pass is one of
+    its inputs, and the RNG state is replayed too. The forward goes through ``module`` (under DDP the
+    wrapper, which arms the reducer), the recomputation through the wrapped network (a DDP forward
+    inside the backward would re-arm the reducer halfway); both compute the same function."""
+    if not recompute or not torch.is_grad_enabled():
+        return module(*inputs)
+    core = getattr(module, "module", module)
+    calls = []
+
+    def run(*args):
+        net = core if calls else module
+        calls.append(None)
+        return net(*args)
+
+    return checkpoint(run, *inputs, use_reentrant=False)
+
+
 def recon_loss(x: Tensor, noise: Tensor, eps_hat: Tensor, noisy: Tensor, alpha_bar: Tensor, kind: str) -> Tensor:
-    """L_reconstr: ``"eps"`` MSE(v̂, v) (code), ``"image"`` MSE(î, i) with î from eq. 3 (paper eq. 7, 14)."""
+    """L_reconstr: ``"eps"`` MSE(v̂, v) (code), ``"image"`` MSE(î, i) with î from eq. 3 (paper eq. 7, 14).
+    ``noise`` is the noise for which eq. 3 of ``noisy`` returns ``x`` (the drawn noise when ``noisy`` = q(x|t))."""
     if kind == "eps":
         return F.mse_loss(eps_hat.float(), noise)
     return F.mse_loss(reconstruct_image(noisy.float(), eps_hat.float(), alpha_bar), x.float())
 
 
 def image_pathway(image_net: nn.Module, x: Tensor, mask_probs: Tensor, alpha_bars: Tensor, num_timesteps: int,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """f_i on a freshly noised image: (ε̂, v, ĩ, ᾱ_t') with ĩ = q(x | t'), t' ~ U{0..T−1} (eq. 6, 11)."""
+                  generator: torch.Generator | None = None, pure_noise: bool = False, recompute: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """f_i at t' ~ U{0..T−1} on image input ĩ ⊕ mask 2·p − 1: (ε̂, v, ĩ, ᾱ_t'), all (B, C_img, *s) but ᾱ (B,).
+
+    ``pure_noise=False`` (eq. 11; the code's eq. 6): ĩ = q(x | t') with noise v. ``pure_noise=True``
+    (paper eq. 6, "a pure noise tensor serving as the input image"): ĩ = v_i = q(0 | t') =
+    sqrt(1 − ᾱ_t')·n, built like the mask pathway's v_m (eq. 5) and independent of x; v = (ĩ −
+    sqrt(ᾱ_t')·x) / sqrt(1 − ᾱ_t') is then the noise for which eq. 3 returns x, so MSE(ε̂, v) and eq. 7's
+    image MSE have the same minimiser (weights ᾱ/(1 − ᾱ) apart)."""
     t = _sample_t(x.shape[0], num_timesteps, x.device, generator)
     ab = alpha_bars[t]
     noise = _randn(x.shape, x, generator)
-    noisy = q_sample(x.float(), ab, noise).to(x.dtype)
-    eps_hat = image_net(torch.cat([noisy, onehot_to_signed(mask_probs).to(x.dtype)], 1), t)
+    if pure_noise:
+        noisy = mask_noise_input(ab, noise).to(x.dtype)
+        noise = eps_from_x0(noisy.float(), x.float(), ab)
+    else:
+        noisy = q_sample(x.float(), ab, noise).to(x.dtype)
+    eps_hat = network_pass(image_net, torch.cat([noisy, onehot_to_signed(mask_probs).to(x.dtype)], 1), t,
+                           recompute=recompute)
     return eps_hat, noise, noisy, ab
 
 
 def cycle_loss(f_m: MaskPathway, f_i: nn.Module, x: Tensor, kind: str = "eps",
-               generator: torch.Generator | None = None) -> Tensor:
-    """Phase 1 (eq. 5–7) on images ``x`` only: m̂ = f_m(x, q(0|t), t); f_i(q(x|t'), m̂, t') reconstructs x."""
+               generator: torch.Generator | None = None, form: str = "code", recompute: bool = False) -> Tensor:
+    """Phase 1 (eq. 5–7) on images ``x`` (B, C_img, *s) only: m̂ = f_m(x, q(0|t), t), then f_i(ĩ, m̂, t')
+    reconstructs x. ``form="code"``: ĩ = q(x | t'), a noisy copy of the image; ``"paper"`` (eq. 6): ĩ =
+    q(0 | t'), pure noise, so the image reaches the reconstruction only through m̂."""
     core = _core(f_m)
     n, k, T = x.shape[0], core.num_classes, core.num_timesteps
     t = _sample_t(n, T, x.device, generator)
-    out = f_m(x, _randn((n, k, *x.shape[2:]), x, generator), t)
+    out = network_pass(f_m, x, _randn((n, k, *x.shape[2:]), x, generator), t, recompute=recompute)
     logits = _full(out)
-    eps_hat, noise, noisy, ab = image_pathway(f_i, x, logits.float().softmax(1), core.alphas_cumprod, T, generator)
+    eps_hat, noise, noisy, ab = image_pathway(f_i, x, logits.float().softmax(1), core.alphas_cumprod, T, generator,
+                                              pure_noise=form == "paper", recompute=recompute)
     return _touch_all_scales(recon_loss(x, noise, eps_hat, noisy, ab, kind), out)
 
 
 def diffusion_rounds(f_m: MaskPathway, f_i: nn.Module, x: Tensor, first_mask_logits: Tensor, rounds: int,
-                     chained: bool, kind: str = "eps", generator: torch.Generator | None = None
-                     ) -> list[tuple[Tensor, Tensor, Tensor]]:
+                     chained: bool, kind: str = "eps", generator: torch.Generator | None = None,
+                     recompute: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Multiple rounds of diffusion (eq. 11–14): per round (m_r logits, L_reconstr,r, the mask f_i was
     conditioned on). Chained (paper): round r is conditioned on m_{r−1}; independent (code): every
-    round on the first mask m_0. Conditions and î are detached (code)."""
+    round on the first mask m_0. Conditions and î are detached (code), so no round's graph reaches
+    another's; ``recompute`` checkpoints each network pass (:func:`network_pass`)."""
     first = first_mask_logits.detach().float().softmax(1)
     lo, hi = x.detach().min(), x.detach().max()
     cond, out = first, []
     core = _core(f_m)
     n, k, T = x.shape[0], core.num_classes, core.num_timesteps
     for _ in range(rounds):
-        eps_hat, noise, noisy, ab = image_pathway(f_i, x, cond, core.alphas_cumprod, T, generator)
+        eps_hat, noise, noisy, ab = image_pathway(f_i, x, cond, core.alphas_cumprod, T, generator,
+                                                  recompute=recompute)
         loss = recon_loss(x, noise, eps_hat, noisy, ab, kind)
         x_hat = reconstruct_image(noisy.float(), eps_hat.detach().float(), ab).clamp(lo, hi).to(x.dtype)
         t = _sample_t(n, T, x.device, generator)
-        m_r = _full(f_m(x_hat, _randn((n, k, *x.shape[2:]), x, generator), t)).float()
+        m_r = _full(network_pass(f_m, x_hat, _randn((n, k, *x.shape[2:]), x, generator), t,
+                                 recompute=recompute)).float()
         out.append((m_r, loss, cond))
         cond = m_r.detach().softmax(1) if chained else first
     return out
@@ -290,19 +376,18 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
                             enable_deep_supervision)
 
     # ------------------------------------------------------------------ setup
+    @classmethod
+    def check_options(cls, hp: SuperDiffusionHParams, configuration: str | None, dim: int | None) -> None:
+        """The string choices are ``Literal`` fields (checked by the parser); the number of rounds here."""
+        if hp.rounds < 0:
+            raise SemidiffError(f"--set rounds={hp.rounds}: give a number of rounds >= 0.")
+
     def build_method(self):
         hp, lm = self.hp, self.label_manager
         if lm.has_regions:
             raise SemidiffError("superdiffusion needs mutually exclusive labels; region-based datasets are not "
                                 "supported (cross pseudo supervision takes an argmax).")
-        checks = {"recon_loss": (hp.recon_loss, ("eps", "image")), "optimizer": (hp.optimizer, ("sgd", "adam")),
-                  "predictor": (hp.predictor, ("auto", "teacher", "student")),
-                  "infer_noise": (hp.infer_noise, INFER_NOISE)}
-        for key, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise SemidiffError(f"--set {key}={value}: choose one of {', '.join(allowed)}.")
-        if hp.rounds < 0:
-            raise SemidiffError(f"--set rounds={hp.rounds}: give a number of rounds >= 0.")
+        self.check_options(hp, None, None)
         if self.burnin_iterations > 0:
             raise SemidiffError("superdiffusion's first phase is label-free, and the supervised burn-in would train "
                                 "on labels in it; keep burnin=0 and burnin_min=0.")
@@ -351,8 +436,11 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
 
     def pretrain_losses(self, labeled, unlabeled, carry):
         x = self.images_only(labeled, unlabeled)
-        # the wrappers, not unwrap(...): under DDP every pass goes through the wrapper's forward
-        return {"cycle": cycle_loss(self.network, self.image, x, self.hp.recon_loss)}
+        # the wrappers, not unwrap(...): under DDP every pass goes through the wrapper's forward (a
+        # checkpointed pass's recomputation in the backward runs the wrapped network: see network_pass)
+        hp = self.hp
+        return {"cycle": cycle_loss(self.network, self.image, x, hp.recon_loss, form=hp.cycle,
+                                    recompute=hp.checkpointing == "all")}
 
     # ------------------------------------------------------------------ phase 2
     def lambda_weight(self) -> float:
@@ -370,8 +458,9 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
         x = self.images_only(labeled, unlabeled)
         n, n_l, T = x.shape[0], x_l.shape[0], hp.num_timesteps
         noise_shape = (n, k, *x.shape[2:])
-        out_t = teacher(x, _randn(noise_shape, x), _sample_t(n, T, x.device))  # eq. 8
-        out_s = student(x, _randn(noise_shape, x), _sample_t(n, T, x.device))
+        outer = hp.checkpointing == "all"
+        out_t = network_pass(teacher, x, _randn(noise_shape, x), _sample_t(n, T, x.device), recompute=outer)  # eq. 8
+        out_s = network_pass(student, x, _randn(noise_shape, x), _sample_t(n, T, x.device), recompute=outer)
         lab = slice(0, n_l)
         sup_t = self.supervised_loss(self.batch_part(out_t, lab), labeled["target"])  # eq. 10 (Dice+CE, DS)
         sup_s = self.supervised_loss(self.batch_part(out_s, lab), labeled["target"])
@@ -383,7 +472,8 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
         ignore = self.label_manager.ignore_label if self.label_manager.has_ignore_label else -100
         target[:n_l] = self.labels_of(labeled)
         align, recon = [], []
-        for m_r, rec, _ in diffusion_rounds(teacher, f_i, x, logits_t, hp.rounds, hp.chained_rounds, hp.recon_loss):
+        for m_r, rec, _ in diffusion_rounds(teacher, f_i, x, logits_t, hp.rounds, hp.chained_rounds, hp.recon_loss,
+                                            recompute=hp.checkpointing != "none"):
             align.append(F.cross_entropy(m_r, target, ignore_index=ignore))
             recon.append(rec)
         zero = logits_t.sum() * 0
