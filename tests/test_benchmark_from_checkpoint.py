@@ -67,6 +67,8 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
         return real_train(*a, **kw)
 
     monkeypatch.setattr(api, "train", train)
+    scratch = api.run_info(demo2d, "supervised", "0.3", 0, "2d", 0, "semidiffDemoPlans")
+    scratch_before = scratch.fold_folder.exists()  # another test of the session may have trained it
     code, stdout, err = run_cli(*args)
     assert code == 0, err
     assert trained == [("supervised", "first-e2"), ("supervised", "from-first-e2"), ("mean-teacher", "from-first-e2")]
@@ -74,9 +76,9 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
     first = api.run_info(demo2d, "supervised", "0.3", 0, "2d", 0, "semidiffDemoPlans", None, "first-e2")
     control = api.run_info(demo2d, "supervised", "0.3", 0, "2d", 0, "semidiffDemoPlans", None, "from-first-e2")
     mt = api.run_info(demo2d, "mean-teacher", "0.3", 0, "2d", 0, "semidiffDemoPlans", None, "from-first-e2")
-    scratch = api.run_info(demo2d, "supervised", "0.3", 0, "2d", 0, "semidiffDemoPlans")
     folders = {first.fold_folder, control.fold_folder, mt.fold_folder, scratch.fold_folder}
-    assert len(folders) == 4 and not scratch.fold_folder.exists()  # no stage overwrites another or a scratch run
+    assert len(folders) == 4  # no stage overwrites another or a scratch run
+    assert scratch.fold_folder.exists() == scratch_before  # and no scratch run was made
     ck = str((first.fold_folder / "checkpoint_final.pth").resolve())
     for info in (control, mt):
         run = json.loads((info.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))

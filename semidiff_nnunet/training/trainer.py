@@ -48,7 +48,7 @@ from torch import autocast, nn
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.training import checkpoint as ckpt
 from semidiff_nnunet.training import ramps
-from semidiff_nnunet.training.augmenters import EpochSeededAugmenter
+from semidiff_nnunet.training.augmenters import EpochSeededAugmenter, WorkerLoader
 from semidiff_nnunet.training.curves import SemiLocalLogger
 from semidiff_nnunet.training.declarations import OptimStep, Phase, PhaseBest, PhaseSpan, resolve_phases
 from semidiff_nnunet.training.ema import unwrap
@@ -65,6 +65,9 @@ from semidiff_nnunet.training.unlabeled import (
 )
 
 PSEUDO_SUFFIX = "__pseudo"
+#: the validation loader's worker-seed stream (plus the rank), apart from the training streams 2·rank and
+#: 2·rank + 1
+VALIDATION_STREAM = 1_000_003
 
 
 def seed_everything(seed: int) -> None:
@@ -141,6 +144,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     strong_views: ClassVar[int] = 1
     #: ordered stages of a run (empty: one phase, the whole run)
     phases: ClassVar[tuple[Phase, ...]] = ()
+    #: validation decides something that training goes on from (a method's choice between its networks);
+    #: then, as for a phase with ``select_best``, the validation batches are seeded per epoch like the
+    #: training ones (with augmentation workers nnU-Net hands them out in whatever order its workers finish)
+    steers_by_validation: ClassVar[bool] = False
     #: stop with a clear error after this many consecutive steps whose loss is NaN or infinite (a
     #: diverged run; a single overflowing AMP step does not count as divergence)
     max_nonfinite_steps: ClassVar[int] = 20
@@ -184,6 +191,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.semi_split: SemiSplit | None = None
         self.dataloader_unlabeled = None
         self._pending_rng: dict | None = None
+        self._latest_intact = False  # the run folder's checkpoint_latest.pth is known to load (written/resumed)
 
         for span in self.phase_spans:  # Phase.select_best: the phase's best weights, checkpointed
             if span.phase.select_best:
@@ -420,6 +428,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             num_output_channels or self.label_manager.num_segmentation_heads, ds).to(self.device)
 
     @property
+    def validation_steers_training(self) -> bool:
+        """Whether validation scores change what training does (a phase's ``select_best``, or the method's
+        ``steers_by_validation``): then the validation batches are reproducible with workers too."""
+        return self.steers_by_validation or any(span.phase.select_best for span in self.phase_spans)
+
+    @property
     def total_iterations(self) -> int:
         return self.num_epochs * self.num_iterations_per_epoch
 
@@ -503,10 +517,19 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             # does not touch the weights, so it keeps nnU-Net's unordered workers
             dl_tr = EpochSeededAugmenter(dl_tr.data_loader, n_proc, self.seed, stream=2 * self.local_rank,
                                          num_cached=max(2, n_proc // 4), pin_memory=self.device.type == "cuda")
-            dl_val = NonDetMultiThreadedAugmenter(dl_val.data_loader, None, num_processes=max(1, n_proc // 2),
-                                                  num_cached=max(3, n_proc // 4), seeds=None,
-                                                  pin_memory=self.device.type == "cuda", wait_time=0.002)
-            _ = next(dl_val)  # start its workers now, before this process's thread pool has run (fork safety)
+            if self.validation_steers_training:
+                # a phase's best weights (or a method's choice) come from validation: its batches must be the
+                # same in every run and after --continue, as the training batches
+                dl_val = EpochSeededAugmenter(dl_val.data_loader, max(1, n_proc // 2), self.seed,
+                                              stream=VALIDATION_STREAM + self.local_rank,
+                                              num_cached=max(3, n_proc // 4), pin_memory=self.device.type == "cuda")
+            else:
+                # WorkerLoader: its workers end with this process, also after a kill -9
+                dl_val = NonDetMultiThreadedAugmenter(WorkerLoader(dl_val.data_loader), None,
+                                                      num_processes=max(1, n_proc // 2),
+                                                      num_cached=max(3, n_proc // 4), seeds=None,
+                                                      pin_memory=self.device.type == "cuda", wait_time=0.002)
+                _ = next(dl_val)  # start its workers now, before this process's thread pool has run (fork safety)
         split = self.semi_split
         self.print_to_log_file(f"semidiff split (seed {self.seed}, labeled {self.labeled_spec.source or 'all'}): "
                                f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled training cases, "
@@ -614,7 +637,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def on_train_epoch_start(self):
         self._set_crop_policy()
-        for gen in (self.dataloader_train, self.dataloader_unlabeled):
+        for gen in (self.dataloader_train, self.dataloader_unlabeled, self.dataloader_val):
             if isinstance(gen, EpochSeededAugmenter):
                 gen.start_epoch(self.current_epoch)
         self._enter_phase_of_current_epoch()
@@ -867,12 +890,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             gen._finish()
 
     def _shutdown_loaders(self):
-        if isinstance(self.dataloader_train, EpochSeededAugmenter):
-            self.dataloader_train._finish()  # nnU-Net's on_train_end only knows its own augmenter classes
+        for gen in (self.dataloader_train, self.dataloader_val):
+            if isinstance(gen, EpochSeededAugmenter):
+                gen._finish()  # nnU-Net's on_train_end only knows its own augmenter classes
         self._shutdown_unlabeled_loader()
 
     def on_train_end(self):
-        super().on_train_end()
+        super().on_train_end()  # writes checkpoint_final.pth and removes checkpoint_latest.pth
+        if self.local_rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.output_folder, ckpt.PREVIOUS))
         self._shutdown_loaders()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
@@ -912,13 +939,21 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             "states": {n: s.state_dict() for n, s in self.method_states.items()},
             "rng": self._rng_snapshot(),
         }
-        ckpt.save_atomic(checkpoint, filename)
+        latest = os.path.basename(filename) == ckpt.LATEST
+        # the checkpoint_latest.pth being replaced stays as checkpoint_previous.pth (the resume point when the
+        # new one turns out damaged), unless it is the damaged one this run resumed around
+        keep = os.path.join(os.path.dirname(filename), ckpt.PREVIOUS) if latest and self._latest_intact else None
+        ckpt.save_atomic(checkpoint, filename, keep_previous=keep)
+        if latest:
+            self._latest_intact = True
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if not self.was_initialized:
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
+            self._latest_intact = os.path.basename(checkpoint) == ckpt.LATEST
+            self.print_to_log_file(f"resuming from {checkpoint}", also_print_to_console=False)
             checkpoint = ckpt.safe_load(checkpoint, map_location=self.device)
         semi = checkpoint.get(ckpt.SEMIDIFF_KEY)
         if semi is None:

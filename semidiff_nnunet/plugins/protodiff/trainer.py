@@ -1,6 +1,6 @@
 """``protodiff``: Xi, Ma, Wang, Howell, Rinaldi, Rhode, "Robust Noisy Pseudo-label Learning for
 Semi-supervised Medical Image Segmentation Using Diffusion Model", DGM4MICCAI 2025, arXiv 2507.16429.
-No public code (``shared/papers/IMPLEMENTATION_NOTES.md`` §D); built from the paper's §2 and its
+No public code (the paper names none); built from the paper's §2 and its
 Algorithms 1 and 2.
 
 The model (:mod:`.networks`, one module that is also the exported inference model):

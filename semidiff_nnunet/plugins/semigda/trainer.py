@@ -1,6 +1,7 @@
 """``semigda``: Huang et al., "SemiGDA: Generative Dual-distribution Alignment for Semi-supervised
-Medical Image Segmentation", CVPR 2026 (arXiv 2604.23274; code taozh2017/SemiGDA, partial — see
-``IMPLEMENTATION_NOTES.md`` §E; the mapping model is GMS's, King-HAW/GMS).
+Medical Image Segmentation", CVPR 2026 (arXiv 2604.23274; code taozh2017/SemiGDA, partial: its
+``model/latent_mapping_model.py`` and ``model/distributions.py`` are missing and come from GMS,
+King-HAW/GMS ``networks/``; the mapping model is GMS's ``ResAttnUNet_DS``).
 
 The model (:mod:`.networks`, one module, :class:`~.networks.SemiGDANet`):
 

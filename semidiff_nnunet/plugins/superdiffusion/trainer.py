@@ -1,7 +1,8 @@
 """``superdiffusion``: Ciampi, Lagani, Amato, Falchi, "Semi-Supervised Biomedical Image Segmentation via
 Diffusion Models and Teacher-Student Co-Training" (2025). The paper's repository is empty; the working
 code is the authors' ``hebbian-bootstraping-semi-supervised-medical-imaging`` at ``191fa2a^`` ("code"
-below; see ``IMPLEMENTATION_NOTES.md`` §C).
+below: ``models/networks_2d/unet_ddpm.py``, ``pretrain_superdiff_unsup_2d.py``,
+``train_semi_superdiff_2d.py``).
 
 Networks (:mod:`.networks`), all nnU-Net's planned U-Net for the run's configuration (2D or 3D, one
 code path: everything comes from the plans) made timestep-conditioned with the shared
@@ -359,6 +360,7 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
     shapes); its time embedding, the image pathway and the student start as built."""
 
     method_name = "superdiffusion"
+    steers_by_validation = True  # the predicting network is chosen on validation batches: seeded like training
     hparams_class = SuperDiffusionHParams
 
     phases = (Phase(PRETRAIN, share=0.5, summary="label-free two-pathway cycle consistency (teacher)",
