@@ -324,7 +324,12 @@ def _plan_and_preprocess(name: str, pre: Path, pname: str, configurations: list[
                          gpu_memory_target: float | None, num_processes: int, verify: bool,
                          fingerprint_voxels: float | None, force: bool, show_progress: bool,
                          planner: str | None) -> None:
+    from semidiff_nnunet import data_checks
+
     steps: list[tuple[str, object]] = []
+    raw, state = planning.raw_folder(name), {}
+    if verify:  # every raw file readable, finite, pseudo masks fitting: before planning and before reusing data
+        steps.append(("checking raw data", lambda: state.update(raw=data_checks.check_raw_data(raw, pre))))
     if verify and (force or not (pre / "dataset_fingerprint.json").is_file()):
         steps.append(("checking dataset integrity", lambda: planning.verify_raw_dataset(name, num_processes)))
     if force or not (pre / "dataset_fingerprint.json").is_file():
@@ -333,7 +338,7 @@ def _plan_and_preprocess(name: str, pre: Path, pname: str, configurations: list[
     if force or not (pre / f"{pname}.json").is_file():
         steps.append((f"planning ({pname})", lambda: planning.plan(name, gpu_memory_target, pname, planner)))
 
-    def todo_configs() -> list[str]:
+    def todo_configs(snapshot: dict) -> list[tuple[str, str]]:
         plans = planning.load_plans(name, pname)
         wanted = configurations or [c for c in ("2d", "3d_fullres") if c in plans["configurations"]]
         out = []
@@ -342,12 +347,19 @@ def _plan_and_preprocess(name: str, pre: Path, pname: str, configurations: list[
                 raise SemidiffError(f"Configuration {c!r} is not in the plans of {name} (has: "
                                     f"{', '.join(plans['configurations'])}); pick one of those with -c.")
             ident = plans["configurations"][c].get("data_identifier", f"{pname}_{c}")
-            if force or not _preprocessed_complete(name, pre / ident):
-                out.append(c)
+            # redone when a raw image/label was added, removed or changed since it was preprocessed
+            if (force or not _preprocessed_complete(name, pre / ident)
+                    or data_checks.changed_since_preprocessing(pre, ident, snapshot)):
+                out.append((c, ident))
         return out
 
-    steps.append(("preprocessing", lambda: [planning.preprocess(name, pname, [c], num_processes)
-                                            for c in todo_configs()]))
+    def preprocess_todo() -> None:
+        snapshot = state.get("raw") or data_checks.raw_snapshot(raw)
+        for c, ident in todo_configs(snapshot):
+            planning.preprocess(name, pname, [c], num_processes)
+            data_checks.remember_preprocessed(pre, ident, snapshot)
+
+    steps.append(("preprocessing", preprocess_todo))
     steps.append(("keeping the dataset's own split", lambda: planning.adopt_raw_split(name)))
     with _progress(show_progress) as progress:
         task = progress.add_task(f"{name}: planning", total=len(steps)) if progress else None
@@ -425,7 +437,9 @@ class RunInfo:
         return (self.fold_folder / "checkpoint_final.pth").is_file()
 
     def resumable_checkpoint(self) -> Path | None:
-        for name in ("checkpoint_latest.pth", "checkpoint_best.pth"):
+        """The first resume point the run folder holds (whether it loads is checked on --continue:
+        :func:`~semidiff_nnunet.training.checkpoint.resume_checkpoint`)."""
+        for name in ("checkpoint_latest.pth", "checkpoint_previous.pth", "checkpoint_best.pth"):
             if (self.fold_folder / name).is_file():
                 return self.fold_folder / name
         return None
@@ -547,6 +561,10 @@ def train(dataset: str | int, method: str, labeled: str = "1.0", seed: int = 0, 
         torchrun = distributed.init_from_env(opts.device) or distributed.world_size() > 1
         world = distributed.world_size() if torchrun else nproc
         if continue_training and checkpoint is not None:
+            from semidiff_nnunet.training.checkpoint import resume_checkpoint
+
+            # a damaged checkpoint_latest.pth: the previous one (or the best), said in one line
+            checkpoint = resume_checkpoint(info.fold_folder, (log or print) if _env_rank() == 0 else None)
             hp, phases = _resumed_settings(info, opts.trainer_cls, hp, opts.hparam_overrides, phases)
             _check_resumed_world_size(info, world)
         if info.fold_folder.is_dir() and checkpoint is None and not continue_training and distributed.rank() == 0:

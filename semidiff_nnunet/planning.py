@@ -149,6 +149,9 @@ def load_plans(name: str, plans_name: str) -> dict:
     return read_json(path)
 
 
+_FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".bmp", ".tif", ".tiff", ".jpg")
+
+
 def verify_raw_dataset(name: str, num_processes: int = 2) -> None:
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
@@ -160,7 +163,12 @@ def verify_raw_dataset(name: str, num_processes: int = 2) -> None:
     try:
         verify_dataset_integrity(str(folder), num_processes)
     except (AssertionError, RuntimeError, FileNotFoundError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = lines[0]
+        # a reader's error (SimpleITK) names the file on a later line: keep that line
+        naming = next((ln for ln in lines if str(folder) in ln or ln.rstrip('"').endswith(_FILE_ENDINGS)), None)
+        if naming and naming != first:
+            first = f"{first.rstrip(':')}: {naming}"
         raise SemidiffError(f"{name} fails nnU-Net's integrity check: {first} Fix the raw dataset and retry.") from None
 
 

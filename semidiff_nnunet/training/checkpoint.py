@@ -144,11 +144,89 @@ def nnunet_load(trainer, checkpoint: dict) -> None:
         nnUNetTrainer.load_checkpoint(trainer, "<semidiff: in memory>")
 
 
-def save_atomic(checkpoint: dict, filename: str) -> None:
-    """Write ``checkpoint`` to ``filename`` through a temporary file: never a half-written checkpoint."""
+def save_atomic(checkpoint: dict, filename: str, keep_previous: str | None = None) -> None:
+    """Write ``checkpoint`` to ``filename`` through a temporary file, flushed to disk before it replaces the
+    old one: never a half-written checkpoint, also after a power cut. ``keep_previous``: first keep the
+    file ``filename`` holds now under this name (a hard link replaced atomically, so ``filename`` never goes
+    missing; where the file system has no hard links, a rename)."""
     tmp = filename + ".tmp"
-    torch.save(checkpoint, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous is not None and os.path.isfile(filename):
+        link = keep_previous + ".tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(link)
+        try:
+            os.link(filename, link)
+            os.replace(link, keep_previous)
+        except OSError:
+            os.replace(filename, keep_previous)
     os.replace(tmp, filename)
+    _fsync_dir(os.path.dirname(os.path.abspath(filename)))
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make the renames in ``folder`` durable (where the platform lets a folder be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+#: the files ``--continue`` may resume from, in this order: each a complete training state of the run at the
+#: end of an epoch (network, optimisers, method states, RNG), so training goes on exactly as if uninterrupted.
+#: ``checkpoint_previous.pth`` is the ``checkpoint_latest.pth`` before the last one. ``checkpoint_final.pth``
+#: is no resume point (written after training ended; a run that has one is finished).
+LATEST, PREVIOUS, BEST = "checkpoint_latest.pth", "checkpoint_previous.pth", "checkpoint_best.pth"
+RESUME_POINTS = (LATEST, PREVIOUS, BEST)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text if len(text) <= 90 else text[:87] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def resume_checkpoint(folder: str | os.PathLike, log=None) -> Path | None:
+    """The checkpoint of the run in ``folder`` that ``--continue`` resumes from: ``checkpoint_latest.pth``
+    where it loads (:func:`safe_load`) and holds a semidiff training state; else, of ``checkpoint_previous.pth``
+    and ``checkpoint_best.pth``, the usable one with more epochs done, telling ``log`` in one line which file
+    was damaged and which one the run resumes from instead. None where the folder holds none of them; a
+    :class:`~semidiff_nnunet.errors.SemidiffError` naming the files where none of them is usable, and
+    :func:`safe_load`'s refusal of a file that needs code to load (a crafted file is no damage to step around)."""
+    from semidiff_nnunet.errors import SemidiffError
+
+    folder = Path(folder)
+    present = [folder / n for n in RESUME_POINTS if (folder / n).is_file()]
+    if not present:
+        return None
+    bad, good = [], []  # (file, reason) / (epochs done, file)
+    for path in present:
+        if good and good[0][1].name == LATEST:
+            break  # the latest loads: the others are not read
+        try:
+            ck = safe_load(path)
+            if not isinstance(ck, dict) or SEMIDIFF_KEY not in ck or "current_epoch" not in ck:
+                raise ValueError("no semidiff training state in it")
+            good.append((int(ck["current_epoch"]), path))
+            del ck
+        except SemidiffError:
+            raise  # refused (it needs code to load): a crafted file is reported, not stepped around
+        except Exception as e:  # noqa: BLE001 (truncated, corrupted, no training state: not a resume point)
+            bad.append((path, _reason(e)))
+    if not good:
+        names = ", ".join(f"{p.name} ({why})" for p, why in bad)
+        raise SemidiffError(f"No checkpoint of the run in {folder} can be resumed: {names}; delete that folder to "
+                            f"train the run again from the start, or put back an intact checkpoint_latest.pth.")
+    epochs, chosen = max(good, key=lambda g: (g[0], -RESUME_POINTS.index(g[1].name)))
+    if bad and log is not None:
+        damaged = "; ".join(f"{p.name} is damaged ({why})" for p, why in bad)
+        log(f"{damaged}; resuming from {chosen.name} ({epochs} epochs done) instead.")
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------- pretrained weights
