@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from semidiff_nnunet import api
 from semidiff_nnunet.errors import SemidiffError
@@ -171,7 +172,7 @@ def test_train_refuses_before_creating_anything(fakes, planned, kwargs, message)
 def _started_run(name, run_json: dict):
     info = api.run_info(name, "stages", "2", 7, "2d", 0, "FakePlans")
     info.fold_folder.mkdir(parents=True, exist_ok=True)
-    (info.fold_folder / "checkpoint_latest.pth").write_bytes(b"")
+    torch.save({"semidiff": {}, "current_epoch": 1}, info.fold_folder / "checkpoint_latest.pth")  # a resume point
     (info.fold_folder / "semidiff_run.json").write_text(json.dumps(run_json), encoding="utf-8")
     return info
 
