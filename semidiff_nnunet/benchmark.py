@@ -566,6 +566,13 @@ def plot_first_stage(log: dict, verdict: dict, path: Path, title: str) -> None:
         title += f": {'converged' if verdict['converged'] else 'not converged'}"
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation pseudo Dice")
+    _save_figure(fig, ax, title, path)
+
+
+def _save_figure(fig, ax, title: str, path: Path) -> None:
+    """Title, grid and legend on ``ax``, then ``fig`` written to ``path`` (a temporary name, then moved)."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -725,14 +732,7 @@ def plot(rows, methods, labeled, path: Path, title: str = "") -> None:
     ax.set_xticklabels(labeled)
     ax.set_xlabel("labeled (fraction or cases)")
     ax.set_ylabel("foreground mean Dice")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, ax, title, path)
 
 
 def parse_list(text: str, what: str) -> list[str]:
