@@ -13,6 +13,29 @@ import numpy as np
 
 
 # ----------------------------------------------------------------------------- files
+def assert_same_state(a, b, path=""):
+    """``a`` and ``b`` (checkpoint parts: dicts, tensors, lists, numbers, NaN, arrays) are equal to the bit,
+    naming the first path that differs."""
+    import torch
+
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), path
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b, equal_nan=True), path
+    else:
+        assert a == b, path
+
+
 def raw(dataset: str) -> Path:
     """``$nnUNet_raw/<dataset>`` of the test workspace."""
     return Path(os.environ["nnUNet_raw"]) / dataset

@@ -11,9 +11,9 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
+from helpers import assert_same_state
 
 from semidiff_nnunet.errors import SemidiffError
 
@@ -30,23 +30,6 @@ def _train(name, epochs=3, **kw):
 
 def _final(info) -> dict:
     return torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-
-
-def _same(a, b, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and np.isnan(a):
-        assert np.isnan(b), path
-    else:
-        assert a == b, path
 
 
 def _interrupted_run(name, monkeypatch):
@@ -105,10 +88,10 @@ def test_continue_falls_back_to_the_previous_checkpoint_and_ends_as_an_uninterru
     assert said[0].startswith("checkpoint_latest.pth is damaged (") and \
         said[0].endswith("; resuming from checkpoint_previous.pth (1 epochs done) instead."), said
     # the redone epoch is the same epoch again: the RNG state in the checkpoint makes it so
-    _same({"n": reference["semidiff"]["networks"], "s": reference["semidiff"]["states"]},
+    assert_same_state({"n": reference["semidiff"]["networks"], "s": reference["semidiff"]["states"]},
           {"n": resumed["semidiff"]["networks"], "s": resumed["semidiff"]["states"]})
-    _same(reference["optimizer_state"], resumed["optimizer_state"])
-    _same(reference["logging"]["train_losses"], resumed["logging"]["train_losses"])
+    assert_same_state(reference["optimizer_state"], resumed["optimizer_state"])
+    assert_same_state(reference["logging"]["train_losses"], resumed["logging"]["train_losses"])
     assert reference["semidiff"]["iteration"] == resumed["semidiff"]["iteration"] == 6
     assert not previous.exists()
 
