@@ -30,6 +30,9 @@ def parse_args(doc: str, methods: str, labeled: str, epochs: int, iters_per_epoc
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help=f"a hyperparameter of one method, e.g. {set_example} (repeatable)")
     p.add_argument("--plan-only", action="store_true", help="convert, plan and preprocess, then stop")
+    p.add_argument("--from-checkpoint", default=None, metavar="auto|PATH",
+                   help="the two-stage protocol of `semidiff benchmark --from-checkpoint` (auto: supervised first)")
+    p.add_argument("--first-epochs", type=int, default=None, help="with --from-checkpoint auto: the first stage's epochs")
     if extra:
         extra(p)
     return p.parse_args()
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace, name: str, configuration: str, plans: str) -> 
                                  [int(s) for s in bench.parse_list(args.seeds, "--seeds")], configuration, 0,
                                  args.device, plans, args.epochs, args.iters_per_epoch, per_method or None,
                                  Path(args.output) if args.output else None, show_progress=False,
-                                 val_iters_per_epoch=args.val_iters)
+                                 val_iters_per_epoch=args.val_iters, from_checkpoint=args.from_checkpoint,
+                                 first_epochs=args.first_epochs)
     print(result["markdown"])
     print(f"benchmark wall time: {time.time() - t0:.0f} s; output in {result['output']}")
     return result
