@@ -51,7 +51,7 @@ def workspace(subset: str, home: str) -> str:
 
 def run(args: argparse.Namespace, name: str, configuration: str, plans: str) -> dict:
     """``semidiff benchmark`` of ``args.methods`` on ``plans``; prints its table and wall time."""
-    from semidiff_nnunet import benchmark as bench
+    from semidiff_nnunet.api import benchmark_runs as bench
 
     methods = bench.parse_list(args.methods, "--methods")
     per_method: dict[str, dict[str, str]] = {}

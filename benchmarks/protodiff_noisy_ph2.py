@@ -133,7 +133,8 @@ def _preprocess_like(src: str, dst: str, plans: str) -> None:
 
 def hidden_cases(noisy: str, labeled: str, seed: int, plans: str) -> list[str]:
     """The training cases of fold 0 that ``--labeled`` at ``seed`` hides (those whose noisy mask is offered)."""
-    from semidiff_nnunet import api, benchmark
+    from semidiff_nnunet import api
+    from semidiff_nnunet.api import benchmark_runs as benchmark
 
     split = api.split(noisy, labeled, seed, 0, "2d", plans, held_out=benchmark.held_out_share(noisy))
     if split.extra_unlabeled:
@@ -225,7 +226,7 @@ if __name__ == "__main__":
                                                help="also run controls (a) and (b) for every seed (see above)"))
     workspace("ph2", "semidiff_ph2")
     from semidiff_nnunet import paths, planning
-    from semidiff_nnunet.benchmark import parse_list
+    from semidiff_nnunet.api.benchmark_runs import parse_list
 
     paths.ensure_nnunet_env()
     src, dst, cpu = "Dataset512_PH2", "Dataset514_PH2noisy", "ph2CPUPlans"

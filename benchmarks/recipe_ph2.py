@@ -55,7 +55,8 @@ def main() -> None:
     recipe, control = home / "recipe_results", home / "recipe_control_results"
     os.environ["nnUNet_results"] = str(recipe)
 
-    from semidiff_nnunet import api, benchmark, paths, planning
+    from semidiff_nnunet import api, paths, planning
+    from semidiff_nnunet.api import benchmark_runs as benchmark
 
     paths.ensure_nnunet_env()
     name, plans, cfg = "Dataset512_PH2", "ph2CPUPlans", "2d"

@@ -12,6 +12,12 @@ whose name matches no hook here is reported as a failure of that plugin and its 
 are dropped. Names must be unique per kind across all installed plugins; a clash is an
 error that names both providers, and a third-party spec reusing a built-in name is
 refused. Built-in methods register through exactly these hooks.
+
+A hook exists only for what something chooses by name: a method (``-m NAME``) and a dataset
+converter (``semidiff convert NAME``). Building blocks (networks, losses, diffusion schedules and
+samplers) are shared as importable modules (``semidiff_nnunet.networks``, ``.losses``,
+``.diffusion``), not registered: no command or setting picks one by name. A test checks that every
+hook here has a consumer in the package and an example in the README or in ``examples/``.
 """
 
 from __future__ import annotations
@@ -30,25 +36,14 @@ def semidiff_register_methods() -> list:
     """Return a list of :class:`~semidiff_nnunet.specs.MethodSpec`.
 
     Each spec names a training method (``-m NAME`` on the command line) and gives its
-    :class:`~semidiff_nnunet.training.SemiSupervisedTrainer` subclass.
+    :class:`~semidiff_nnunet.training.SemiSupervisedTrainer` subclass. Called by
+    :meth:`~semidiff_nnunet.registry.Registry.method` (every command that takes ``-m``).
     """
 
 
 @hookspec
-def semidiff_register_networks() -> list:
-    """Return a list of :class:`~semidiff_nnunet.specs.NetworkSpec` (named network factories)."""
-
-
-@hookspec
-def semidiff_register_diffusion_heads() -> list:
-    """Return a list of :class:`~semidiff_nnunet.specs.DiffusionHeadSpec`."""
-
-
-@hookspec
-def semidiff_register_losses() -> list:
-    """Return a list of :class:`~semidiff_nnunet.specs.LossSpec`."""
-
-
-@hookspec
 def semidiff_register_converters() -> list:
-    """Return a list of :class:`~semidiff_nnunet.specs.ConverterSpec` (``semidiff convert NAME``)."""
+    """Return a list of :class:`~semidiff_nnunet.specs.ConverterSpec` (``semidiff convert NAME``).
+
+    Called by :meth:`~semidiff_nnunet.registry.Registry.converter` (``semidiff convert``).
+    """

@@ -19,6 +19,11 @@ import re
 from pathlib import Path
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+#: ``imagesUnlabeled/`` of a raw dataset, preprocessed with the configuration's plans (images only), lands
+#: next to the configuration's folder: ``<data_identifier>__unlabeled/``
+UNLABELED_SUFFIX = "__unlabeled"
+#: ``labelsPseudo/`` with their images, preprocessed the same way: ``<data_identifier>__pseudo/``
+PSEUDO_SUFFIX = "__pseudo"
 
 
 def workspace() -> Path:

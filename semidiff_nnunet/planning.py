@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from semidiff_nnunet.errors import SemidiffError
-from semidiff_nnunet.paths import ensure_nnunet_env
+from semidiff_nnunet.paths import PSEUDO_SUFFIX, UNLABELED_SUFFIX, ensure_nnunet_env
 
 
 def dataset_name(dataset: str | int) -> str:
@@ -274,7 +274,7 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
             if len(files) != n_channels:
                 raise SemidiffError(f"imagesUnlabeled/ case {case} has {len(files)} channel file(s), the dataset "
                                     f"declares {n_channels}.")
-        out = Path(str(out_base) + "__unlabeled")
+        out = Path(str(out_base) + UNLABELED_SUFFIX)
         count += _write_cases(out, cases, None, pp, plans_manager, cm, ds, save_seg=False)
     if pseudo.is_dir():
         images = {}
@@ -287,7 +287,7 @@ def preprocess_unlabeled(name: str, plans_name: str, configuration: str) -> int:
             if not files:
                 raise SemidiffError(f"labelsPseudo/{f.name} has no image in imagesTr/ or imagesUnlabeled/.")
             images[case] = files
-        out = Path(str(out_base) + "__pseudo")
+        out = Path(str(out_base) + PSEUDO_SUFFIX)
         _write_cases(out, images, {c: str(pseudo / f"{c}{file_ending}") for c in images}, pp, plans_manager, cm,
                      ds, save_seg=True)
     return count

@@ -24,17 +24,15 @@ import pluggy
 
 from semidiff_nnunet import hookspecs
 from semidiff_nnunet.errors import DuplicateNameError, UnknownNameError
-from semidiff_nnunet.specs import ConverterSpec, DiffusionHeadSpec, LossSpec, MethodSpec, NetworkSpec
+from semidiff_nnunet.specs import ConverterSpec, MethodSpec
 
+#: each kind of registered spec and the hook that provides it; every kind has a consumer (``-m NAME``,
+#: ``semidiff convert NAME``), which a test checks
 KINDS = {
     "method": "semidiff_register_methods",
-    "network": "semidiff_register_networks",
-    "diffusion_head": "semidiff_register_diffusion_heads",
-    "loss": "semidiff_register_losses",
     "converter": "semidiff_register_converters",
 }
-SPEC_TYPES = {"method": MethodSpec, "network": NetworkSpec, "diffusion_head": DiffusionHeadSpec, "loss": LossSpec,
-              "converter": ConverterSpec}
+SPEC_TYPES = {"method": MethodSpec, "converter": ConverterSpec}
 BUILTIN_DISTRIBUTION = "semidiff-nnunet"
 DISABLE_AUTOLOAD_ENV = "SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD"
 
@@ -53,6 +51,18 @@ def is_builtin(distribution: str) -> bool:
 def autoload_disabled() -> bool:
     """``SEMIDIFF_DISABLE_PLUGIN_AUTOLOAD`` set to anything but empty/0/false/no/off (as pytest's switch)."""
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _closest_hook(name: str) -> str | None:
+    """The hook a misspelled ``@hookimpl`` name means, if any; names sharing the ``semidiff_register_``
+    prefix are compared by what follows it (``..._losses``, a kind that is no hook, means none)."""
+    prefix = "semidiff_register_"
+    hooks = list(KINDS.values())
+    if name.startswith(prefix):
+        close = difflib.get_close_matches(name[len(prefix):], [h[len(prefix):] for h in hooks], n=1, cutoff=0.6)
+        return prefix + close[0] if close else None
+    close = difflib.get_close_matches(name, hooks, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _returned(value: Any) -> str:
@@ -148,8 +158,8 @@ class Registry:
             self.pm.unregister(plugin, name=name)
             hints = []
             for hook in unknown:
-                close = difflib.get_close_matches(hook, list(KINDS.values()), n=1, cutoff=0.6)
-                hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                close = _closest_hook(hook)
+                hints.append(f"{hook!r}" + (f" (did you mean {close!r}?)" if close else ""))
             self.failures.append(PluginFailure(
                 name, distribution, f"it implements {', '.join(hints)}, which is no semidiff hook, so it is not "
                                     f"loaded; fix the @hookimpl function name", ""))
@@ -231,6 +241,26 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self._collect()[kind])
 
+    def builtin_names(self, kind: str) -> list[str]:
+        """The names of ``kind`` that semidiff-nnunet itself provides (its ``semidiff`` entry points in
+        pyproject.toml): the one list of the built-in methods (or converters)."""
+        return sorted(n for n, e in self._collect()[kind].items() if is_builtin(e.distribution))
+
+    def method_name_of(self, trainer: type) -> str:
+        """The name under which the trainer class ``trainer`` is registered (its :class:`MethodSpec`'s
+        ``name``), found without importing other plugins' trainers; a class registered under no name, or
+        under several, is an error naming the fix."""
+        ref = f"{trainer.__module__}:{trainer.__qualname__}"
+        found = [n for n, e in self._collect()["method"].items() if e.spec.trainer is trainer or e.spec.trainer == ref]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise DuplicateNameError(f"{trainer.__qualname__} is registered as the methods {', '.join(found)}; "
+                                     f"its run says which one only when started by semidiff.")
+        raise UnknownNameError(f"{trainer.__qualname__} is registered as no method: return a MethodSpec naming it "
+                               f"from a semidiff_register_methods hook (or, for a trainer used only in a test, "
+                               f"set its class attribute method_name).")
+
     @staticmethod
     def _duplicate_message(kind: str, name: str, clash: list[Entry]) -> str:
         providers = " and by ".join(f"plugin {e.provider!r} ({e.distribution})" for e in clash)
@@ -267,6 +297,23 @@ class Registry:
 
     def converter(self, name: str):
         return self.get("converter", name)
+
+
+class RegisteredName:
+    """The trainer's ``method_name`` (what run folders, ``semidiff_run.json``, checkpoints and the progress
+    bar call the method), read from where it is declared: the :class:`MethodSpec` registering the class.
+
+    On a trainer of a run, the run's method (``RunConfig.method``, the name it was started with) answers;
+    otherwise the registry (:meth:`Registry.method_name_of`). A class registered under no name is an error,
+    never a made-up default. A test trainer that is never registered may set a plain
+    ``method_name = "..."``, which shadows this.
+    """
+
+    def __get__(self, trainer, owner: type) -> str:
+        run = getattr(trainer, "run_config", None) if trainer is not None else None
+        if getattr(run, "method", ""):
+            return run.method
+        return get_registry().method_name_of(owner)
 
 
 _REGISTRY: Registry | None = None

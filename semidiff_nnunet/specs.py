@@ -1,7 +1,9 @@
 """Spec dataclasses returned by plugin hooks (see :mod:`semidiff_nnunet.hookspecs`).
 
 Every spec has a unique ``name`` within its kind, a one-line ``summary`` and a ``reference``
-(paper). Specs are frozen; the registry records which plugin provided each one.
+(paper). Specs are frozen; the registry records which plugin provided each one. A method's name
+lives in its :class:`MethodSpec` only: the trainer's ``method_name`` reads it
+(:class:`~semidiff_nnunet.registry.RegisteredName`).
 """
 
 from __future__ import annotations
@@ -43,38 +45,6 @@ def lazy_module_getattr(package: str, submodule: str) -> Callable[[str], Any]:
             raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
 
     return __getattr__
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """A named factory for a building block (network, loss, diffusion head); ``factory`` may be a
-    ``"module:attr"`` string, imported when the component is created."""
-
-    name: str
-    factory: Callable[..., Any]
-    summary: str = ""
-    reference: str = ""
-
-    def load(self) -> Callable[..., Any]:
-        return load_object(self.factory)
-
-    def create(self, *args, **kwargs):
-        return self.load()(*args, **kwargs)
-
-
-@dataclass(frozen=True)
-class NetworkSpec(ComponentSpec):
-    """``factory(**kwargs) -> torch.nn.Module``."""
-
-
-@dataclass(frozen=True)
-class LossSpec(ComponentSpec):
-    """``factory(**kwargs) -> callable loss``."""
-
-
-@dataclass(frozen=True)
-class DiffusionHeadSpec(ComponentSpec):
-    """``factory(**kwargs) -> diffusion head`` (a network plus its noise schedule)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+#: the plugin authors' test kit (fixtures ``semidiff_dataset2d``/``3d``, checks in semidiff_nnunet.testing);
+#: its datasets live in this session's workspace (``semidiff_workspace`` below)
+pytest_plugins = ["semidiff_nnunet.testing"]
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["nnUNet_compile"] = "false"
 # A shell that starts the suite as a background job without job control makes SIGINT ignored, and
@@ -33,6 +37,12 @@ def _prepare(dim: int, dataset_id: int, name: str, **kw) -> str:
     from semidiff_nnunet import api
 
     return api.prepare_demo_dataset(dim=dim, show_progress=False, dataset_id=dataset_id, name=name, **kw)
+
+
+@pytest.fixture(scope="session")
+def semidiff_workspace(workspace) -> Path:
+    """The test kit's workspace is this session's (its datasets next to demo2d and demo3d)."""
+    return workspace
 
 
 @pytest.fixture(scope="session")

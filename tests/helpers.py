@@ -11,30 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
+from semidiff_nnunet.testing import assert_same_state  # noqa: F401  (its one home: the plugin authors' kit)
+
+
+# ----------------------------------------------------------------------------- methods
+def builtin_methods() -> list[str]:
+    """The built-in methods, sorted, from their one home: the ``semidiff`` entry points of pyproject.toml
+    (as installed), read through the registry. A test lists or parametrises over these, never a copy."""
+    from semidiff_nnunet.registry import Registry
+
+    return Registry().builtin_names("method")
+
 
 # ----------------------------------------------------------------------------- files
-def assert_same_state(a, b, path=""):
-    """``a`` and ``b`` (checkpoint parts: dicts, tensors, lists, numbers, NaN, arrays) are equal to the bit,
-    naming the first path that differs."""
-    import torch
-
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same_state(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and np.isnan(a):
-        assert np.isnan(b), path
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b, equal_nan=True), path
-    else:
-        assert a == b, path
-
 
 def raw(dataset: str) -> Path:
     """``$nnUNet_raw/<dataset>`` of the test workspace."""

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from semidiff_nnunet.benchmark import aggregate, markdown_table
+from semidiff_nnunet.api.benchmark_runs import aggregate, markdown_table
 
 ROWS = [
     {"method": "a", "labeled": "0.1", "seed": 0, "Dice": 0.5, "HD95": 4.0},
@@ -38,7 +38,7 @@ def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     import json
 
     from semidiff_nnunet import api
-    from semidiff_nnunet.benchmark import PlannedRun, different_settings
+    from semidiff_nnunet.api.benchmark_runs import PlannedRun, different_settings
     from semidiff_nnunet.training.hparams import hparams_to_dict
 
     fold = tmp_path / "fold_0"

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from semidiff_nnunet.benchmark import CONVERGED_GAIN, convergence
+from semidiff_nnunet.api.benchmark_runs import CONVERGED_GAIN, convergence
 
 
 def test_convergence_rule_on_synthetic_curves():
@@ -42,6 +42,7 @@ def _rows(path):
 def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
     """Both stages on the tiny 2D demo: supervised 2 epochs, then the control and mean teacher 1 epoch each."""
     from semidiff_nnunet import api
+    from semidiff_nnunet.api import training
 
     out = tmp_path / "bench"
     args = ["benchmark", demo2d, "-m", "mean-teacher", "--labeled", "0.3", "--seeds", "0", "-c", "2d",
@@ -66,7 +67,7 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
             assert len(_rows(out / "benchmark.csv")) == len(trained) - 1
         return real_train(*a, **kw)
 
-    monkeypatch.setattr(api, "train", train)
+    monkeypatch.setattr(training, "train", train)  # what the benchmark calls
     scratch = api.run_info(demo2d, "supervised", "0.3", 0, "2d", 0, "semidiffDemoPlans")
     scratch_before = scratch.fold_folder.exists()  # another test of the session may have trained it
     code, stdout, err = run_cli(*args)

@@ -65,7 +65,8 @@ def test_run_config_carries_the_held_out_cases():
 
 
 def test_run_folders_differ_by_held_out_spec(workspace):
-    from semidiff_nnunet import api, benchmark
+    from semidiff_nnunet import api
+    from semidiff_nnunet.api import benchmark_runs as benchmark
 
     (Path(os.environ["nnUNet_raw"]) / "Dataset979_HeldOutFolders").mkdir(exist_ok=True)
     folders = {share: api.run_info("979", "supervised", "0.5", 0, "2d", 0, "P", share).fold_folder
@@ -78,7 +79,7 @@ def test_run_folders_differ_by_held_out_spec(workspace):
 
 
 def test_markdown_has_final_and_best_checkpoint_and_miou_columns():
-    from semidiff_nnunet.benchmark import TABLE_METRICS, markdown_table
+    from semidiff_nnunet.api.benchmark_runs import TABLE_METRICS, markdown_table
 
     rows = [{"method": "a", "labeled": "0.1", "seed": 0, "Dice": 0.5, "Dice (best ckpt)": 0.6, "mIoU": 0.7,
              "HD95": 4.0},
@@ -100,7 +101,8 @@ def test_each_run_is_scored_with_its_final_and_its_best_checkpoint(tmp_path, mon
     import torch
 
     from semidiff_nnunet import api
-    from semidiff_nnunet.benchmark import PlannedRun, score_run
+    from semidiff_nnunet.api import evaluation, prediction
+    from semidiff_nnunet.api.benchmark_runs import PlannedRun, score_run
 
     fold = tmp_path / "fold_0"
     fold.mkdir()
@@ -121,8 +123,8 @@ def test_each_run_is_scored_with_its_final_and_its_best_checkpoint(tmp_path, mon
         Path(summary_file).write_text(json.dumps(summary), encoding="utf-8")
         return summary
 
-    monkeypatch.setattr(api, "predict", predict)
-    monkeypatch.setattr(api, "evaluate", evaluate)
+    monkeypatch.setattr(prediction, "predict", predict)  # what score_run calls
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     info = api.RunInfo("D", "supervised", "SupervisedTrainer", "lab1_ho0.5", 0, "2d", 0, "P", tmp_path, tmp_path,
                        fold)
     run = PlannedRun("supervised", "1", 0, info)
@@ -192,7 +194,7 @@ def test_trainer_validates_on_the_selection_part_only(no_test_set, tmp_path):
     RunConfig(method="supervised", labeled=LabeledSpec.parse("0.5"), held_out=held).write(plans)
     plans["continue_training"] = False
     dataset_json = planning.dataset_json(planning.preprocessed_folder(no_test_set))
-    with api._results_root(tmp_path):
+    with api.results_root(tmp_path):
         trainer = api.method_trainer("supervised")(plans=plans, configuration="2d", fold=0,
                                                    dataset_json=dataset_json, device=torch.device("cpu"))
         assert sorted(trainer.do_split()[1]) == selection

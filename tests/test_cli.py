@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import builtin_methods
 
 CLI = [sys.executable, "-m", "semidiff_nnunet.cli.main"]
-BUILTIN_METHODS = ("supervised", "mean-teacher", "uamt", "cps", "fixmatch", "urpc", "cct", "entropy-min",
-                   "diffrect", "diffcl", "unimatch", "bcp", "superdiffusion", "protodiff", "semigda")
 HEAVY = ("torch", "nnunetv2", "dynamic_network_architectures", "batchgenerators", "SimpleITK")
 
 
@@ -87,6 +86,34 @@ def test_square_brackets_in_messages_are_printed(cli_env):
 def test_no_arguments_prints_the_help(cli_env):
     proc = semidiff(cli_env)
     assert proc.returncode == 0 and "plan-and-train" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_a_fold_outside_the_split_is_refused_before_planning(cli_env):
+    """README: every option is checked before any planning; a new dataset has nnU-Net's 5 default folds."""
+    (Path(cli_env["nnUNet_raw"]) / "Dataset993_NewFolds").mkdir()
+    line = one_sentence(semidiff(cli_env, "plan-and-train", "993", "-m", "supervised", "--fold", "7",
+                                 "--device", "cpu"))
+    assert "--fold 7: Dataset993_NewFolds has 5 folds (nnU-Net's default split); pick 0..4 or all." in line
+    assert not any(Path(cli_env["nnUNet_preprocessed"]).iterdir())  # nothing planned nor written
+
+
+def test_a_path_from_an_unset_nnunet_raw_names_the_fix(cli_env, tmp_path):
+    """``--ref $nnUNet_raw/Dataset990_Demo2D/labelsTs`` in a shell without nnUNet_raw is ``/Dataset990_...``."""
+    line = one_sentence(semidiff(cli_env, "evaluate", "--pred", tmp_path, "--ref", "/Dataset990_Demo2D/labelsTs"))
+    assert line == ('Error: --ref folder /Dataset990_Demo2D/labelsTs does not exist; nnUNet_raw is not set: run '
+                    'eval "$(semidiff env)" first.')
+
+
+def test_convert_help_lists_the_converters(cli_env):
+    from semidiff_nnunet.dataset_conversion.api import list_converters
+
+    names = [c["name"] for c in list_converters()]
+    proc = semidiff(cli_env, "convert", "--help")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Dataset converters" in proc.stdout, proc.stdout
+    assert proc.stdout.index("--list") < proc.stdout.index("Dataset converters")  # after the options
+    shown = {ln.split()[1] for ln in proc.stdout.splitlines() if ln.split()[:1] in (["|"], ["\u2502"])}
+    assert len(names) > 5 and set(names) <= shown, proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------- Ctrl-C
@@ -254,7 +281,7 @@ def test_methods_lists_every_builtin_method(cli_env):
     assert proc.returncode == 0, proc.stderr
     rows = [ln.split()[1] for ln in proc.stdout.splitlines() if ln.split() and ln.split()[0] in ("|", "\u2502")]
     first_column = {r for r in rows if r not in ("", "|")}
-    assert set(BUILTIN_METHODS) <= first_column, proc.stdout
+    assert set(builtin_methods()) <= first_column, proc.stdout
     for line in proc.stdout.splitlines():
         if " mean-teacher " in line:
             assert "semidiff-nnunet" in line  # the providing distribution
@@ -302,10 +329,17 @@ def test_val_iters_reaches_the_api(monkeypatch, tmp_path):
 
     monkeypatch.setattr(api, "train", fake("train"))
     monkeypatch.setattr(api, "plan_and_train", fake("plan_and_train"))
+    monkeypatch.setattr(api, "predict", fake("predict"))
     monkeypatch.setattr(api, "ensure_workspace", lambda: ([], tmp_path))
-    cli.main(["train", "990", "--val-iters", "3", "--set", "phase.pretrain=0.2"])
+    cli.main(["train", "990", "--val-iters", "3", "--set", "phase.pretrain=0.2", "--held-out", "0.5"])
     cli.main(["plan-and-train", "990", "--val-iters", "0"])
     assert calls["train"]["val_iters_per_epoch"] == 3 and calls["train"]["overrides"] == ["phase.pretrain=0.2"]
+    assert calls["train"]["held_out"] == 0.5  # a benchmark's run, trained or continued by hand
+    # a benchmark --from-checkpoint run's own folder, predicted by hand
+    cli.main(["predict", "-d", "990", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--held-out", "0.5",
+              "--stage", "from-first-e24"])
+    assert calls["predict"]["stage"] == "from-first-e24" and calls["predict"]["held_out"] == 0.5
+    calls.pop("predict")
     assert calls["plan_and_train"]["val_iters_per_epoch"] == 0
     assert all(c["progress"] is not None for c in calls.values())  # the CLI draws the progress bar
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from semidiff_nnunet import api
+from semidiff_nnunet.api import installed, options
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.training.declarations import Phase
 from semidiff_nnunet.training.hparams import BaseHParams
@@ -60,7 +61,17 @@ class PlainTrainer(StageTrainer):
     phases = ()
 
 
-FAKES = {"stages": StageTrainer, "plain": PlainTrainer}
+class DimsTrainer(PlainTrainer):
+    """Records what its check_options is told (the configuration and its spatial dimensions)."""
+
+    checked: list = []
+
+    @classmethod
+    def check_options(cls, hparams, configuration, dim):
+        cls.checked.append((configuration, dim))
+
+
+FAKES = {"stages": StageTrainer, "plain": PlainTrainer, "dims": DimsTrainer}
 
 
 @pytest.fixture
@@ -75,11 +86,12 @@ def fakes(monkeypatch):
         def method(self, name):
             return name if name in FAKES else self.real.method(name)
 
-    real_registry = api.get_registry()
-    monkeypatch.setattr(api, "method_trainer", lambda name: FAKES[name] if name in FAKES else real_trainer(name))
-    monkeypatch.setattr(api, "get_registry", lambda: Registry(real_registry))
-    monkeypatch.setattr(api, "resolve_device", lambda device: "cpu")  # no torch thread / env side effects
-    monkeypatch.setattr(api, "activate_trainer_shim", lambda: None)
+    real_registry = installed.get_registry()
+    # where the api's modules look them up (semidiff_nnunet.api only re-exports them)
+    monkeypatch.setattr(installed, "method_trainer", lambda name: FAKES[name] if name in FAKES else real_trainer(name))
+    monkeypatch.setattr(installed, "get_registry", lambda: Registry(real_registry))
+    monkeypatch.setattr(options, "resolve_device", lambda device: "cpu")  # no torch thread / env side effects
+    monkeypatch.setattr(installed, "activate_trainer_shim", lambda: None)
     StageTrainer.created.clear()
     return FAKES
 
@@ -121,12 +133,16 @@ def test_builtin_methods_route_too():
 # ---------------------------------------------------------------------------------------------- api.train
 @pytest.fixture
 def planned(workspace) -> str:
-    """A preprocessed-looking dataset: plans, data folder, dataset.json and a 5-fold split (no images)."""
+    """A preprocessed-looking dataset: plans, data folders, dataset.json and a 5-fold split (no images).
+    ``3d_custom`` inherits its patch size and data from ``3d_fullres`` (nnU-Net's ``inherits_from``)."""
     name = "Dataset996_CliApi"
     pre = Path(os.environ["nnUNet_preprocessed"]) / name
-    (pre / "FakePlans_2d").mkdir(parents=True, exist_ok=True)
-    (pre / "FakePlans.json").write_text(json.dumps(
-        {"plans_name": "FakePlans", "configurations": {"2d": {"data_identifier": "FakePlans_2d"}}}), encoding="utf-8")
+    for ident in ("FakePlans_2d", "FakePlans_3d_fullres"):
+        (pre / ident).mkdir(parents=True, exist_ok=True)
+    (pre / "FakePlans.json").write_text(json.dumps({"plans_name": "FakePlans", "configurations": {
+        "2d": {"data_identifier": "FakePlans_2d", "patch_size": [32, 32], "architecture": {}},
+        "3d_fullres": {"data_identifier": "FakePlans_3d_fullres", "patch_size": [8, 16, 16], "architecture": {}},
+        "3d_custom": {"inherits_from": "3d_fullres", "batch_size": 1}}}), encoding="utf-8")
     (pre / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "labels": {"background": 0, "a": 1}}),
                                       encoding="utf-8")
     (pre / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 5), encoding="utf-8")
@@ -167,6 +183,64 @@ def test_train_refuses_before_creating_anything(fakes, planned, kwargs, message)
         _train(planned, seed=5, **kwargs)
     assert not StageTrainer.created
     assert not (api.paths.run_root("stages", "lab2cases", 5)).exists()
+
+
+def test_a_configuration_inherits_patch_size_and_data_as_in_nnunet(fakes, planned):
+    """``3d_custom`` has no patch size nor data identifier of its own: nnU-Net's PlansManager takes both from
+    ``3d_fullres``, so the method's check_options hears 3 dimensions and the run finds the 3d data."""
+    DimsTrainer.checked.clear()
+    _train(planned, "dims", configuration="3d_custom", seed=13, final_validation=False)
+    assert DimsTrainer.checked == [("3d_custom", None), ("3d_custom", 3)]  # by name, then from the plans
+    assert StageTrainer.created[-1].plans["configurations"]["3d_custom"] == {"inherits_from": "3d_fullres",
+                                                                             "batch_size": 1}
+    with pytest.raises(SemidiffError, match=r"'3d_lowres' is not in FakePlans of Dataset996_CliApi \(has: 2d, "
+                                            r"3d_fullres, 3d_custom\); pick one of those with -c"):
+        _train(planned, "dims", configuration="3d_lowres", seed=13)
+
+
+def test_plan_and_train_checks_the_fold_before_planning(fakes, workspace, monkeypatch):
+    """``--fold 7`` on a dataset not planned yet is refused before planning writes anything (nnU-Net's default
+    split has folds 0-4); a splits_final.json with more folds allows it."""
+    from semidiff_nnunet.api import preprocessing
+
+    def planning_reached(*args, **kwargs):
+        raise AssertionError("planning reached")
+
+    monkeypatch.setattr(preprocessing, "plan_and_preprocess", planning_reached)
+    raw = Path(os.environ["nnUNet_raw"]) / "Dataset994_FoldFirst"
+    raw.mkdir(exist_ok=True)
+    (raw / "splits_final.json").unlink(missing_ok=True)
+    message = r"--fold 7: Dataset994_FoldFirst has 5 folds \(nnU-Net's default split\); pick 0..4 or all"
+    with pytest.raises(SemidiffError, match=message):
+        api.plan_and_train("994", "plain", fold=7, device="cpu")
+    with pytest.raises(SemidiffError, match=message):
+        api.benchmark("994", "plain", fold=7, device="cpu")
+    (raw / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 10), encoding="utf-8")
+    with pytest.raises(AssertionError, match="planning reached"):
+        api.plan_and_train("994", "plain", fold=7, device="cpu")
+
+
+def test_a_folder_of_an_unset_nnunet_raw_gets_the_hint(fakes, planned, tmp_path):
+    """``-i $nnUNet_raw/Dataset996_CliApi/imagesTs`` in a shell without nnUNet_raw arrives as
+    ``/Dataset996_CliApi/imagesTs``: the sentence that reports the missing folder says what to run."""
+    info = api.run_info(planned, "stages", "2", 11, "2d", 0, "FakePlans")
+    info.fold_folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"current_epoch": 1}, info.fold_folder / "checkpoint_final.pth")  # a model to predict with
+    hint = 'nnUNet_raw is not set: run eval "$(semidiff env)" first.'
+    with pytest.raises(SemidiffError) as e:
+        api.predict(planned, "stages", "/Dataset996_CliApi/imagesTs", tmp_path / "out", labeled="2", seed=11,
+                    plans_name="FakePlans", device="cpu")
+    assert str(e.value) == f"Input folder /Dataset996_CliApi/imagesTs does not exist; {hint}"
+    with pytest.raises(SemidiffError) as e:
+        api.predict(planned, "stages", tmp_path / "nowhere", tmp_path / "out", labeled="2", seed=11,
+                    plans_name="FakePlans", device="cpu")
+    assert str(e.value) == f"Input folder {tmp_path / 'nowhere'} does not exist."
+    with pytest.raises(SemidiffError, match=r"--pred folder /Dataset996_CliApi/pred does not exist; nnUNet_raw is "
+                                            r"not set"):
+        api.evaluate(planned, "/Dataset996_CliApi/pred", tmp_path)
+    with pytest.raises(SemidiffError, match=r"--ref folder /Dataset996_CliApi/labelsTs does not exist; nnUNet_raw "
+                                            r"is not set"):
+        api.evaluate(planned, tmp_path, "/Dataset996_CliApi/labelsTs")
 
 
 def _started_run(name, run_json: dict):

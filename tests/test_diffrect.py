@@ -273,7 +273,7 @@ def test_low_confidence_setting_reaches_the_unsupervised_term(trainer2d):
             terms[rule] = t.compute_step_losses(labeled, unlabeled, {})["unsupervised"].item()
     t.hp.low_confidence, t.iteration = "background", it
     assert terms["background"] > 0 and terms["background"] != pytest.approx(terms["ignore"])
-    with pytest.raises(SemidiffError, match="low_confidence=drop: choose background"):
+    with pytest.raises(SemidiffError, match="low_confidence=drop: choose one of background, ignore"):
         api.check_train_options("diffrect", overrides={"low_confidence": "drop"})
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import time
 
 import pytest
 import torch
 from conftest import TINY
+from helpers import builtin_methods
 
 from semidiff_nnunet.plugins.mean_teacher.trainer import MeanTeacherTrainer
 from semidiff_nnunet.training import unwrap
@@ -40,8 +44,9 @@ class RankDumpTrainer(MeanTeacherTrainer):
 
 def test_two_cpu_ranks_train_in_step(demo2d, run_cli, monkeypatch):
     from semidiff_nnunet import api
+    from semidiff_nnunet.api import installed
 
-    monkeypatch.setattr(api, "method_trainer", lambda name: RankDumpTrainer)
+    monkeypatch.setattr(installed, "method_trainer", lambda name: RankDumpTrainer)
     code, out, err = run_cli("train", demo2d, "-m", "mean-teacher", "--labeled", "0.5", "-c", "2d", "--epochs", "2",
                              "--iters-per-epoch", "3", "--no-val", "--nproc", "2", *TINY)
     assert code == 0, err
@@ -66,10 +71,9 @@ def test_two_cpu_ranks_train_in_step(demo2d, run_cli, monkeypatch):
     assert not list(info.fold_folder.glob("training_log*rank1*"))
 
 
-
-
 CI_METHODS = ("supervised", "cps", "diffrect", "diffcl")  # with mean-teacher above: what CI runs in two ranks
-OTHER_METHODS = ("uamt", "fixmatch", "urpc", "cct", "entropy-min", "unimatch", "bcp", "superdiffusion", "protodiff")
+# every other built-in but semigda (it needs a VAE folder), opt-in: SEMIDIFF_DDP_ALL=1
+OTHER_METHODS = tuple(m for m in builtin_methods() if m not in (*CI_METHODS, "mean-teacher", "semigda"))
 
 
 def _dump_states(self):
@@ -103,9 +107,10 @@ def test_every_method_trains_in_two_cpu_ranks(demo2d, run_cli, method, monkeypat
     """Two gloo ranks of every built-in method: the run finishes and every network and method state (EMA
     teachers, memory banks, prototypes) is bit-identical across the ranks afterwards."""
     from semidiff_nnunet import api
+    from semidiff_nnunet.api import installed
 
-    real = api.method_trainer
-    monkeypatch.setattr(api, "method_trainer", lambda name: DUMP[name] if name == method else real(name))
+    real = installed.method_trainer
+    monkeypatch.setattr(installed, "method_trainer", lambda name: DUMP[name] if name == method else real(name))
     sets = {"diffrect": ["--set", "refine_start=0", "--set", "refine_min_updates=0"],
             "bcp": ["--set", "phase.pretrain=1"], "superdiffusion": ["--set", "phase.pretrain=1"]}.get(method, [])
     code, out, err = run_cli("train", demo2d, "-m", method, "--labeled", "0.5", "-c", "2d", "--epochs", "2",
@@ -179,3 +184,150 @@ def test_a_distributed_run_resumes_in_two_ranks(demo2d, run_cli):
     final = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 3
     shutil.rmtree(info.run_root)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def _kill_rank_0_while_rank_1_works(device=None, progress=None):
+    """A rank function for :func:`distributed.launch`: rank 0 is killed (as by the OOM killer); rank 1 is busy
+    outside any collective (a long validation, a slow data loader) and would not notice by itself."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(150)
+
+
+def _hang_rank_0(device=None, progress=None):
+    """Rank 0 hangs outside any collective; rank 1 waits for it in a barrier."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        time.sleep(150)
+    dist.barrier()
+
+
+def test_a_killed_rank_is_reported_and_the_others_are_stopped_at_once():
+    from semidiff_nnunet.errors import SemidiffError
+    from semidiff_nnunet.training import distributed
+
+    start = time.monotonic()
+    with pytest.raises(SemidiffError) as e:
+        distributed.launch(2, torch.device("cpu"), _kill_rank_0_while_rank_1_works, ())
+    took = time.monotonic() - start
+    message = str(e.value)
+    assert message.startswith("Rank 0 of the distributed run was killed by SIGKILL"), message
+    assert "OOM killer" in message and "the other ranks were stopped" in message, message
+    assert took < 60, took  # rank 1 would sleep 150 s: it was stopped, not waited for
+
+
+def test_a_rank_waiting_for_a_hung_one_gives_up_after_the_timeout(monkeypatch):
+    from semidiff_nnunet.errors import SemidiffError
+    from semidiff_nnunet.training import distributed
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "3")
+    start = time.monotonic()
+    with pytest.raises(SemidiffError) as e:
+        distributed.launch(2, torch.device("cpu"), _hang_rank_0, ())
+    took = time.monotonic() - start
+    message = str(e.value)
+    assert message.startswith("Rank 1 of the distributed run failed with") and "the other ranks were stopped" in \
+        message, message
+    assert "timed out" in message.lower() or "timeout" in message.lower(), message
+    assert took < 60, took  # not 150 s (rank 0's hang), nor torch's default 30 minutes
+
+
+def test_the_first_failure_is_the_cause_not_its_consequences():
+    from semidiff_nnunet.training.distributed import RankFailure, failure_message, first_failure
+
+    reset = RankFailure(1, 10.0, "RuntimeError: Connection reset by peer")
+    killed = RankFailure(0, 10.2, exitcode=-signal.SIGKILL)  # seen after its peer's error, yet the cause
+    assert first_failure([reset, killed]) is killed
+    assert failure_message(killed, stopped=True) .startswith("Rank 0 of the distributed run was killed by SIGKILL")
+    # among errors the earliest, whatever the rank
+    first, later = RankFailure(1, 5.0, "ValueError: bad input"), RankFailure(0, 6.0, "RuntimeError: Connection closed")
+    assert first_failure([later, first]) is first
+    assert failure_message(first, stopped=True) == ("Rank 1 of the distributed run failed with ValueError: bad "
+                                                    "input; the other ranks were stopped.")
+    user = RankFailure(0, 1.0, "This run would not fit in memory: ...; set X=0.", user=True)
+    assert failure_message(user, stopped=False) == user.message  # a user error's sentence as it is
+    quiet = RankFailure(1, 1.0, exitcode=3)
+    assert "exited with code 3 without an error" in failure_message(quiet, stopped=False)
+    assert first_failure([]) is None
+
+
+def test_the_process_group_timeout_is_a_setting(monkeypatch):
+    from semidiff_nnunet.errors import SemidiffError
+    from semidiff_nnunet.training import distributed
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.process_group_timeout().total_seconds() == distributed.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "90")
+    assert distributed.process_group_timeout().total_seconds() == 90
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "ten minutes")
+    with pytest.raises(SemidiffError, match="SEMIDIFF_DDP_TIMEOUT"):
+        distributed.process_group_timeout()
+
+
+def test_a_rank_killed_in_training_names_itself_its_signal_and_the_run_folder(demo2d, run_cli, monkeypatch):
+    """`semidiff train --nproc 2` whose rank 0 is SIGKILLed after its second epoch's checkpoint: the command ends
+    promptly with that rank and signal (not rank 1's "Connection reset by peer"), where the run folder is and
+    that --continue resumes it."""
+    from semidiff_nnunet import api
+    from semidiff_nnunet.training import distributed
+
+    monkeypatch.setenv(distributed.FAULT_ENV, "0:SIGKILL:2")
+    start = time.monotonic()
+    code, out, err = run_cli("train", demo2d, "-m", "supervised", "--labeled", "0.5", "--seed", "7", "-c", "2d",
+                             "--epochs", "4", "--iters-per-epoch", "1", "--save-every", "1", "--no-val", "--nproc",
+                             "2", *TINY)
+    took = time.monotonic() - start
+    text = " ".join(err.split())
+    info = api.run_info(demo2d, "supervised", "0.5", 7, "2d", 0, "semidiffDemoPlans")
+    assert code == 1, err
+    assert "Rank 0 of the distributed run was killed by SIGKILL" in text, text
+    assert "Connection reset" not in text, text
+    assert "the other ranks were stopped" in text and str(info.fold_folder) in text and "--continue" in text, text
+    assert took < 120, took
+    ck = torch.load(info.fold_folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert ck["current_epoch"] == 2  # what the killed rank had saved is there to resume from
+    import shutil
+
+    shutil.rmtree(info.run_root)
+
+
+def test_the_fold_split_is_written_once_before_the_ranks_start(demo2d, monkeypatch, tmp_path):
+    """On a dataset's first run nnU-Net's do_split writes splits_final.json in every rank at once (one rank can
+    read the other's half-written file): `--nproc N` writes it first, nnU-Net's own split, in one process."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from semidiff_nnunet import api, planning
+    from semidiff_nnunet.training import distributed
+    from semidiff_nnunet.training.unlabeled import list_cases
+
+    splits_file = planning.preprocessed_folder(demo2d) / "splits_final.json"
+    kept = tmp_path / "splits_final.json"
+    if splits_file.is_file():
+        splits_file.rename(kept)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def launch(nproc, *args, **kwargs):
+        seen["split"] = json.loads(splits_file.read_text(encoding="utf-8")) if splits_file.is_file() else None
+        raise Stop
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    try:
+        with pytest.raises(Stop):
+            api.train(demo2d, "supervised", labeled="0.5", seed=8, configuration="2d", device="cpu", epochs=1,
+                      iters_per_epoch=1, plans_name="semidiffDemoPlans", final_validation=False, show_progress=False,
+                      nproc=2)
+    finally:
+        if kept.is_file():
+            kept.replace(splits_file)
+    ident = planning.load_plans(demo2d, "semidiffDemoPlans")["configurations"]["2d"]["data_identifier"]
+    keys = sorted(list_cases(str(planning.preprocessed_folder(demo2d) / ident)))
+    assert seen["split"] == json.loads(json.dumps(generate_crossval_split(keys, seed=12345, n_splits=5)))
+    shutil.rmtree(api.run_info(demo2d, "supervised", "0.5", 8, "2d", 0, "semidiffDemoPlans").run_root,
+                  ignore_errors=True)

@@ -381,3 +381,16 @@ def test_a_step_whose_loss_is_off_updates_nothing(demo2d, results):
     out = t.train_step(batch)
     assert out["term/off"] == 0 and not t.optimizer.state
     assert all(torch.equal(before[k], v) for k, v in _params(t.network).items())
+
+
+def test_the_burnin_hooks_old_name_is_refused_not_ignored():
+    """``supervised_losses`` was the burn-in hook's name; a plugin still defining it would silently lose its
+    burn-in losses, so defining it is an error naming the new name."""
+    with pytest.raises(TypeError, match="rename it to burnin_losses"):
+        class Old(SemiSupervisedTrainer):
+            def supervised_losses(self, labeled):
+                return {}
+
+    class New(SemiSupervisedTrainer):
+        def burnin_losses(self, labeled):
+            return {}

@@ -48,6 +48,17 @@ def test_example_plugin_is_listed_and_trains(installed, demo2d, tmp_path):
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 3
 
 
+def test_the_example_plugin_passes_the_test_kit(installed, semidiff_dataset2d, workspace):
+    """The example's own tests (``examples/.../tests``: the kit's four checks on its method) pass as its author
+    runs them: pytest loads ``semidiff_nnunet.testing`` through ``pytest_plugins``, the plugin through its
+    entry point. They reuse this session's workspace, where ``semidiff_dataset2d`` is already planned."""
+    env = {**installed, "SEMIDIFF_TESTING_WORKSPACE": str(workspace)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+                          cwd=EXAMPLE, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert "4 passed" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_without_the_plugin_the_method_is_unknown(demo2d):
     env = dict(os.environ)
     proc = _semidiff(env, "train", demo2d, "-m", "pseudo-label", "--device", "cpu")

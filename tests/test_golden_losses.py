@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import builtin_methods
 
 pytestmark = pytest.mark.slow
 REFERENCE = Path(__file__).parent / "data" / "golden_losses.json"
@@ -31,13 +32,6 @@ PLANS = "semidiffDemoPlans"
 #: per method, what makes a 8-iteration run reach every step it has (defaults otherwise)
 OVERRIDES = {"diffrect": {"refine_start": "2"}}
 SKIP_LOG = {"epoch_start_timestamps", "epoch_end_timestamps"}
-
-
-def builtin_methods() -> list[str]:
-    from importlib.metadata import entry_points
-
-    return sorted(ep.name for ep in entry_points(group="semidiff") if ep.value.startswith("semidiff_nnunet.plugins.")
-                  and ep.name != "converters")
 
 
 def machine() -> dict:
@@ -128,7 +122,7 @@ def compare(got: dict, want: dict, exact: bool) -> list[str]:
 def golden2d(workspace):
     from semidiff_nnunet import api
 
-    return api.prepare_demo_dataset(dim=2, show_progress=False, dataset_id=983, name="Golden2D", num_train=8,
+    return api.prepare_demo_dataset(dim=2, show_progress=False, dataset_id=987, name="Golden2D", num_train=8,
                                     num_test=0, num_unlabeled=2, shape=(32, 32), max_features=8, batch_size=2,
                                     seed=11)
 
@@ -179,10 +173,11 @@ if __name__ == "__main__":  # rewrite the reference in a throwaway workspace
         (root / var).mkdir()
         os.environ[var] = str(root / var)
     sys.path.insert(0, str(Path(__file__).parent))
-    from semidiff_nnunet import api
     from test_semigda import tiny_vae
 
-    name = api.prepare_demo_dataset(dim=2, show_progress=False, dataset_id=983, name="Golden2D", num_train=8,
+    from semidiff_nnunet import api
+
+    name = api.prepare_demo_dataset(dim=2, show_progress=False, dataset_id=987, name="Golden2D", num_train=8,
                                     num_test=0, num_unlabeled=2, shape=(32, 32), max_features=8, batch_size=2,
                                     seed=11)
     vae = root / "vae"

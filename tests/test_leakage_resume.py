@@ -14,6 +14,7 @@ import blosc2
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_state
 
 from semidiff_nnunet.errors import SemidiffError
 
@@ -40,25 +41,6 @@ def _train(name, method="mean-teacher", labeled="0.5", epochs=2, final_validatio
 def _state(info) -> dict:
     ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     return ck
-
-
-def _assert_same(a: dict, b: dict, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and np.isnan(a):
-        assert np.isnan(b), path
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b, equal_nan=True), path
-    else:
-        assert a == b, path
 
 
 def _weights(ck):
@@ -119,14 +101,14 @@ def test_scrambled_hidden_labels_give_a_bit_identical_run(leak2d, n_proc_da, mon
     shutil.rmtree(first.run_root)
     _scramble(leak2d, split.unlabeled, seed=1)  # hidden labels: scrambled
     second = _state(_train(leak2d))
-    _assert_same(_weights(reference), _weights(second))
+    assert_same_state(_weights(reference), _weights(second))
 
     # control: scrambling a *labeled* case changes the run, so the comparison above can fail
     shutil.rmtree(first.run_root)
     _scramble(leak2d, split.labeled[:1], seed=2)
     third = _state(_train(leak2d))
     with pytest.raises(AssertionError):
-        _assert_same(_weights(reference), _weights(third))
+        assert_same_state(_weights(reference), _weights(third))
 
 
 @pytest.mark.parametrize("method", ["mean-teacher", "bcp"])
@@ -157,7 +139,7 @@ def test_pseudo_label_diagnostic_reads_hidden_labels_for_its_plot_only(leak2d, m
     shutil.rmtree(first.run_root)
     _scramble(leak2d, split.unlabeled, seed=1)
     second = _state(_train(leak2d, method, overrides=on))
-    _assert_same(_weights(reference), _weights(second))
+    assert_same_state(_weights(reference), _weights(second))
     assert second["logging"]["term/_pseudo_accuracy"][-1] != accuracy[-1]
     assert "data" in seen and "hidden_target" not in seen  # the method never sees the hidden labels
 
@@ -210,10 +192,10 @@ def test_interrupted_run_resumes_exactly(leak2d, n_proc_da, monkeypatch):
     with pytest.raises(SemidiffError, match="started with ema_decay=0.95"):
         _train(leak2d, labeled="4", epochs=3, save_every=1, continue_training=True, overrides={"ema_decay": "0.9"})
     resumed = _state(_train(leak2d, labeled="4", epochs=3, save_every=1, continue_training=True))
-    _assert_same(_weights(reference), _weights(resumed))
-    _assert_same(reference["optimizer_state"], resumed["optimizer_state"])
-    _assert_same(reference["logging"]["train_losses"], resumed["logging"]["train_losses"])
-    _assert_same(reference["logging"]["term/consistency"], resumed["logging"]["term/consistency"])
+    assert_same_state(_weights(reference), _weights(resumed))
+    assert_same_state(reference["optimizer_state"], resumed["optimizer_state"])
+    assert_same_state(reference["logging"]["train_losses"], resumed["logging"]["train_losses"])
+    assert_same_state(reference["logging"]["term/consistency"], resumed["logging"]["term/consistency"])
     assert reference["semidiff"]["iteration"] == resumed["semidiff"]["iteration"] == 9
 
 

@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_image, raw
+from helpers import builtin_methods, load_image, raw
 
 from semidiff_nnunet.errors import SemidiffError
 
 RESENC = "semidiffResEncPlans"  # the shrunk copy of nnUNetResEncUNetMPlans
 LAB = "0.5"
 SHORT = ["--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0", "--no-val", "--device", "cpu"]
-ALL_METHODS = ["supervised", "mean-teacher", "uamt", "cps", "fixmatch", "urpc", "cct", "entropy-min", "unimatch", "bcp",
-               "diffrect", "diffcl", "superdiffusion", "protodiff", "semigda"]
+ALL_METHODS = builtin_methods()
 # CI trains the methods whose code reaches into the planned network (hooks on encoder stages, timestep
 # conditioning, widths from the plans, the planned encoder) and the two plain references; every built-in
 # method with SEMIDIFF_PRESETS_ALL=1 (all 15 passed on 2026-12-03)

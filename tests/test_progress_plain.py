@@ -4,6 +4,7 @@ file (nohup, SLURM, CI), so a batch job's log shows the run while it trains."""
 from __future__ import annotations
 
 import io
+import re
 
 from rich.console import Console
 
@@ -39,3 +40,31 @@ def test_a_terminal_gets_the_bar_and_no_epoch_lines():
     text = file.getvalue()
     assert "bcp selftrain epoch 2/2" in text and "4/4" in text
     assert "pseudo Dice" not in text and "(mixed_labeled" not in text
+
+
+def test_the_final_validation_shows_each_case_on_the_console(demo2d, tmp_path, monkeypatch, capfd):
+    """With a progress display nnU-Net's chatter goes to the log file only; its final validation (minutes per
+    image on a CPU, no bar) still says what it does and which case it predicts, so it does not look hung."""
+    from semidiff_nnunet import api
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+
+    class Silent:
+        def start(self, total, completed, description):
+            pass
+
+        def step(self, loss, epoch, num_epochs, phase):
+            pass
+
+        def close(self):
+            pass
+
+    api.train(demo2d, "supervised", labeled="0.5", seed=3, configuration="2d", device="cpu", epochs=1,
+              iters_per_epoch=1, plans_name="semidiffDemoPlans", val_iters_per_epoch=0, final_validation=True,
+              show_progress=False, progress=Silent())
+    out = capfd.readouterr().out
+    assert "final validation: predicting the fold's 3 validation cases" in out, out[-2000:]
+    cases = [ln for ln in out.splitlines() if re.search(r"predicting \S+$", ln)]  # nnU-Net's line per case
+    assert len(cases) == 3, out[-2000:]
+    assert "Epoch 0" not in out  # the training chatter stays in the log file

@@ -1,12 +1,14 @@
 import importlib.metadata as md
+import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
-from semidiff_nnunet import MethodSpec, hookimpl
+from semidiff_nnunet import MethodSpec, hookimpl, hookspecs
 from semidiff_nnunet.errors import DuplicateNameError, UnknownNameError
-from semidiff_nnunet.registry import PluginFailure, Registry
+from semidiff_nnunet.registry import KINDS, PluginFailure, Registry
 
 
 def _plugin(name, method_names):
@@ -210,14 +212,14 @@ def test_hook_calling_sys_exit_is_a_reported_failure():
     (3, "semidiff_register_methods returned 3 (an int) instead of a list of MethodSpec"),
     ("mean", "semidiff_register_methods returned 'mean' (a str) instead of a list of MethodSpec"),
     (["cps"], "semidiff_register_methods returned a list whose item 0 is 'cps' (a str), not a MethodSpec"),
-    ("network", "semidiff_register_methods returned a list whose item 1 is NetworkSpec("),
+    ("converter", "semidiff_register_methods returned a list whose item 1 is ConverterSpec("),
     ("unnamed", "semidiff_register_methods returned a MethodSpec whose name is 7 (an int), not a non-empty string"),
 ])
 def test_hook_returning_the_wrong_type_is_a_reported_failure(returned, said):
-    from semidiff_nnunet import NetworkSpec
+    from semidiff_nnunet import ConverterSpec
 
-    if returned == "network":
-        returned = [MethodSpec(name="ok-part", trainer=object), NetworkSpec(name="net", factory=object)]
+    if returned == "converter":
+        returned = [MethodSpec(name="ok-part", trainer=object), ConverterSpec(name="conv", convert=object)]
     elif returned == "unnamed":
         returned = [MethodSpec(name=7, trainer=object)]
     mod = types.ModuleType("wrong")
@@ -278,14 +280,87 @@ def test_disable_plugin_autoload_loads_only_builtins(install, monkeypatch, value
             reg.method("third-method")
 
 
-def test_misspelled_hook_is_a_reported_failure(install):
+@pytest.mark.parametrize("hook, said", [
+    ("semidiff_register_method", "'semidiff_register_method' (did you mean 'semidiff_register_methods'?)"),
+    ("semidiff_register_losses", "'semidiff_register_losses', which is no semidiff hook"),  # a removed kind
+])
+def test_misspelled_hook_is_a_reported_failure(install, hook, said):
     install("typo-dist", {"typo": _methods_source("typo-method") + (
         "@hookimpl\n"
-        "def semidiff_register_network():\n"
+        f"def {hook}():\n"
         "    return []\n")})
     reg = Registry()
     f = _failure(reg, "typo")
     assert f.distribution == "typo-dist"
-    assert "'semidiff_register_network' (did you mean 'semidiff_register_networks'?)" in f.error
+    assert said in f.error
     assert "typo" not in reg.plugins and "typo-method" not in reg.names("method")
     assert "mean-teacher" in reg.names("method")
+
+
+# ------------------------------------------------------------------ every hook is used and shown
+PACKAGE = Path(__file__).resolve().parents[1] / "semidiff_nnunet"
+DOCS = [Path(__file__).resolve().parents[1] / "README.md",
+        *sorted((Path(__file__).resolve().parents[1] / "examples").rglob("*.py"))]
+
+
+def _hookspec_names(module) -> list[str]:
+    return sorted(n for n, f in vars(module).items() if hasattr(f, f"{hookspecs.PROJECT_NAME}_spec"))
+
+
+def _unused_hooks(names) -> list[str]:
+    """Hooks of ``names`` with no consumer in the package: neither a ``pm.hook.NAME`` call site nor a call
+    of the registry function that reads their kind (``get_registry().KIND(...)``, ``.get("KIND", ...)``,
+    ``.entry("KIND", ...)``) outside the registry and the hook specifications themselves."""
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in sorted(PACKAGE.rglob("*.py"))
+                        if p.name not in ("registry.py", "hookspecs.py"))
+    kinds = {hook: kind for kind, hook in KINDS.items()}
+    unused = []
+    for name in names:
+        kind = kinds.get(name)
+        used = re.search(rf"\.hook\.{name}\b", sources) or (kind and re.search(
+            rf"get_registry\(\)\s*\.\s*(?:{kind}\(|(?:get|entry)\(\s*[\"']{kind}[\"'])", sources))
+        if not used:
+            unused.append(name)
+    return unused
+
+
+def _undocumented_hooks(names) -> list[str]:
+    """Hooks of ``names`` that no example implements (``def NAME(`` in the README or under examples/)."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
+    return [n for n in names if not re.search(rf"def {n}\(", text)]
+
+
+def test_every_hook_has_a_consumer_and_a_documented_example():
+    names = _hookspec_names(hookspecs)
+    assert names == sorted(KINDS.values())  # the registry collects every hook
+    assert _unused_hooks(names) == []
+    assert _undocumented_hooks(names) == []
+    # control: a hook that nothing calls and nothing shows is caught, so the checks above can fail
+    assert _unused_hooks(["semidiff_register_networks"]) == ["semidiff_register_networks"]
+    assert _undocumented_hooks(["semidiff_register_networks"]) == ["semidiff_register_networks"]
+
+
+# ------------------------------------------------------------------ a method's name has one home
+def test_a_builtin_trainer_takes_its_name_from_its_method_spec():
+    reg = Registry()
+    for name in reg.builtin_names("method"):
+        trainer = reg.method(name).load_trainer()
+        assert "method_name" not in vars(trainer), f"{trainer.__name__} repeats its name; its MethodSpec holds it"
+        assert trainer.method_name == name
+
+
+def test_an_unregistered_trainer_has_no_name_to_leak_into_checkpoints():
+    from types import SimpleNamespace
+
+    from semidiff_nnunet.training import SemiSupervisedTrainer
+
+    class Unregistered(SemiSupervisedTrainer):
+        pass
+
+    with pytest.raises(UnknownNameError, match="Unregistered is registered as no method"):
+        getattr(Unregistered, "method_name")  # noqa: B009
+    with pytest.raises(UnknownNameError):
+        getattr(SemiSupervisedTrainer, "method_name")  # noqa: B009
+    descriptor = vars(SemiSupervisedTrainer)["method_name"]
+    run = SimpleNamespace(run_config=SimpleNamespace(method="started-as"))  # a trainer of a run started by semidiff
+    assert descriptor.__get__(run, Unregistered) == "started-as"

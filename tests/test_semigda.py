@@ -354,12 +354,16 @@ def test_lambda_schedule_paper_is_beta_gaussian_over_the_run(vae_folder):
 
 
 def test_choice_settings_are_checked_before_any_work(vae_folder):
+    import typing
+
+    from semidiff_nnunet import api
+
+    hints = typing.get_type_hints(T.SemiGDAHParams)
     for key, bad in (("lambda_schedule", "papr"), ("unsup_seg", "soft")):
-        hp = T.SemiGDAHParams(vae=str(vae_folder), **{key: bad})
-        with pytest.raises(SemidiffError) as info:
-            T.SemiGDATrainer.check_options(hp, "2d", 2)
+        with pytest.raises(SemidiffError) as info:  # the option parser, before check_options and planning
+            api.check_train_options("semigda", overrides={"vae": str(vae_folder), key: bad}, configuration="2d")
         msg = str(info.value)
-        assert key in msg and all(c in msg for c in T.CHOICES[key]) and msg.count(". ") == 0
+        assert key in msg and all(c in msg for c in typing.get_args(hints[key])) and msg.count(". ") == 0
     T.SemiGDATrainer.check_options(T.SemiGDAHParams(vae=str(vae_folder), lambda_schedule="paper",
                                                     unsup_seg="soft_dice"), "2d", 2)
 
@@ -415,7 +419,7 @@ def test_segment_latent_terms_are_eq_5_and_6_in_stage_2(vae_folder):
     off = _at(_stub_trainer(vae_folder, latent_noise_p=0.0, copy_paste_start=1.0), 10)
     assert not off.hp.segment_latent_terms
     assert not {"latent_sup", "latent_unsup"} & set(off.compute_losses(labeled, unlabeled))
-    assert not {"latent_sup", "latent_unsup"} & set(off.supervised_losses(labeled))
+    assert not {"latent_sup", "latent_unsup"} & set(off.burnin_losses(labeled))
     on = _at(_stub_trainer(vae_folder, latent_noise_p=0.0, copy_paste_start=1.0, segment_latent_terms=True), 10)
     terms = on.compute_losses(labeled, unlabeled)
     with torch.no_grad():
@@ -432,7 +436,7 @@ def test_segment_latent_terms_are_eq_5_and_6_in_stage_2(vae_folder):
         grads = torch.autograd.grad(terms["latent_unsup"], list(part.parameters()), retain_graph=True,
                                     allow_unused=True)
         assert any(g is not None and g.abs().sum() > 0 for g in grads)
-    burnin = on.supervised_losses(labeled)  # a burn-in iteration of stage 2: L_sup = L_sup^p + L_sup^s
+    burnin = on.burnin_losses(labeled)  # a burn-in iteration of stage 2: L_sup = L_sup^p + L_sup^s
     assert burnin["latent_sup"].item() == pytest.approx(eq5.item(), rel=1e-5) and "dice_sup" in burnin
 
 

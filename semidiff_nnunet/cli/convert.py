@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typer.core import TyperCommand
 
 from semidiff_nnunet.errors import SemidiffError
 
@@ -28,11 +30,13 @@ def _parse_options(items: list[str] | None) -> dict[str, str]:
     return opts
 
 
-def print_converter_list() -> None:
+def converter_table() -> Table:
+    """The installed converters: name, default id, what each converts and the SOURCE layout it expects, and
+    where to download it."""
     from semidiff_nnunet.dataset_conversion.api import list_converters
 
     table = Table(title="Dataset converters (semidiff convert NAME SOURCE)", show_lines=True)
-    table.add_column("name", style="bold")
+    table.add_column("name", style="bold", no_wrap=True)
     table.add_column("id", justify="right")
     table.add_column("what / expected SOURCE layout")
     table.add_column("download")
@@ -42,12 +46,27 @@ def print_converter_list() -> None:
         if opts:
             what += "\n[dim]options (-o KEY=VALUE): " + ", ".join(opts) + "[/dim]"
         table.add_row(c["name"], "" if c["default_id"] is None else str(c["default_id"]), what, c["download_hint"])
-    out.print(table)
+    return table
+
+
+def print_converter_list() -> None:
+    out.print(converter_table())
     console.print("[dim]No download is attempted; fetch the data yourself, then run semidiff convert NAME SOURCE.[/dim]")
 
 
+class ConvertCommand(TyperCommand):
+    """``semidiff convert --help`` ends with the converters installed (looked up only when the help is asked
+    for, so that other commands do not load them)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        super().format_help(ctx, formatter)  # typer prints its rich help itself; click writes plain help here
+        text = io.StringIO()
+        Console(file=text, width=out.width, highlight=False).print(converter_table())
+        formatter.write("\n" + text.getvalue())  # click prints this after the help, in either case
+
+
 def convert_command(
-    name: Annotated[str | None, typer.Argument(help="Converter name (see --list).")] = None,
+    name: Annotated[str | None, typer.Argument(help="Converter name (the table below lists them).")] = None,
     source: Annotated[Path | None, typer.Argument(help="Folder of the original download.")] = None,
     dataset_id: Annotated[int | None, typer.Option("--id", help="nnU-Net dataset id (default: the converter's).")] = None,
     dataset_name: Annotated[str | None, typer.Option("--name", help="Dataset name (default: the converter's).")] = None,
@@ -57,7 +76,10 @@ def convert_command(
     option: Annotated[list[str] | None, typer.Option("-o", "--option", help="Converter option KEY=VALUE (repeatable).")] = None,
     processes: Annotated[int | None, typer.Option("-p", "--processes", help="Worker processes.")] = None,
 ) -> None:
-    """Convert a public dataset from its original download layout into nnU-Net raw format."""
+    """Convert a public dataset from its original download layout into nnU-Net raw format.
+
+    Example: semidiff convert ph2 ~/Downloads/PH2Dataset --id 512
+    """
     if list_:
         print_converter_list()
         return

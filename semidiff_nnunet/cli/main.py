@@ -79,6 +79,10 @@ HeldOutRun = Annotated[float | None, typer.Option(
     "--held-out", help="The run's held-out share of the fold's validation cases (a semidiff benchmark run on a "
                        "dataset without imagesTs), e.g. 0.5.")]
 
+StageRun = Annotated[str, typer.Option(
+    "--stage", help="The run's stage of semidiff benchmark --from-checkpoint (its folder suffix, e.g. first-e24 or "
+                    "from-first-e24; see the benchmark's table).")]
+
 # What Ctrl-C leaves behind, said by the command that is running (see main()).
 _INTERRUPTED = {
     "train": "Interrupted: the run's last checkpoint (checkpoint_latest.pth, written every --save-every epochs) "
@@ -180,6 +184,7 @@ def train(
     nproc: Nproc = 1,
     pretrained_weights: Pretrained = None,
     wait: Wait = False,
+    held_out: HeldOutRun = None,
 ):
     """Train METHOD on an already preprocessed dataset.
 
@@ -194,7 +199,8 @@ def train(
                          device=device, epochs=epochs, iters_per_epoch=iters_per_epoch, overrides=sets,
                          continue_training=cont, plans_name=plans or "nnUNetPlans", val_iters_per_epoch=val_iters,
                          save_every=save_every, final_validation=not no_val, show_progress=True, progress=bar,
-                         nproc=nproc, pretrained_weights=pretrained_weights, wait=wait, log=_say)
+                         nproc=nproc, pretrained_weights=pretrained_weights, wait=wait, log=_say,
+                         held_out=held_out)
     finally:
         bar.close()
     _report_run(info, t0)
@@ -226,13 +232,14 @@ def predict(
         "--step-size", help="Sliding-window step as a share of the patch size, in (0, 1] (nnU-Net's -step_size; "
                             "smaller is slower and slightly better).")] = 0.5,
     held_out: HeldOutRun = None,
+    stage: StageRun = "",
 ):
     """Segment a folder of images with a trained run (nnU-Net's sliding window); several -f are ensembled."""
     _announce_workspace()
     folder = api.predict(dataset, method, input, output, labeled=labeled, seed=seed, configuration=configuration,
                          folds=tuple(fold), device=device, plans_name=plans or "nnUNetPlans",
                          checkpoint=checkpoint, use_mirroring=not no_mirroring, tile_step_size=step_size,
-                         save_probabilities=save_probabilities, held_out=held_out,
+                         save_probabilities=save_probabilities, held_out=held_out, stage=stage,
                          log=lambda message: console.print(f"[yellow]Warning:[/yellow] {escape(message)}."))
     folds = api.unique_folds(fold)
     console.print(f"[green]Predictions written to[/green] {escape(str(folder))} ("
@@ -441,9 +448,9 @@ def benchmark(
 
 
 def _register_convert() -> None:
-    from semidiff_nnunet.cli.convert import convert_command
+    from semidiff_nnunet.cli.convert import ConvertCommand, convert_command
 
-    app.command("convert")(convert_command)
+    app.command("convert", cls=ConvertCommand)(convert_command)
 
 
 _register_convert()

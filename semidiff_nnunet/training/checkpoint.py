@@ -16,15 +16,15 @@ import os
 import pickle
 import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from semidiff_nnunet.training.ema import unwrap
+from semidiff_nnunet.training.nnunet_compat import nnunet_checkpoint, nnunet_load
 
 SEMIDIFF_KEY = "semidiff"
-_nnunet_module = sys.modules[nnUNetTrainer.__module__]
 
 
 def rng_state() -> dict:
@@ -38,35 +38,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _TorchIO:
-    """Stands in for the ``torch`` module inside nnU-Net's trainer module during one call: ``save``
-    hands the object over instead of writing it, ``load`` returns a given object; all else is torch."""
-
-    def __init__(self, loaded=None):
-        self.saved = None
-        self._loaded = loaded
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def save(self, obj, *_args, **_kwargs):
-        self.saved = obj
-
-    def load(self, *_args, **_kwargs):
-        return self._loaded
-
-
-@contextlib.contextmanager
-def _nnunet_torch_io(loaded=None):
-    io = _TorchIO(loaded)
-    real = _nnunet_module.torch
-    _nnunet_module.torch = io
-    try:
-        yield io
-    finally:
-        _nnunet_module.torch = real
 
 
 # ---------------------------------------------------------------------------------------------- safe loading
@@ -127,21 +98,6 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
         raise SemidiffError(f"Refused to load {Path(path)}: it needs {needs}, and semidiff loads only "
                             f"tensors, numbers, strings and plain numpy arrays from a checkpoint (anything else could "
                             f"run code from the file); use a checkpoint written by nnU-Net or semidiff.") from None
-
-
-def nnunet_checkpoint(trainer) -> dict:
-    """The dict nnU-Net's ``save_checkpoint`` would write for ``trainer`` (nothing is written)."""
-    with _nnunet_torch_io() as io:
-        nnUNetTrainer.save_checkpoint(trainer, "<semidiff: in memory>")
-    if io.saved is None:
-        raise RuntimeError("nnU-Net's save_checkpoint wrote nothing (checkpointing disabled or not rank 0).")
-    return io.saved
-
-
-def nnunet_load(trainer, checkpoint: dict) -> None:
-    """Run nnU-Net's ``load_checkpoint`` on an in-memory dict (it only accepts file names)."""
-    with _nnunet_torch_io(loaded=checkpoint):
-        nnUNetTrainer.load_checkpoint(trainer, "<semidiff: in memory>")
 
 
 def save_atomic(checkpoint: dict, filename: str, keep_previous: str | None = None) -> None:
@@ -303,3 +259,84 @@ def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source
         loaded += 1
     network.load_state_dict(state)
     return {"loaded": loaded, "new": new, "skipped_heads": skipped}
+
+
+# ---------------------------------------------------------------------------------------------- the trainer's part
+class CheckpointMixin:
+    """The trainer's ``save_checkpoint``/``load_checkpoint`` (see the module docstring) and
+    ``--pretrained-weights``. Checkpointed: the main network and nnU-Net's state, every network, optimiser
+    and state a method registered (``register_network``/``register_state``), the iteration, the phase and
+    the random state (the loaders' included: see :mod:`~.loaders`), so ``--continue`` goes on exactly."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = nnunet_checkpoint(self)
+        checkpoint["network_weights"] = unwrap(self.inference_network()).state_dict()
+        checkpoint[SEMIDIFF_KEY] = {
+            "method": self.method_name,
+            "run": self.run_config.to_json(),
+            "iteration": self.iteration,
+            "phase": self.current_phase.name,
+            "networks": {"network": unwrap(self.network).state_dict(),
+                         **{n: unwrap(m).state_dict() for n, m in self.extra_networks.items()}},
+            "optimizers": {n: opt.state_dict() for n, (opt, _) in self.extra_optimizers.items()},
+            "states": {n: s.state_dict() for n, s in self.method_states.items()},
+            "rng": self._rng_snapshot(),
+        }
+        latest = os.path.basename(filename) == LATEST
+        # the checkpoint_latest.pth being replaced stays as checkpoint_previous.pth (the resume point when the
+        # new one turns out damaged), unless it is the damaged one this run resumed around
+        keep = os.path.join(os.path.dirname(filename), PREVIOUS) if latest and self._latest_intact else None
+        save_atomic(checkpoint, filename, keep_previous=keep)
+        if latest:
+            self._latest_intact = True
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """Resume: the phase of the checkpoint's epoch is entered first (its ``on_phase_start`` rebuilds the
+        optimisers it restarts); a checkpoint written at the last epoch of the previous phase holds that
+        phase's optimiser states, so an optimiser the new phase restarted stays fresh, as in an
+        uninterrupted run. The random state is restored when training starts (``on_train_start``)."""
+        from semidiff_nnunet.errors import SemidiffError
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            self._latest_intact = os.path.basename(checkpoint) == LATEST
+            self.print_to_log_file(f"resuming from {checkpoint}", also_print_to_console=False)
+            checkpoint = safe_load(checkpoint, map_location=self.device)
+        semi = checkpoint.get(SEMIDIFF_KEY)
+        if semi is None:
+            raise SemidiffError("This checkpoint was not written by a semidiff trainer and cannot be resumed here.")
+        # the phase first: an optimiser it rebuilds must exist before its saved state is loaded
+        self.current_epoch = int(checkpoint["current_epoch"])
+        self._enter_phase_of_current_epoch()
+        fresh = self._restarted if semi.get("phase") not in (None, self.current_phase.name) else set()
+        if "network" in fresh:
+            checkpoint = {**checkpoint, "optimizer_state": self.optimizer.state_dict()}
+        # nnU-Net restores its part (main network, optimizer, grad scaler, logger, epoch, ...)
+        nnunet_load(self, {**checkpoint, "network_weights": semi["networks"]["network"]})
+        for name, module in self.extra_networks.items():
+            unwrap(module).load_state_dict(semi["networks"][name])
+        for name, (opt, _) in self.extra_optimizers.items():
+            if name not in fresh:
+                opt.load_state_dict(semi["optimizers"][name])
+        for name, state in self.method_states.items():
+            state.load_state_dict(semi["states"][name])
+        self.iteration = int(semi.get("iteration", 0))
+        self._pending_rng = semi.get("rng")
+
+    def load_pretrained_weights(self, path: str) -> None:
+        """Initialise ``self.network`` from the checkpoint at ``path`` (see :func:`transfer_weights`, with the
+        method's ``pretrained_key``); called in ``initialize`` before ``build_method``, so EMA teachers copied
+        from the network there start from these weights."""
+        report = transfer_weights(unwrap(self.network), pretrained_state(path), self.pretrained_key, path)
+        self.print_to_log_file(
+            f"pretrained weights from {path}: {report['loaded']} tensors loaded"
+            + (f"; segmentation heads kept as built (another class count): {', '.join(report['skipped_heads'])}"
+               if report["skipped_heads"] else "")
+            + (f"; {len(report['new'])} tensors of {self.method_name}'s own left as built" if report["new"] else ""),
+            also_print_to_console=False)

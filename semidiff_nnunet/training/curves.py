@@ -1,10 +1,14 @@
-"""nnU-Net's local logger, extended with one curve per loss term and a compact progress plot."""
+"""nnU-Net's local logger, extended with one curve per loss term and a compact progress plot; the
+trainer's per-epoch logging (:class:`EpochLogMixin`)."""
 
 from __future__ import annotations
 
 import math
 import os
+import time
 
+import numpy as np
+import torch
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 TERM_PREFIX = "term/"
@@ -91,3 +95,53 @@ class SemiLocalLogger(LocalLogger):
         fig.tight_layout()
         fig.savefig(os.path.join(output_folder, "progress.png"), dpi=80)
         plt.close(fig)
+
+
+class EpochLogMixin:
+    """The trainer's logging: one value per loss term and epoch (in nnU-Net's logger, so checkpointed and
+    plotted), the epoch's summary to the progress callback, nnU-Net's chatter to the log file only while a
+    progress display runs."""
+
+    def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
+        # the final validation has no bar: its per-case lines are the console's only sign of life
+        quiet = getattr(self, "progress", None) is not None and not getattr(self, "in_final_validation", False)
+        super().print_to_log_file(*args, also_print_to_console=also_print_to_console and not quiet,
+                                  add_timestamp=add_timestamp)
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
+        # every term seen so far gets one value per epoch: the mean over the iterations that computed
+        # it (a step that did not run this epoch logs NaN); under DDP over every rank's iterations
+        keys = sorted({k for o in train_outputs for k in o if k.startswith(TERM_PREFIX)}
+                      | {k for k in self.logger.local_logger.my_fantastic_logging if k.startswith(TERM_PREFIX)})
+        for k in keys:
+            values = np.array([o[k] for o in train_outputs if k in o], dtype=np.float64)
+            if self.is_ddp:
+                gathered = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, values)
+                values = np.concatenate(gathered)
+            self.logger.log(k, float(np.mean(values)) if values.size else float("nan"), self.current_epoch)
+        if keys:
+            self.print_to_log_file("loss terms: " + ", ".join(
+                f"{k[5:].lstrip('_')} {self.logger.get_value(k, step=-1):.4g}" for k in keys))
+
+    def _report_epoch(self) -> None:
+        """The epoch's summary to the progress callback's ``epoch_end``, if it has one (rank 0)."""
+        report = getattr(self.progress, "epoch_end", None)
+        if report is None or self.local_rank != 0:
+            return
+        log = self.logger.local_logger.my_fantastic_logging
+        terms = {k[5:].lstrip("_"): float(v[-1]) for k, v in sorted(log.items())
+                 if k.startswith(TERM_PREFIX) and v and np.isfinite(v[-1])}
+        start = self.logger.get_value("epoch_start_timestamps", step=-1)
+        report(epoch=self.current_epoch, num_epochs=self.num_epochs,
+               phase=self.current_phase.name if self.phases else "",
+               loss=float(self.logger.get_value("train_losses", step=-1)), terms=terms,
+               seconds=time.time() - start, pseudo_dice=float(self.logger.get_value("mean_fg_dice", step=-1)))
+
+    def _log_no_validation(self):
+        # num_val_iterations_per_epoch=0 (tests): keep the logger's one-value-per-epoch invariant
+        self.logger.log("mean_fg_dice", float("nan"), self.current_epoch)
+        self.logger.log("dice_per_class_or_region", [float("nan")] * len(self.label_manager.foreground_labels),
+                        self.current_epoch)
+        self.logger.log("val_losses", float("nan"), self.current_epoch)

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 from semidiff_nnunet.errors import SemidiffError
 
+#: a setting naming a discrete β schedule: the keys of ``semidiff_nnunet.diffusion.BETA_SCHEDULES`` (a test
+#: keeps them equal; the alias lives here so that reading a method's settings imports no torch)
+BetaSchedule = typing.Literal["linear", "cosine", "sigmoid"]
+#: a setting naming a continuous log-SNR schedule: the keys of ``semidiff_nnunet.diffusion.LOG_SNR_SCHEDULES``
+LogSnrSchedule = typing.Literal["cosine", "linear"]
+
 
 @dataclass
 class BaseHParams:
@@ -92,9 +98,12 @@ def _convert(value: str, annotation, name: str):
 
 
 def check_choice(name: str, value, choices: tuple):
-    """``value`` if it is one of ``choices`` (a ``Literal[...]`` field's), else one sentence naming them."""
+    """``value`` if it is one of ``choices`` (a ``Literal[...]`` field's), else one sentence naming them
+    and the closest one."""
     if value not in choices:
-        raise SemidiffError(f"--set {name}={value}: choose one of {', '.join(map(str, choices))}.")
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise SemidiffError(f"--set {name}={value}: choose one of {', '.join(map(str, choices))}{hint}.")
     return value
 
 

@@ -135,3 +135,37 @@ def parse_phase_length(name: str, value: str) -> tuple[float | None, int | None]
         raise SemidiffError(f"--set phase.{name}={value}: give a share of the run in [0, 1] (like 0.3) or a "
                             f"whole number of epochs (like 40).")
     return share, None
+
+
+def write_run_info(trainer) -> None:
+    """``semidiff_run.json`` in the trainer's output folder: what this run is (method, labeled cases, seed,
+    hyperparameters, phases, batch sizes, world size, split), written atomically when training starts."""
+    import json
+    import os
+
+    from semidiff_nnunet.training.hparams import hparams_to_dict
+
+    t = trainer
+    info = {
+        "method": t.method_name,
+        "trainer": t.__class__.__name__,
+        "labeled": t.labeled_spec.to_json(),
+        "seed": t.seed,
+        "fold": t.fold,
+        "configuration": t.configuration_name,
+        "hparams": hparams_to_dict(t.hp),
+        "phases": {s.name: [s.start, s.end] for s in t.phase_spans} if t.phases else {},
+        "phase_overrides": dict(t.run_config.phases),
+        "num_epochs": t.num_epochs,
+        "num_iterations_per_epoch": t.num_iterations_per_epoch,
+        "batch_size": t.configuration_manager.batch_size,
+        "unlabeled_batch_size": (t.hp.unlabeled_batch_size or t.configuration_manager.batch_size)
+        if t.uses_unlabeled else 0,
+        "world_size": t.world_size,
+        "pretrained_weights": t.run_config.pretrained_weights,
+        "split": t.semi_split.to_json(),
+    }
+    tmp = os.path.join(t.output_folder, "semidiff_run.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(t.output_folder, "semidiff_run.json"))

@@ -26,7 +26,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-UNLABELED_SUFFIX = "__unlabeled"
+from semidiff_nnunet.paths import UNLABELED_SUFFIX
 
 _GEOMETRIC = (SpatialTransform, MirrorTransform, Convert3DTo2DTransform, Convert2DTo3DTransform)
 

@@ -28,7 +28,6 @@ class PseudoLabelHParams(BaseHParams):
 
 
 class PseudoLabelTrainer(SemiSupervisedTrainer):
-    method_name = "pseudo-label"
     hparams_class = PseudoLabelHParams
 
     def compute_losses(self, labeled, unlabeled):

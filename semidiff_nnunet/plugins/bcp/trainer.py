@@ -97,7 +97,7 @@ pre-training share of 0.25 of the total), LA ``--pre_max_iteration 2000`` and
 default is ``pretrain`` = 0.25 of the run (``--set phase.pretrain=0.12`` for LA's ratio, or a number
 of epochs like ``--set phase.pretrain=40``), the rest ``selftrain``. The pre-training phase *is* the
 engine's supervised burn-in: no unlabeled batch is drawn and the engine runs
-``supervised_losses``, which here is the copy-paste pre-training loss. So BCP's defaults set the
+``burnin_losses``, which here is the copy-paste pre-training loss. So BCP's defaults set the
 engine's own burn-in to zero (``burnin = 0``, ``burnin_min = 0``): ``burnin_iterations`` is the
 pre-training phase's iterations, or the engine's burn-in rule if a ``--set burnin=...`` asks for more.
 BCP has no ramp-up (the authors compute a consistency weight but never use it).
@@ -211,7 +211,6 @@ def halves(n: int) -> tuple[slice, slice]:
 class BCPTrainer(SemiSupervisedTrainer):
     """BCP. ``--pretrained-weights`` initialises the student, and so the teacher copied from it."""
 
-    method_name = "bcp"
     hparams_class = BCPHParams
     phases = (Phase(PRETRAIN, share=0.25, summary="copy-paste between labeled patches, labeled data only",
                     select_best=True, warmup=True),
@@ -232,7 +231,7 @@ class BCPTrainer(SemiSupervisedTrainer):
     # ------------------------------------------------------------------ schedule
     @property
     def burnin_iterations(self) -> int:
-        """The pre-training phase (labeled data only, ``supervised_losses``), or the engine's burn-in
+        """The pre-training phase (labeled data only, ``burnin_losses``), or the engine's burn-in
         rule if that asks for more."""
         span = next(s for s in self.phase_spans if s.name == PRETRAIN)
         return max(span.end * self.num_iterations_per_epoch, super().burnin_iterations)
@@ -293,7 +292,7 @@ class BCPTrainer(SemiSupervisedTrainer):
         return total
 
     # ------------------------------------------------------------------ losses
-    def supervised_losses(self, labeled):
+    def burnin_losses(self, labeled):
         """Pre-training (every burn-in iteration): a box of labeled half b pasted into labeled half a,
         nnU-Net's Dice+CE on the mixed image and mixed labels."""
         x, targets = labeled["data"], as_list(labeled["target"])

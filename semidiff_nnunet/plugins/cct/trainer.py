@@ -102,7 +102,6 @@ class CCTTrainer(SemiSupervisedTrainer):
     """CCT. ``--pretrained-weights`` initialises the shared encoder and main decoder; the auxiliary
     decoders start as built."""
 
-    method_name = "cct"
     hparams_class = CCTHParams
 
     def build_method(self):

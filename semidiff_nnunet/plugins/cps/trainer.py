@@ -29,7 +29,7 @@ Schedule, mapped onto the engine's policy (``BaseHParams``): SSL4MIS adds no unl
 iteration 1000 of its 30 000 → the supervised burn-in (3 % of the run, 100–1000 iterations, at most
 a quarter of the run); its sigmoid ramp over the whole 30 000 iterations → ``rampup_fraction = 1.0``
 within [200, 30 000] iterations, starting after the burn-in.
-During the burn-in both networks learn from the labels (``supervised_losses``).
+During the burn-in both networks learn from the labels (``burnin_losses``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class CPSTrainer(SemiSupervisedTrainer):
     """CPS. ``--pretrained-weights`` initialises the first network; the second keeps its own Xavier
     initialisation (cross pseudo supervision needs two differently initialised networks)."""
 
-    method_name = "cps"
     hparams_class = CPSHParams
 
     def build_method(self):
@@ -70,7 +69,7 @@ class CPSTrainer(SemiSupervisedTrainer):
         net.apply(xavier_normal_init)
         self.network_2 = self.register_network("network_2", net)
 
-    def supervised_losses(self, labeled):  # burn-in: both networks learn from the labels
+    def burnin_losses(self, labeled):  # burn-in: both networks learn from the labels
         x, target = labeled["data"], labeled["target"]
         return {"supervised": self.supervised_loss(self.network(x), target),
                 "supervised_2": self.supervised_loss(self.network_2(x), target)}

@@ -15,8 +15,6 @@ Tensors are ``(B, C, *spatial)`` for 2D and 3D alike; labels ``(B, *spatial)`` l
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -231,16 +229,3 @@ def label_propagation_loss(anchors: list[Tensor | None], unlabeled: Tensor, top_
     if reduction == "mean" and terms:
         total = total / terms
     return total
-
-
-# registry factories (``LossSpec.create(**kwargs)`` returns the loss with those settings bound)
-def cps_factory(**kwargs):
-    return functools.partial(cross_pseudo_supervision, **kwargs)
-
-
-def dice_ce_factory(**kwargs):
-    return functools.partial(dice_ce, **kwargs)
-
-
-def label_propagation_factory(**kwargs):
-    return functools.partial(label_propagation_loss, **kwargs)

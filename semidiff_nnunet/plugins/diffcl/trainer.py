@@ -77,6 +77,7 @@ run), as the paper states.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -92,6 +93,7 @@ from semidiff_nnunet.plugins.diffcl.networks import (
     build_cs_network,
 )
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, run_hparams, unwrap
+from semidiff_nnunet.training.hparams import LogSnrSchedule
 from semidiff_nnunet.training.ramps import gaussian_rampup
 
 
@@ -110,7 +112,7 @@ class DiffCLHParams(BaseHParams):
     unsup_rampup: bool = True
     rampup_fraction: float = 1.0
     ce_floor: float = 1.0
-    ds_pseudo_label: str = "noise"
+    ds_pseudo_label: Literal["noise", "forward"] = "noise"
     cps_confidence: float = 0.0
     hfm_stage: int = -1
     hfm_residual: bool = True
@@ -118,9 +120,9 @@ class DiffCLHParams(BaseHParams):
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
-    scan_backend: str = "auto"
+    scan_backend: Literal["auto", "torch", "fused"] = "auto"
     scan_chunk: int = 0
-    noise_schedule: str = "cosine"
+    noise_schedule: LogSnrSchedule = "cosine"
     label_scale: float = 1.0
     time_embedding_dim: int = 128
     proj_dim: int = 32
@@ -130,7 +132,7 @@ class DiffCLHParams(BaseHParams):
     cl_samples: int = 256
     cl_topk: int = 8
     cl_temperature: float = 0.1
-    cl_reduction: str = "sum"
+    cl_reduction: Literal["sum", "mean"] = "sum"
 
 
 def cs_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -152,7 +154,6 @@ class DiffCLTrainer(SemiSupervisedTrainer):
     """Diff-CL. ``--pretrained-weights`` initialises CS (the planned U-Net, plain or residual) from a
     U-Net checkpoint; its HF-Mamba block, DS (image ⊕ Y_t input) and the projection head start as built."""
 
-    method_name = "diffcl"
     hparams_class = DiffCLHParams
 
     def pretrained_key(self, key):
@@ -173,11 +174,6 @@ class DiffCLTrainer(SemiSupervisedTrainer):
         hp, lm = self.hp, self.label_manager
         if lm.has_regions:
             raise SemidiffError("diffcl needs mutually exclusive labels; region-based datasets are not supported.")
-        if hp.cl_reduction not in ("sum", "mean"):
-            raise SemidiffError(f"--set cl_reduction={hp.cl_reduction}: choose sum (eq. 15) or mean.")
-        if hp.ds_pseudo_label not in ("noise", "forward"):
-            raise SemidiffError(f"--set ds_pseudo_label={hp.ds_pseudo_label}: choose noise (DS from pure noise, "
-                                f"the default) or forward (the training forward, which can copy its input).")
         self.num_classes = lm.num_segmentation_heads
         unet = self.build_planned_network(num_input_channels=self.num_input_channels + self.num_classes)
         ds = LabelDiffusion(TimestepConditionedUNet(unet, hp.time_embedding_dim), hp.noise_schedule, hp.label_scale)
@@ -192,7 +188,7 @@ class DiffCLTrainer(SemiSupervisedTrainer):
         hp, lam = self.hp, gaussian_rampup(self.iteration, self.total_iterations, scale=2.0)
         return max(hp.ce_floor, hp.beta_2 * lam), max(hp.ce_floor, hp.beta_1 * lam)
 
-    def supervised_losses(self, labeled):
+    def burnin_losses(self, labeled):
         """Burn-in: CS and DS learn from the labels only (DS denoises the noisy ground truth)."""
         ce_c, ce_d = self.ce_weights()
         y0 = labels_to_onehot(self.labels_of(labeled), self.num_classes, ignore_index=self.label_manager.ignore_label)
@@ -256,12 +252,3 @@ class DiffCLTrainer(SemiSupervisedTrainer):
                 "_lambda": torch.tensor(gaussian_rampup(self.iteration, self.total_iterations, scale=2.0)),
                 "_unsup_ramp": torch.tensor(ramp), "_contrastive_raw": l_cl.detach(),
                 "_bank_fill": self.memory_bank.count.float().mean().detach()}
-
-
-def cs_network_factory(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                       enable_deep_supervision=False, **hparams):
-    """Registry factory: the CS network with the given hyperparameters (defaults: the paper's)."""
-    from semidiff_nnunet.training.hparams import resolve_hparams
-
-    return cs_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                      enable_deep_supervision, resolve_hparams(DiffCLHParams, hparams))

@@ -151,16 +151,3 @@ def complementary_loss(weak_probs: Tensor, strong_probs: Tensor) -> tuple[Tensor
     a = (1 - entropy / math.log(n)).mean() if n > 1 else flat.new_tensor(1.0)
     comp_labels = torch.argmin(weak_probs.detach(), dim=1)
     return a * F.cross_entropy(1 - strong_probs.float(), comp_labels), a
-
-
-# registry factories (``LossSpec.create()`` returns the loss function)
-def ce_dice_factory():
-    return ce_dice
-
-
-def complementary_loss_factory():
-    return complementary_loss
-
-
-def calibration_guidance_factory():
-    return calibration_guidance

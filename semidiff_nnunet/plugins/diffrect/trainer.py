@@ -91,6 +91,7 @@ rectifier's losses need pseudo labels); rectified supervision (step 3) never run
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
@@ -111,12 +112,13 @@ from semidiff_nnunet.plugins.diffrect.losses import (
 from semidiff_nnunet.plugins.diffrect.networks import AUTHORS_DROPOUT, rectification_net_from_plans
 from semidiff_nnunet.plugins.diffrect.rectification import LatentRectification
 from semidiff_nnunet.training import BaseHParams, OptimStep, SemiSupervisedTrainer, ramps
+from semidiff_nnunet.training.hparams import BetaSchedule
 
 
 @dataclass
 class DiffRectHParams(BaseHParams):
     conf_thresh: float = 0.8
-    low_confidence: str = "ignore"
+    low_confidence: Literal["background", "ignore"] = "ignore"
     consistency: float = 0.1
     rampup_fraction: float = 1.0
     ref_consistency_weight: float = -1.0
@@ -127,13 +129,13 @@ class DiffRectHParams(BaseHParams):
     rect_gate: bool = True
     num_timesteps: int = 10
     sample_steps: int = 2
-    beta_schedule: str = "cosine"
+    beta_schedule: BetaSchedule = "cosine"
     clip_sample: bool = True
     guidance_scale: float = 999.0
     width_factor: float = 0.5
     rect_stages: int = 5
     rect_dropout: bool = True
-    denoiser_condition: str = "skip"
+    denoiser_condition: Literal["skip", "input"] = "skip"
     rect_momentum: float = 0.9
     rect_weight_decay: float = 1e-4
     strong_enhance: float = 0.1
@@ -162,14 +164,7 @@ class DiffRectTrainer(SemiSupervisedTrainer):
     """DiffRect. ``--pretrained-weights`` initialises the segmentation network; the rectification
     network (LGDD/LDM) starts as built."""
 
-    method_name = "diffrect"
     hparams_class = DiffRectHParams
-
-    @classmethod
-    def check_options(cls, hp, configuration, dim):
-        if hp.low_confidence not in ("background", "ignore"):
-            raise SemidiffError(f"--set low_confidence={hp.low_confidence}: choose background (the authors' code) "
-                                f"or ignore.")
 
     def get_strong_transforms(self):
         return diffrect_strong_view(self.hp.strong_enhance, self.hp.strong_blur)

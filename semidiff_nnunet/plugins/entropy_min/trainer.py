@@ -41,7 +41,6 @@ class EntropyMinHParams(BaseHParams):
 
 
 class EntropyMinTrainer(SemiSupervisedTrainer):
-    method_name = "entropy-min"
     hparams_class = EntropyMinHParams
 
     def compute_losses(self, labeled, unlabeled):

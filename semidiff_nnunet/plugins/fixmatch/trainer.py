@@ -68,7 +68,6 @@ class FixMatchHParams(BaseHParams):
 
 
 class FixMatchTrainer(SemiSupervisedTrainer):
-    method_name = "fixmatch"
     hparams_class = FixMatchHParams
 
     def get_strong_transforms(self):

@@ -47,7 +47,6 @@ class MeanTeacherHParams(BaseHParams):
 class MeanTeacherTrainer(SemiSupervisedTrainer):
     """Mean teacher. ``--pretrained-weights`` initialises the student and the EMA teacher alike."""
 
-    method_name = "mean-teacher"
     hparams_class = MeanTeacherHParams
 
     def build_method(self):

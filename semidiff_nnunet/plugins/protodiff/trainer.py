@@ -37,7 +37,7 @@ Three kinds of supervision:
 * **ground truth** on the labeled cases (the engine's labeled stream);
 * **labelsPseudo/** (preprocessed into ``<data_identifier>__pseudo``) on the cases of
   ``semi_split.pseudo`` (unlabeled training cases and extra unlabeled images that have one; never a
-  validation case): a stream of its own (:meth:`ProtoDiffTrainer._make_pseudo_loader`, nnU-Net's
+  validation case): a stream of its own (:meth:`ProtoDiffTrainer._pseudo_data_loader`, nnU-Net's
   labeled loader and augmentation over that folder, foreground oversampling from the pseudo masks),
   weight ``pseudo_weight``; ``pseudo_prototypes`` decides whether their embeddings feed (and are
   pulled towards) the prototypes (default yes: Algorithm 1 treats pseudo masks as ``gts``).
@@ -98,7 +98,7 @@ exclusive labels only (region-based datasets are rejected).
 
 Schedule, mapped onto the engine's policy (``BaseHParams``): the paper has no schedule — it trains on
 GT and pseudo masks from the first step. Ground truth, ``labelsPseudo/`` and the prototype losses
-are label supervision, so they run from iteration 0, burn-in included (``supervised_losses``). The
+are label supervision, so they run from iteration 0, burn-in included (``burnin_losses``). The
 EMA teacher's self-training is an unlabeled loss: off during the engine's supervised burn-in
 (3 % of the run, 100–1000 iterations, at most a quarter), then its weight ramps in with the engine's
 sigmoid ramp over ``rampup_fraction`` × the run (``ramp()``; default 1.0, bounded by
@@ -111,19 +111,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
 from semidiff_nnunet.diffusion import labels_to_onehot
 from semidiff_nnunet.errors import SemidiffError
+from semidiff_nnunet.paths import PSEUDO_SUFFIX
 from semidiff_nnunet.plugins.protodiff.networks import ProtoDiffNet
 from semidiff_nnunet.plugins.protodiff.prototypes import PrototypeBank, inter_loss, intra_loss
 from semidiff_nnunet.training import EMA, BaseHParams, SemiSupervisedTrainer, run_hparams
-from semidiff_nnunet.training.augmenters import EpochSeededAugmenter
-from semidiff_nnunet.training.trainer import PSEUDO_SUFFIX
+from semidiff_nnunet.training.hparams import LogSnrSchedule
 
 
 @dataclass
@@ -132,7 +130,7 @@ class ProtoDiffHParams(BaseHParams):
     num_prototypes: int = 10
     inter_weight: float = 1e-2
     intra_weight: float = 1e-3
-    noise_schedule: str = "cosine"
+    noise_schedule: LogSnrSchedule = "cosine"
     t_diff: float = 1.0
     # ProtoSeg (the paper is silent)
     temperature: float = 0.1
@@ -176,7 +174,6 @@ class ProtoDiffTrainer(SemiSupervisedTrainer):
     """ProtoDiff. ``--pretrained-weights``: the visual encoder (the planned U-Net's encoder) comes from a
     U-Net checkpoint; branches, label encoder, projector and the diffusion decoder start as built."""
 
-    method_name = "protodiff"
     hparams_class = ProtoDiffHParams
 
     def pretrained_key(self, key):
@@ -185,7 +182,6 @@ class ProtoDiffTrainer(SemiSupervisedTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # the auxiliary heads are ProtoDiff's intermediate supervision
-        self.dataloader_pseudo = None
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
@@ -216,11 +212,11 @@ class ProtoDiffTrainer(SemiSupervisedTrainer):
 
     def get_dataloaders(self):
         dl_tr, dl_val = super().get_dataloaders()
-        if self.pseudo_cases:
-            self.dataloader_pseudo = self._make_pseudo_loader(sorted(self.pseudo_cases))
+        if self.pseudo_cases:  # a stream of its own, seeded, checkpointed and stopped by the engine
+            self.register_loader("pseudo", self._pseudo_data_loader(sorted(self.pseudo_cases)))
         return dl_tr, dl_val
 
-    def _make_pseudo_loader(self, cases: list[str]):
+    def _pseudo_data_loader(self, cases: list[str]) -> nnUNetDataLoader:
         """nnU-Net's labeled loader and training augmentation over ``<data_identifier>__pseudo`` for
         ``cases`` (unlabeled training cases and extra images with a pseudo mask; never validation)."""
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -243,36 +239,16 @@ class ProtoDiffTrainer(SemiSupervisedTrainer):
                                   probabilistic_oversampling=self.probabilistic_oversampling)
         self.print_to_log_file(f"protodiff: {len(cases)} case(s) with labelsPseudo/ masks (weight "
                                f"{self.hp.pseudo_weight:g})")
-        n_proc = get_allowed_n_proc_DA()
-        if n_proc == 0:
-            return SingleThreadedAugmenter(loader, None)
-        return EpochSeededAugmenter(loader, max(1, n_proc // 2), self.seed, stream=2, num_cached=2,
-                                    pin_memory=self.device.type == "cuda")
-
-    def _augmenters(self):
-        return [*super()._augmenters(), self.dataloader_pseudo]
-
-    def on_train_epoch_start(self):
-        if isinstance(self.dataloader_pseudo, EpochSeededAugmenter):
-            self.dataloader_pseudo.start_epoch(self.current_epoch)
-        super().on_train_epoch_start()
-
-    def _shutdown_loaders(self):
-        super()._shutdown_loaders()
-        gen, self.dataloader_pseudo = self.dataloader_pseudo, None
-        if gen is not None and hasattr(gen, "_finish"):
-            gen._finish()
+        return loader
 
     def after_step(self):
         self.teacher.update(self.network)
 
     # ------------------------------------------------------------------ losses
     def _pseudo_batch(self) -> dict | None:
-        if self.dataloader_pseudo is None:
-            return None
-        return self._to_device(next(self.dataloader_pseudo))
+        return self.next_batch("pseudo")
 
-    def supervised_losses(self, labeled):
+    def burnin_losses(self, labeled):
         """Burn-in: ground truth and labelsPseudo/ (label supervision; no unlabeled batch)."""
         return self._losses(labeled, self._pseudo_batch(), None)
 

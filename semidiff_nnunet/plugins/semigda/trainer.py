@@ -127,6 +127,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -136,11 +137,8 @@ from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.losses.consistency import largest_components
 from semidiff_nnunet.networks.mixing import paste, random_box_mask
 from semidiff_nnunet.training import BaseHParams, Phase, SemiSupervisedTrainer, ramps, run_hparams, unwrap
-from semidiff_nnunet.training.checkpoint import SEMIDIFF_KEY, safe_load
 
 ALIGN, SEGMENT = "align", "segment"
-INPUT_RANGES = ("auto", "rgb01", "zscore")
-CHOICES = {"lambda_schedule": ("authors", "paper"), "unsup_seg": ("cross_pseudo", "soft_dice")}
 
 
 @dataclass
@@ -186,15 +184,15 @@ class SemiGDAHParams(BaseHParams):
     """
 
     vae: str = ""
-    input_range: str = "auto"
+    input_range: Literal["auto", "rgb01", "zscore"] = "auto"
     zscore_scale: float = 3.0
     mapping_ch: int = 0
     dropout: float = 0.1
     consistency: float = 0.3
     rampup_fraction: float = 1.0
-    lambda_schedule: str = "authors"
+    lambda_schedule: Literal["authors", "paper"] = "authors"
     beta: float = 0.1
-    unsup_seg: str = "cross_pseudo"
+    unsup_seg: Literal["cross_pseudo", "soft_dice"] = "cross_pseudo"
     segment_latent_terms: bool = False
     mapping_lr: float = 2e-3
     lr: float = 0.01
@@ -269,8 +267,6 @@ def copy_paste_batch(x_l: Tensor, y: Tensor, x_u: Tensor, pl_v: Tensor, pl_r: Te
 
 # ---------------------------------------------------------------------------------------------- building
 def _input_range(hp: SemiGDAHParams, configuration_manager) -> str:
-    if hp.input_range not in INPUT_RANGES:
-        raise SemidiffError(f"--set input_range={hp.input_range}: choose one of {', '.join(INPUT_RANGES)}.")
     if hp.input_range != "auto":
         return hp.input_range
     schemes = list(getattr(configuration_manager, "normalization_schemes", []) or [])
@@ -304,22 +300,18 @@ class SemiGDATrainer(SemiSupervisedTrainer):
     """SemiGDA. Its model is the frozen VAE with adapters, not the planned U-Net: ``--pretrained-weights``
     takes only a checkpoint of a semigda run (an nnU-Net U-Net checkpoint is refused)."""
 
-    method_name = "semigda"
     hparams_class = SemiGDAHParams
     phases = (Phase(ALIGN, share=0.09, summary="latent alignment of both branches to the mask latent (DAM)"),
               Phase(SEGMENT, summary="decoding with skip adapters: Dice, cross pseudo labels, copy-paste"))
 
     @classmethod
     def check_options(cls, hp: SemiGDAHParams, configuration: str | None, dim: int | None) -> None:
-        """2D only; ``lambda_schedule`` and ``unsup_seg`` among their choices; the diffusers extra and an existing ``vae`` path, made absolute here (so that
-        ``--continue --set vae=./relative`` matches the path the run recorded)."""
+        """2D only; the diffusers extra and an existing ``vae`` path, made absolute here (so that
+        ``--continue --set vae=./relative`` matches the path the run recorded). The string choices are
+        ``Literal`` fields, checked by the option parser."""
         if dim is not None and dim != 2:
             raise SemidiffError(f"semigda is a 2D method and cannot train the {configuration!r} configuration; use "
                                 f"-c 2d (3D datasets train slice-wise through nnU-Net's 2d configuration).")
-        for name, allowed in CHOICES.items():
-            value = getattr(hp, name)
-            if value not in allowed:
-                raise SemidiffError(f"--set {name}={value} is not a choice; use one of {', '.join(allowed)}.")
         from semidiff_nnunet.plugins.semigda.vae import require_diffusers
 
         require_diffusers()
@@ -385,24 +377,6 @@ class SemiGDATrainer(SemiSupervisedTrainer):
         self.restart_optimizer("network", self._sgd(self._network_params()))
         self.restart_optimizer("mapping", self._mapping_optimizer(phase.name))
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """The engine's resume, except at a phase boundary: a checkpoint written at the last epoch of
-        ``align`` holds that phase's optimiser states (the mapping model's AdamW among them), while an
-        uninterrupted run starts ``segment`` with fresh SGD optimisers; so the fresh ones are kept."""
-        if not self.was_initialized:
-            self.initialize()
-        ck = filename_or_checkpoint
-        if isinstance(ck, str):
-            ck = safe_load(ck, map_location=self.device)
-        semi = ck.get(SEMIDIFF_KEY)
-        if semi is not None:
-            self.current_epoch = int(ck["current_epoch"])
-            self._enter_phase_of_current_epoch()  # rebuilds the optimisers of the phase resumed into
-            if semi.get("phase") not in (None, self.current_phase.name):
-                semi = {**semi, "optimizers": {n: opt.state_dict() for n, (opt, _) in self.extra_optimizers.items()}}
-                ck = {**ck, "optimizer_state": self.optimizer.state_dict(), SEMIDIFF_KEY: semi}
-        super().load_checkpoint(ck)
-
     # ------------------------------------------------------------------ schedule
     def _phase_iterations(self) -> tuple[int, int]:
         """(iterations into the current phase, its length in iterations)."""
@@ -424,7 +398,7 @@ class SemiGDATrainer(SemiSupervisedTrainer):
         return self.current_phase.name == SEGMENT and done >= self.hp.copy_paste_start * length
 
     # ------------------------------------------------------------------ losses
-    def supervised_losses(self, labeled):
+    def burnin_losses(self, labeled):
         """A burn-in iteration (only if ``--set burnin=...`` asks for one): the labeled terms of the phase."""
         x, y = labeled["data"], self.labels_of(labeled)
         align = self.current_phase.name == ALIGN

@@ -168,6 +168,7 @@ from semidiff_nnunet.training import (
     run_hparams,
     unwrap,
 )
+from semidiff_nnunet.training.hparams import BetaSchedule
 
 PRETRAIN, COTRAIN = "pretrain", "cotrain"
 SELECTION_FILE = "superdiffusion_selection.json"
@@ -180,7 +181,7 @@ class SuperDiffusionHParams(BaseHParams):
     burnin_min: int = 0
     # diffusion (paper App. A)
     num_timesteps: int = 1000
-    beta_schedule: str = "linear"
+    beta_schedule: BetaSchedule = "linear"
     time_embedding_dim: int = 64
     # phase 1: the image pathway's image input (see "The label-free cycle")
     cycle: Literal["code", "paper"] = "code"
@@ -359,7 +360,6 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
     pathway reads image ⊕ noisy mask; a plain image-only checkpoint is refused, naming the first conv's
     shapes); its time embedding, the image pathway and the student start as built."""
 
-    method_name = "superdiffusion"
     steers_by_validation = True  # the predicting network is chosen on validation batches: seeded like training
     hparams_class = SuperDiffusionHParams
 

@@ -17,7 +17,6 @@ class SupervisedHParams(BaseHParams):
 
 
 class SupervisedTrainer(SemiSupervisedTrainer):
-    method_name = "supervised"
     hparams_class = SupervisedHParams
     uses_unlabeled = False
 

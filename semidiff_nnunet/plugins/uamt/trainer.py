@@ -59,7 +59,6 @@ class UAMTHParams(BaseHParams):
 class UAMTTrainer(SemiSupervisedTrainer):
     """UA-MT. ``--pretrained-weights`` initialises the student and the EMA teacher alike."""
 
-    method_name = "uamt"
     hparams_class = UAMTHParams
 
     def build_method(self):

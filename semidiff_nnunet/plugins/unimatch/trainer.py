@@ -157,7 +157,6 @@ def perturb_features(features, part: slice, p: float):
 
 
 class UniMatchTrainer(SemiSupervisedTrainer):
-    method_name = "unimatch"
     hparams_class = UniMatchHParams
     strong_views = 2
 

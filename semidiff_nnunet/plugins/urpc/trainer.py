@@ -64,7 +64,6 @@ def pyramid_to_full_resolution(outputs: list[torch.Tensor], num_scales: int) -> 
 
 
 class URPCTrainer(SemiSupervisedTrainer):
-    method_name = "urpc"
     hparams_class = URPCHParams
 
     def head_hooks(self):

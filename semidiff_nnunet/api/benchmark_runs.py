@@ -1,4 +1,5 @@
-"""``semidiff benchmark``: every (method, labeled fraction, seed) on one dataset, one table.
+"""``semidiff benchmark``'s runs: every (method, labeled fraction, seed) on one dataset, one table
+(:func:`semidiff_nnunet.api.benchmarking.benchmark` checks the options and plans the dataset first).
 
 Runs that finished are skipped, interrupted ones resumed. Each run is scored on held-out cases that no
 selection ever looked at:
@@ -6,7 +7,7 @@ selection ever looked at:
 * ``imagesTs``/``labelsTs`` when the dataset has both;
 * else a share (``held_out``, default 0.5) of the fold's validation cases, drawn once per dataset and fold
   with a fixed seed (:func:`~semidiff_nnunet.training.splits.carve_held_out`). The runs are trained with
-  ``api.train(held_out=share)``: they neither train nor validate on those cases, so nnU-Net's per-epoch
+  ``train(held_out=share)``: they neither train nor validate on those cases, so nnU-Net's per-epoch
   pseudo Dice, ``checkpoint_best.pth`` and a method's own selection (SuperDiffusion's teacher or student, a
   phase's best checkpoint) see only the rest of the validation cases (the *selection* part). These runs
   live in their own folders (``<method>__lab0.1_ho0.5__seed0``), apart from runs that validate on every
@@ -58,7 +59,9 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semidiff_nnunet import api, paths, planning
+from semidiff_nnunet import paths, planning
+from semidiff_nnunet.api import evaluation, installed, options, prediction, run_folders, splits, training
+from semidiff_nnunet.api.run_folders import RunInfo
 from semidiff_nnunet.errors import SemidiffError
 
 METRICS = ("Dice", "Jaccard", "HD95", "ASD", "mIoU")
@@ -85,9 +88,9 @@ class PlannedRun:
     method: str
     labeled: str
     seed: int
-    info: api.RunInfo
+    info: RunInfo
     role: str = ""  # "": from scratch; FIRST or SECOND stage of the --from-checkpoint protocol
-    stage_tag: str = ""  # the stage's part of the folder name (api.run_info's ``stage``)
+    stage_tag: str = ""  # the stage's part of the folder name (``run_info``'s ``stage``)
     pretrained: Path | None = None  # the checkpoint a second-stage run starts from
 
     @property
@@ -115,8 +118,8 @@ def plan_runs(dataset, methods, labeled, seeds, configuration, fold, plans_name,
     for m in methods:
         for lab in labeled:
             for s in seeds:
-                runs.append(PlannedRun(m, lab, s, api.run_info(dataset, m, lab, s, configuration, fold, plans_name,
-                                                               held_out)))
+                runs.append(PlannedRun(m, lab, s, run_folders.run_info(dataset, m, lab, s, configuration, fold, plans_name,
+                                                                held_out)))
     return runs
 
 
@@ -161,15 +164,15 @@ def plan_protocol(dataset, methods, labeled, seeds, configuration, fold, plans_n
     for lab in labeled:
         for s in seeds:
             if from_checkpoint == AUTO:
-                first = PlannedRun(CONTROL, lab, s, api.run_info(dataset, CONTROL, lab, s, configuration, fold,
-                                                                 plans_name, held_out, tag), FIRST, tag)
+                first = PlannedRun(CONTROL, lab, s, run_folders.run_info(dataset, CONTROL, lab, s, configuration,
+                                                                         fold, plans_name, held_out, tag), FIRST, tag)
                 runs.append(first)
                 checkpoint = first.info.fold_folder / "checkpoint_final.pth"
             else:
                 checkpoint = Path(from_checkpoint.format(labeled=lab, seed=s)).expanduser()
             for m in protocol_methods(methods, from_checkpoint):
-                runs.append(PlannedRun(m, lab, s, api.run_info(dataset, m, lab, s, configuration, fold, plans_name,
-                                                               held_out, f"from-{tag}"),
+                runs.append(PlannedRun(m, lab, s, run_folders.run_info(dataset, m, lab, s, configuration, fold,
+                                                                       plans_name, held_out, f"from-{tag}"),
                                        SECOND, f"from-{tag}", checkpoint.resolve()))
     return runs
 
@@ -189,7 +192,7 @@ def different_settings(run: PlannedRun, epochs: int | None, iters_per_epoch: int
             return f"{key}={stored[key]}, not {wanted}"
     from semidiff_nnunet.training.hparams import hparams_to_dict
 
-    opts = api.check_train_options(run.method, run.labeled, overrides=overrides, device="cpu")
+    opts = options.check_train_options(run.method, run.labeled, overrides=overrides, device="cpu")
     given = json.loads(json.dumps(hparams_to_dict(opts.hparams)))
     old = stored.get("hparams") or {}
     for key in sorted(given):
@@ -234,7 +237,7 @@ class HeldOut:
 def held_out_set(name: str, fold, share: float | None = DEFAULT_HELD_OUT, configuration: str = "2d",
                  plans_name: str = "nnUNetPlans") -> HeldOut:
     """The held-out cases of the benchmark: the dataset's imagesTs/labelsTs, else ``share`` of the fold's
-    validation cases (those of :func:`~semidiff_nnunet.api.held_out_cases`, which runs trained with
+    validation cases (those of :func:`~semidiff_nnunet.api.splits.held_out_cases`, which runs trained with
     ``held_out=share`` never see), linked into ``<runs>/heldout/<dataset>/fold_<f>_ho<share>``."""
     raw = planning.raw_folder(name)
     if has_test_set(name):
@@ -244,7 +247,7 @@ def held_out_set(name: str, fold, share: float | None = DEFAULT_HELD_OUT, config
     if share is None:
         raise SemidiffError(f"{name} has no imagesTs/labelsTs; give the share of the fold's validation cases to "
                             f"hold out for scoring (--held-out 0.5).")
-    selection, cases = api.held_out_cases(name, fold, share, configuration, plans_name)
+    selection, cases = splits.held_out_cases(name, fold, share, configuration, plans_name)
     fe = planning.dataset_json(raw)["file_ending"]
     folder = paths.runs_root() / "heldout" / name / f"fold_{fold}_ho{share:g}"
     listing = "\n".join(cases) + "\n"
@@ -290,14 +293,14 @@ def score_run(name: str, run: PlannedRun, images: Path, labels: Path, configurat
         else:
             if not summary_file.is_file() or summary_file.stat().st_mtime < ck.stat().st_mtime:
                 shutil.rmtree(pred, ignore_errors=True)  # no stale case of an earlier checkpoint survives
-                api.predict(name, run.method, images, pred, labeled=run.labeled, seed=run.seed,
-                            configuration=configuration, folds=(fold,), device=device, plans_name=plans_name,
-                            checkpoint=checkpoint, show_progress=show_progress, held_out=held_out,
-                            stage=run.stage_tag)
-                api.evaluate(name, pred, labels, summary_file)
+                prediction.predict(name, run.method, images, pred, labeled=run.labeled, seed=run.seed,
+                                   configuration=configuration, folds=(fold,), device=device, plans_name=plans_name,
+                                   checkpoint=checkpoint, show_progress=show_progress, held_out=held_out,
+                                   stage=run.stage_tag)
+                evaluation.evaluate(name, pred, labels, summary_file)
             summary = json.loads(summary_file.read_text(encoding="utf-8"))
             if "mIoU" not in summary:  # evaluated before mIoU existed
-                summary = api.evaluate(name, pred, labels, summary_file)
+                summary = evaluation.evaluate(name, pred, labels, summary_file)
         if suffix == "":
             row["n_cases"] = len(summary["metric_per_case"])
             row["distance_unit"] = summary.get("distance_unit", "mm")
@@ -336,7 +339,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                   dry_run: bool = False, log=print, show_progress: bool = True,
                   val_iters_per_epoch: int = 10, make_progress=None, held_out: float = DEFAULT_HELD_OUT,
                   from_checkpoint: str | None = None, first_epochs: int | None = None) -> dict:
-    """Run the benchmark (the CLI goes through :func:`semidiff_nnunet.api.benchmark`, which checks every
+    """Run the benchmark (the CLI goes through :func:`semidiff_nnunet.api.benchmarking.benchmark`, which checks every
     option first). ``overrides``: ``{method: {key: value}}``; ``make_progress``: a factory of
     :class:`~semidiff_nnunet.training.progress.TrainingProgress`, one per training run; ``held_out``: the
     share of the fold's validation cases kept apart for scoring when the dataset has no imagesTs/labelsTs;
@@ -347,7 +350,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
     name = planning.dataset_name(dataset)
     overrides = overrides or {}
     for m in methods:
-        api.method_trainer(m)
+        installed.method_trainer(m)
     share = held_out_share(name, held_out)
     if from_checkpoint is not None:
         methods = protocol_methods(methods, from_checkpoint, first_epochs)
@@ -388,13 +391,13 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
     for i, r in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {r.label} labeled {r.labeled} seed {r.seed}: {r.status}")
         if not r.info.finished:
-            api.train(name, r.method, labeled=r.labeled, seed=r.seed, configuration=configuration, fold=fold,
-                      device=device, epochs=first_epochs if r.role == FIRST else epochs,
-                      iters_per_epoch=iters_per_epoch, overrides=overrides.get(r.method, {}), plans_name=plans_name,
-                      continue_training=r.info.resumable_checkpoint() is not None, final_validation=False,
-                      val_iters_per_epoch=val_iters_per_epoch, show_progress=show_progress,
-                      progress=make_progress() if make_progress else None, held_out=share,
-                      pretrained_weights=r.pretrained, stage=r.stage_tag)
+            training.train(name, r.method, labeled=r.labeled, seed=r.seed, configuration=configuration, fold=fold,
+                           device=device, epochs=first_epochs if r.role == FIRST else epochs,
+                           iters_per_epoch=iters_per_epoch, overrides=overrides.get(r.method, {}),
+                           plans_name=plans_name, continue_training=r.info.resumable_checkpoint() is not None,
+                           final_validation=False, val_iters_per_epoch=val_iters_per_epoch,
+                           show_progress=show_progress, progress=make_progress() if make_progress else None,
+                           held_out=share, pretrained_weights=r.pretrained, stage=r.stage_tag)
         row = score_run(name, r, held.images, held.labels, configuration, fold, device, plans_name, share,
                         show_progress)
         row["s_per_it"] = seconds_per_iteration(r.info.fold_folder)
@@ -473,7 +476,7 @@ def _check_given_first_stage(name: str, run: PlannedRun, fold, share: float | No
             f"labeled {run.labeled} seed {run.seed} (and on no held-out case) is not checked.")
         return
     split = json.loads(run_json.read_text(encoding="utf-8")).get("split") or {}
-    want = api.split(name, run.labeled, run.seed, fold, held_out=share)
+    want = splits.split(name, run.labeled, run.seed, fold, held_out=share)
     seen = set(split.get("labeled") or []) | set(split.get("unlabeled") or [])
     if sorted(split.get("labeled") or []) != sorted(want.labeled) or seen & set(held_out_cases):
         raise SemidiffError(f"--from-checkpoint: {ck} was trained on other cases than labeled {run.labeled} seed "
@@ -736,4 +739,4 @@ def plot(rows, methods, labeled, path: Path, title: str = "") -> None:
 
 
 def parse_list(text: str, what: str) -> list[str]:
-    return api.parse_list(text, what)
+    return options.parse_list(text, what)

@@ -1,0 +1,173 @@
+"""The engine's loader registry: stream ids, seeding, the RNG snapshot for exact resume, shutdown."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from batchgenerators.dataloading.data_loader import DataLoader
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+from semidiff_nnunet.training.augmenters import EpochSeededAugmenter
+from semidiff_nnunet.training.loaders import (
+    FIRST_FREE_STREAM,
+    LABELED_STREAM,
+    UNLABELED_STREAM,
+    VALIDATION_STREAM,
+    LoadersMixin,
+    worker_stream,
+)
+
+
+# ----------------------------------------------------------------------------------------- stream ids
+@pytest.mark.parametrize("world_size", [1, 2, 4, 64])
+def test_worker_streams_are_distinct_for_every_loader_and_rank(world_size):
+    streams = [LABELED_STREAM, UNLABELED_STREAM, VALIDATION_STREAM, *range(FIRST_FREE_STREAM, FIRST_FREE_STREAM + 4)]
+    ids = [worker_stream(s, r) for s in streams for r in range(world_size)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_the_engines_streams_keep_their_ids():
+    """A run resumed across this code keeps its batches: the ids the engine used before the registry."""
+    for rank in range(4):
+        assert worker_stream(LABELED_STREAM, rank) == 2 * rank
+        assert worker_stream(UNLABELED_STREAM, rank) == 2 * rank + 1
+        assert worker_stream(VALIDATION_STREAM, rank) == 1_000_003 + rank
+    with pytest.raises(ValueError):
+        worker_stream(-1, 0)
+
+
+# ----------------------------------------------------------------------------------------- the registry
+class Counter(DataLoader):
+    """Batches of random numbers from the loader's own ``rs`` (as nnU-Net's loaders crop)."""
+
+    def __init__(self):
+        super().__init__(None, 2, infinite=True)
+
+    def generate_train_batch(self):
+        return {"data": self.rs.rand(2)}
+
+
+class Owner(LoadersMixin):
+    """The part of a trainer the registry uses."""
+
+    def __init__(self, rank: int = 0):
+        self.device, self.seed, self.local_rank, self._pending_rng = torch.device("cpu"), 7, rank, None
+
+    def _to_device(self, batch):
+        return batch
+
+
+def _draw(owner, name, n=3):
+    return [next(getattr(owner, f"dataloader_{name}"))["data"].tolist() for _ in range(n)]
+
+
+def test_register_numbers_streams_and_refuses_a_taken_one(monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    o = Owner(rank=3)
+    o.register_loader("train", Counter(), LABELED_STREAM, workers=2)
+    first, second = o.register_loader("extra", Counter()), o.register_loader("more", Counter())
+    assert isinstance(first, EpochSeededAugmenter) and o.dataloader_extra is first
+    assert o.loader_streams == {"train": LABELED_STREAM, "extra": FIRST_FREE_STREAM, "more": FIRST_FREE_STREAM + 1}
+    assert (o.dataloader_train.stream, first.stream, second.stream) == \
+        (6, worker_stream(FIRST_FREE_STREAM, 3), worker_stream(FIRST_FREE_STREAM + 1, 3))
+    with pytest.raises(ValueError, match="'train'"):
+        o.register_loader("clash", Counter(), LABELED_STREAM)
+    o.register_loader("extra", Counter())  # again: the same stream, the old one stopped
+    assert o.loader_streams["extra"] == FIRST_FREE_STREAM and o.dataloader_extra is not first
+    o._shutdown_loaders()
+    assert o.dataloader_extra is None and o.dataloader_more is None and o.dataloader_train is not None
+
+
+def test_snapshot_restores_every_loader_exactly(monkeypatch):
+    """Without workers each loader's RandomState is seeded by its position and rank, saved and restored:
+    a resumed run draws the batches the uninterrupted one drew."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    o = Owner()
+    for name in ("train", "val", "unlabeled", "pseudo"):
+        assert isinstance(o.register_loader(name, Counter()), SingleThreadedAugmenter)
+    o.seed_loaders()
+    assert o.dataloader_unlabeled.data_loader.rs.randint(1 << 30) == \
+        np.random.RandomState(7 + 17 * 3).randint(1 << 30)  # position 2: seed + 17·3 (+ 7919·rank)
+    _draw(o, "pseudo")
+    snapshot = o._rng_snapshot()
+    assert len(snapshot["loaders"]) == 4
+    straight = {n: _draw(o, n) for n in o.loader_streams}
+    straight_torch = torch.rand(2)
+
+    resumed = Owner()
+    for name in ("train", "val", "unlabeled", "pseudo"):
+        resumed.register_loader(name, Counter())
+    resumed._pending_rng = snapshot
+    resumed.seed_loaders()
+    assert {n: _draw(resumed, n) for n in resumed.loader_streams} == straight
+    assert torch.equal(torch.rand(2), straight_torch)
+    ranks = [Owner(rank=0), Owner(rank=1)]
+    for owner in ranks:
+        owner.register_loader("train", Counter())
+        owner.seed_loaders()
+    assert _draw(ranks[0], "train") != _draw(ranks[1], "train")  # each rank its own patches
+
+
+def test_next_batch_is_none_without_the_loader(monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    o = Owner()
+    assert o.next_batch("pseudo") is None
+    o.register_loader("pseudo", Counter())
+    assert o.next_batch("pseudo")["data"].shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------- every loader of a real run
+@pytest.fixture(scope="module")
+def pseudo_set(workspace):
+    from test_protodiff import _pseudo_dataset
+
+    return _pseudo_dataset(workspace, 967, "LoaderStreams", True)
+
+
+def _loaders(trainer) -> dict:
+    """Every loader the trainer holds, by name (its ``dataloader_*`` attributes)."""
+    return {k[len("dataloader_"):]: v for k, v in vars(trainer).items() if k.startswith("dataloader_") and v is not None}
+
+
+@pytest.mark.slow  # plans a dataset with labelsPseudo/
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_no_two_loaders_of_any_ranks_share_worker_seeds(pseudo_set, world_size, monkeypatch, tmp_path):
+    """With augmentation workers every loader of every rank seeds its workers from its own stream: the
+    labeled, validation (when it steers training) and unlabeled streams and ProtoDiff's labelsPseudo/ stream
+    (which used the labeled stream of rank 1 before the engine owned the stream ids)."""
+    from semidiff_nnunet import planning
+    from semidiff_nnunet.plugins.protodiff.trainer import ProtoDiffTrainer
+    from semidiff_nnunet.training import RunConfig
+    from semidiff_nnunet.training.splits import LabeledSpec
+
+    class Steering(ProtoDiffTrainer):
+        method_name = "protodiff-steering-test"
+        steers_by_validation = True  # validation seeded per epoch too
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # no worker starts before start_epoch
+    plans = planning.load_plans(pseudo_set, "semidiffDemoPlans")
+    plans["continue_training"] = False
+    RunConfig(labeled=LabeledSpec.parse("3"), seed=0, num_epochs=2, num_iterations_per_epoch=2).write(plans)
+    dataset_json = json.loads((planning.preprocessed_folder(pseudo_set) / "dataset.json").read_text(encoding="utf-8"))
+    t = Steering(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    t.print_to_log_file = lambda *a, **k: None
+    t.initialize()
+    streams = {}
+    try:
+        for rank in range(world_size):  # what each rank of a DDP run builds
+            t.local_rank = rank
+            train, val = t.get_dataloaders()  # nnU-Net's on_train_start keeps these two
+            loaders = {**_loaders(t), "train": train, "val": val}
+            assert set(loaders) == {"train", "val", "unlabeled", "pseudo"}
+            for name, gen in loaders.items():
+                assert isinstance(gen, EpochSeededAugmenter), name
+                streams[(rank, name)] = gen.stream
+    finally:
+        t._shutdown_loaders()
+    clashes = {s: [k for k, v in streams.items() if v == s] for s in streams.values()}
+    assert not {s: ks for s, ks in clashes.items() if len(ks) > 1}
+    assert len(streams) == 4 * world_size
