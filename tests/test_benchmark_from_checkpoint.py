@@ -92,6 +92,9 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
     assert float(rows["mean-teacher", "second"]["gain"]) == pytest.approx(gain)
     assert float(rows["supervised", "second"]["gain"]) == 0 and rows["supervised", "first"]["gain"] == "nan"
     assert float(rows["mean-teacher", "second"]["cost"]) > 0 and float(rows["supervised", "second"]["cost"]) == 1
+    # peak memory from the runs' logs (the CPU's resident set: more than torch's libraries alone)
+    assert float(rows["supervised", "second"]["peak_memory"]) > 100e6
+    assert float(rows["mean-teacher", "second"]["memory"]) > 0 and float(rows["supervised", "second"]["memory"]) == 1
     md = (out / "benchmark.md").read_text(encoding="utf-8")
     header = next(ln for ln in md.splitlines() if ln.startswith("| method"))
     assert "gain over control @ 0.3" in header

@@ -23,6 +23,7 @@ import torch
 from helpers import assert_same_state
 
 from semidiff_nnunet.training.checkpoint import safe_load
+from semidiff_nnunet.training.curves import MEASURED_LOG_KEYS
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "semidiff_nnunet.cli.main"]
@@ -77,7 +78,7 @@ def _kill_after(proc: subprocess.Popen, delay: float) -> bool:
 
 def _final(info) -> dict:
     ck = safe_load(info.fold_folder / "checkpoint_final.pth")
-    logging = {k: v for k, v in ck["logging"].items() if "timestamp" not in k}
+    logging = {k: v for k, v in ck["logging"].items() if k not in MEASURED_LOG_KEYS}
     return {"network": ck["network_weights"], "optimizer": ck["optimizer_state"], "semidiff": ck["semidiff"],
             "epoch": ck["current_epoch"], "logging": logging}
 

@@ -26,12 +26,14 @@ import pytest
 import torch
 from helpers import builtin_methods
 
+from semidiff_nnunet.training.curves import MEASURED_LOG_KEYS
+
 pytestmark = pytest.mark.slow
 REFERENCE = Path(__file__).parent / "data" / "golden_losses.json"
 PLANS = "semidiffDemoPlans"
 #: per method, what makes a 8-iteration run reach every step it has (defaults otherwise)
 OVERRIDES = {"diffrect": {"refine_start": "2"}}
-SKIP_LOG = {"epoch_start_timestamps", "epoch_end_timestamps"}
+SKIP_LOG = set(MEASURED_LOG_KEYS)
 
 
 def machine() -> dict:

@@ -35,6 +35,26 @@ def test_cpu_peak_sees_a_step_that_stays_below_an_earlier_peak():
     assert 24 * 2**20 < peak.growth < 64 * 2**20, peak.growth
 
 
+def test_epoch_peak_starts_again_each_epoch():
+    """The per-epoch peak (the benchmark's memory column) is reset at each epoch's start: an earlier epoch's
+    larger peak does not count, this epoch's allocations do."""
+    if memory._cpu_peak_source() != "hwm":
+        pytest.skip("no resettable VmHWM on this system")
+    cpu = torch.device("cpu")
+    memory.reset_epoch_peak(cpu)
+    earlier = torch.ones(128 * 2**20 // 4)  # the epoch before: 128 MB
+    earlier += 1
+    del earlier
+    before = memory.epoch_peak(cpu)
+    memory.reset_epoch_peak(cpu)
+    quiet = memory.epoch_peak(cpu)  # nothing allocated since the reset
+    assert quiet < before - 96 * 2**20, (quiet, before)
+    step = torch.ones(32 * 2**20 // 4)
+    step += 1
+    del step
+    assert quiet + 24 * 2**20 < memory.epoch_peak(cpu) < before, (quiet, memory.epoch_peak(cpu), before)
+
+
 def _train(dataset, method, sets=None, **kw):
     from semidiff_nnunet import api
 
@@ -109,3 +129,5 @@ def test_a_run_that_fits_trains_as_without_the_check(demo2d, method, sets, n_pro
     assert_same_state(on["semidiff"]["optimizers"], off["semidiff"]["optimizers"])
     assert_same_state(on["semidiff"]["states"], off["semidiff"]["states"])
     assert on["logging"]["train_losses"] == off["logging"]["train_losses"]
+    # each epoch's peak memory is logged (the benchmark's memory column): the process's resident set
+    assert len(on["logging"][memory.PEAK_MEMORY_KEY]) == 2 and min(on["logging"][memory.PEAK_MEMORY_KEY]) > 100e6

@@ -401,6 +401,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
         row = score_run(name, r, held.images, held.labels, configuration, fold, device, plans_name, share,
                         show_progress)
         row["s_per_it"] = seconds_per_iteration(r.info.fold_folder)
+        row["peak_memory"] = peak_memory(r.info.fold_folder)
         if from_checkpoint is not None:
             first_ck = r.info.fold_folder / "checkpoint_final.pth" if r.role == FIRST else r.pretrained
             key = (r.labeled, r.seed)
@@ -440,7 +441,7 @@ def _display_rows(rows: list[dict]) -> list[dict]:
 def _write_tables(rows, labels, labeled, out: Path, title: str, first_stage: dict | None) -> None:
     """benchmark.csv and benchmark.md (and, for the protocol, first_stage.json) as far as the runs have come."""
     write_csv(rows, out / "benchmark.csv")
-    metrics = TABLE_METRICS + (("gain", "cost") if first_stage is not None else ())
+    metrics = TABLE_METRICS + (("gain", "cost", "memory") if first_stage is not None else ())
     md = markdown_table(_display_rows(rows), labels, labeled, title=title, metrics=metrics)
     if first_stage is not None:
         md += "\n" + first_stage_markdown(first_stage)
@@ -453,13 +454,16 @@ def _write_tables(rows, labels, labeled, out: Path, title: str, first_stage: dic
 
 def add_gains(rows: list[dict]) -> None:
     """Second-stage rows: ``gain`` = Dice − the control's Dice (same labeled spec and seed), ``cost`` = seconds
-    per iteration ÷ the control's; NaN elsewhere and while the control has no row yet."""
+    per iteration ÷ the control's, ``memory`` = peak memory ÷ the control's; NaN elsewhere, while the control
+    has no row yet and where either run has no measurement (runs trained before it was logged)."""
     control = {(r["labeled"], r["seed"]): r for r in rows if r.get("stage") == SECOND and r["method"] == CONTROL}
     for r in rows:
         c = control.get((r["labeled"], r["seed"])) if r.get("stage") == SECOND else None
         r["gain"] = r["Dice"] - c["Dice"] if c else float("nan")
         ok = c is not None and c.get("s_per_it", 0) > 0
         r["cost"] = r.get("s_per_it", float("nan")) / c["s_per_it"] if ok else float("nan")
+        ok = c is not None and c.get("peak_memory", 0) > 0
+        r["memory"] = r.get("peak_memory", float("nan")) / c["peak_memory"] if ok else float("nan")
 
 
 def _check_given_first_stage(name: str, run: PlannedRun, fold, share: float | None, held_out_cases: list[str],
@@ -600,6 +604,19 @@ def seconds_per_iteration(fold_folder: Path) -> float:
     return float(spans[len(spans) // 2]) / its
 
 
+def peak_memory(fold_folder: Path) -> float:
+    """Peak memory of a finished run in bytes: the median over its epochs of each epoch's peak over its
+    training iterations (the trainer's ``peak_memory`` log: on the CPU the training process's resident set,
+    on CUDA the allocator's tensors); NaN without the log (a run trained before it was logged)."""
+    from semidiff_nnunet.training.memory import PEAK_MEMORY_KEY
+
+    ck = fold_folder / "checkpoint_final.pth"
+    if not ck.is_file():
+        return float("nan")
+    values = [float(v) for v in _logging(ck).get(PEAK_MEMORY_KEY) or [] if v == v]
+    return float(sorted(values)[len(values) // 2]) if values else float("nan")
+
+
 def _stored_held_out(run: PlannedRun) -> list[str] | None:
     """The held-out cases a trained run recorded (None when it has not started)."""
     f = run.info.fold_folder / "semidiff_run.json"
@@ -666,12 +683,15 @@ NOTES = {
             "checkpoint for the same iterations: what restarting the learning rate alone gives), per seed",
     "cost": "cost × control: training seconds per iteration (median epoch, validation included, from the run's "
             "logged timestamps) over the control's; as noisy as the machine's load",
+    "memory": "memory × control: peak memory of the training iterations (median epoch; on the CPU the training "
+              "process's resident set, workers not included; on a GPU the allocated tensors) over the control's; "
+              "n/a for runs trained before it was logged",
 }
 #: column names and number formats of benchmark.md that differ from the metric's own
-HEADERS = {"gain": "gain over control", "cost": "cost × control"}
-FORMATS = {"gain": "+.4f", "cost": ".2f"}
+HEADERS = {"gain": "gain over control", "cost": "cost × control", "memory": "memory × control"}
+FORMATS = {"gain": "+.4f", "cost": ".2f", "memory": ".2f"}
 #: columns without a best (bold) cell
-UNRANKED = {"cost"}
+UNRANKED = {"cost", "memory"}
 
 
 def markdown_table(rows, methods, labeled, title: str = "", metrics=("Dice", "HD95")) -> str:

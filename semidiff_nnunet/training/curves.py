@@ -11,11 +11,15 @@ import numpy as np
 import torch
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
+from semidiff_nnunet.training.memory import PEAK_MEMORY_KEY, epoch_peak
+
 TERM_PREFIX = "term/"
+#: logged per epoch but measured on the machine, so they differ between identical runs (tests skip them)
+MEASURED_LOG_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps", PEAK_MEMORY_KEY)
 
 
 class SemiLocalLogger(LocalLogger):
-    """Accepts new per-epoch keys (``term/<name>``, ``phase``) and draws them in ``progress.png``.
+    """Accepts new per-epoch keys (``term/<name>``, ``phase``, ``peak_memory``) and draws them in ``progress.png``.
 
     A key first logged at a later epoch (a loss term of a step that starts late) is padded with NaN
     for the epochs before, so every curve has one value per epoch.
@@ -121,6 +125,8 @@ class EpochLogMixin:
                 torch.distributed.all_gather_object(gathered, values)
                 values = np.concatenate(gathered)
             self.logger.log(k, float(np.mean(values)) if values.size else float("nan"), self.current_epoch)
+        # this rank's peak over the epoch's training iterations (reset in on_train_epoch_start)
+        self.logger.log(PEAK_MEMORY_KEY, epoch_peak(torch.device(self.device)), self.current_epoch)
         if keys:
             self.print_to_log_file("loss terms: " + ", ".join(
                 f"{k[5:].lstrip('_')} {self.logger.get_value(k, step=-1):.4g}" for k in keys))

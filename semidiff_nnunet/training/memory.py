@@ -385,6 +385,32 @@ def _peak(device: torch.device):
     peak.growth = max(0, max(highest[0], _status_kb("VmRSS")) - base) * 1024
 
 
+# ----------------------------------------------------------------------------------------- per epoch
+#: the logger key of each epoch's peak memory in bytes (its training iterations; validation excluded)
+PEAK_MEMORY_KEY = "peak_memory"
+
+
+def reset_epoch_peak(device: torch.device) -> None:
+    """Start measuring an epoch's peak: the CUDA allocator's peak statistics, on the CPU Linux's ``VmHWM``
+    (reset to the current resident set)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu" and _cpu_peak_source() == "hwm":
+        _reset_hwm()
+
+
+def epoch_peak(device: torch.device) -> float:
+    """Bytes in use at the peak since :func:`reset_epoch_peak`: on CUDA the allocator's most allocated
+    (tensors only), on the CPU the process's highest resident set (everything it holds: libraries, model,
+    data, activations; worker processes not included). NaN where it cannot be read (no resettable
+    ``VmHWM``, another device)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    if device.type == "cpu" and _cpu_peak_source() == "hwm":
+        return float(_status_kb("VmHWM") * 1024)
+    return float("nan")
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:

@@ -54,7 +54,7 @@ from semidiff_nnunet.training.declarations import OptimStep, Phase, PhaseBest, P
 from semidiff_nnunet.training.diagnostic import DiagnosticMixin
 from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict
 from semidiff_nnunet.training.loaders import LoadersMixin, seed_everything
-from semidiff_nnunet.training.memory import check_step_memory
+from semidiff_nnunet.training.memory import check_step_memory, reset_epoch_peak
 from semidiff_nnunet.training.optimisation import OptimisationMixin
 from semidiff_nnunet.training.progress import TrainingProgress
 from semidiff_nnunet.training.run_config import RunConfig, write_run_info
@@ -287,6 +287,7 @@ class SemiSupervisedTrainer(LoadersMixin, CheckpointMixin, ScheduleMixin, Optimi
         self._enter_phase_of_current_epoch()
         super().on_train_epoch_start()
         self.logger.log("phase", self.current_phase.name, self.current_epoch)
+        reset_epoch_peak(torch.device(self.device))  # logged by on_train_epoch_end (the cost column)
         for name, module in self.extra_networks.items():
             module.train(name in self.extra_optimizers)
         self.step_learning_rates(self.current_epoch)
