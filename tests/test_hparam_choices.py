@@ -6,6 +6,7 @@ what every training command calls first); no method checks its strings by hand."
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -84,3 +85,16 @@ def test_schedule_choices_are_the_schedule_tables():
 
     assert set(typing.get_args(BetaSchedule)) == set(BETA_SCHEDULES)
     assert set(typing.get_args(LogSnrSchedule)) == set(LOG_SNR_SCHEDULES)
+
+
+@pytest.mark.parametrize("method, key, value, said", [
+    ("cct", "perturbations", "feature_noise:0.3,vat", "unknown perturbation 'vat'; choose one of feature_noise"),
+    ("cct", "perturbations", "dropout:lots", "'dropout:lots': the value after the colon must be a number"),
+    ("cct", "perturbations", " , ", "cct needs at least one auxiliary decoder"),
+    ("urpc", "head_perturbations", "feature_dropout:0.8", "feature_dropout takes no value"),
+])
+def test_a_wrong_perturbation_list_is_refused_before_planning(method, key, value, said):
+    """The free-text lists are parsed with the other settings (before planning), not when the network is built."""
+    with pytest.raises(SemidiffError, match=re.escape(said)):
+        api.check_train_options(method, overrides={key: value}, configuration="2d")
+    api.check_train_options(method, overrides={key: "feature_noise:0.2,dropout"}, configuration="2d")  # valid

@@ -49,11 +49,28 @@ PERTURBATIONS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def parse_perturbations(value: str) -> list[str]:
+    """The specs of a comma-separated list (``"feature_noise:0.3,dropout"``), each checked: a known name,
+    and a number after the colon where the perturbation takes one (``feature_dropout`` takes none).
+    Raises ``ValueError`` with one sentence."""
+    specs = [s.strip() for s in value.split(",") if s.strip()]
+    for spec in specs:
+        get_perturbation(spec)
+    return specs
+
+
 def get_perturbation(spec: str) -> Callable[[Tensor], Tensor]:
     """``"dropout"``, ``"dropout:0.5"``, ``"feature_noise:0.3"``, ``"feature_dropout"`` -> callable."""
     name, _, arg = spec.partition(":")
     if name not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {name!r}; choose one of {', '.join(PERTURBATIONS)}")
+    if arg and name == "feature_dropout":
+        raise ValueError(f"{spec!r}: feature_dropout takes no value (write feature_dropout)")
+    if arg:
+        try:
+            float(arg)
+        except ValueError:
+            raise ValueError(f"{spec!r}: the value after the colon must be a number, e.g. {name}:0.3") from None
     return partial(PERTURBATIONS[name], **({"p" if name == "dropout" else "uniform_range": float(arg)}
                                             if arg and name != "feature_dropout" else {}))
 

@@ -47,7 +47,7 @@ from torch import nn
 from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.losses.consistency import softmax_mse
 from semidiff_nnunet.networks.hooks import captured_output
-from semidiff_nnunet.networks.perturbations import get_perturbation
+from semidiff_nnunet.networks.perturbations import get_perturbation, parse_perturbations
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, unwrap
 
 
@@ -58,6 +58,14 @@ class CCTHParams(BaseHParams):
     #: one auxiliary decoder per entry
     perturbations: str = "feature_noise:0.3,dropout:0.3,feature_dropout"
     perturb_skips: bool = True
+
+    def __post_init__(self):  # checked with the other settings, before planning
+        try:
+            specs = parse_perturbations(self.perturbations)
+        except ValueError as e:
+            raise SemidiffError(f"--set perturbations={self.perturbations}: {e}.") from None
+        if not specs:
+            raise SemidiffError("cct needs at least one auxiliary decoder: --set perturbations=feature_noise,dropout")
 
 
 def fresh_decoder(decoder: nn.Module) -> nn.Module:
@@ -105,10 +113,8 @@ class CCTTrainer(SemiSupervisedTrainer):
     hparams_class = CCTHParams
 
     def build_method(self):
-        specs = [s.strip() for s in self.hp.perturbations.split(",") if s.strip()]
-        if not specs:
-            raise SemidiffError("cct needs at least one auxiliary decoder: --set perturbations=feature_noise,dropout")
-        aux = AuxiliaryDecoders(unwrap(self.network).decoder, specs, self.hp.perturb_skips)
+        aux = AuxiliaryDecoders(unwrap(self.network).decoder, parse_perturbations(self.hp.perturbations),
+                                self.hp.perturb_skips)
         self.aux_decoders = self.register_network("aux_decoders", aux)
 
     def compute_losses(self, labeled, unlabeled):

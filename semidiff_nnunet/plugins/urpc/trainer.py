@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from semidiff_nnunet.errors import SemidiffError
 from semidiff_nnunet.losses.consistency import urpc_loss
-from semidiff_nnunet.networks.perturbations import get_perturbation, perturbed_inputs
+from semidiff_nnunet.networks.perturbations import get_perturbation, parse_perturbations, perturbed_inputs
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, unwrap
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -53,6 +54,12 @@ class URPCHParams(BaseHParams):
     num_scales: int = 4
     #: perturbation of the 2nd, 3rd, 4th, ... head's input (empty string: none)
     head_perturbations: str = "feature_noise:0.3,feature_dropout,dropout:0.5"
+
+    def __post_init__(self):  # checked with the other settings, before planning
+        try:
+            parse_perturbations(self.head_perturbations)
+        except ValueError as e:
+            raise SemidiffError(f"--set head_perturbations={self.head_perturbations}: {e}.") from None
 
 
 def pyramid_to_full_resolution(outputs: list[torch.Tensor], num_scales: int) -> list[torch.Tensor]:
@@ -69,9 +76,9 @@ class URPCTrainer(SemiSupervisedTrainer):
     def head_hooks(self):
         """(seg head, perturbation) for pyramid levels 1, 2, ... (level 0 = full resolution stays clean)."""
         heads = unwrap(self.network).decoder.seg_layers  # lowest resolution first
-        specs = [s.strip() for s in self.hp.head_perturbations.split(",") if s.strip()]
         return [(heads[len(heads) - 1 - level], get_perturbation(spec))
-                for level, spec in enumerate(specs, start=1) if level < len(heads)]
+                for level, spec in enumerate(parse_perturbations(self.hp.head_perturbations), start=1)
+                if level < len(heads)]
 
     def compute_losses(self, labeled, unlabeled):
         n_l = labeled["data"].shape[0]
