@@ -293,10 +293,27 @@ class Registry:
 
     # convenience
     def method(self, name: str):
-        return self.get("method", name)
+        """The method registered as ``name``; a variant (``NAME@LABEL``, :func:`split_variant`) is its method's."""
+        return self.get("method", split_variant(name)[0])
 
     def converter(self, name: str):
         return self.get("converter", name)
+
+
+#: ``METHOD@LABEL`` names a variant of a method: the same trainer, run with settings of its own (``--set
+#: METHOD@LABEL:KEY=VALUE``) in run folders of its own, so that ablations sit beside the method in one benchmark
+VARIANT_SEPARATOR = "@"
+_VARIANT_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """``("superdiffusion", "nopretrain")`` for ``superdiffusion@nopretrain``, ``(name, "")`` for a plain name;
+    a label that could not be part of a folder name is refused in one sentence."""
+    base, sep, label = name.partition(VARIANT_SEPARATOR)
+    if sep and not _VARIANT_LABEL.fullmatch(label):
+        raise UnknownNameError(f"{name!r}: after {VARIANT_SEPARATOR!r} comes a variant label of letters, digits, '.' "
+                               f"and '-' (e.g. {base or 'superdiffusion'}{VARIANT_SEPARATOR}nopretrain).")
+    return base, label
 
 
 class RegisteredName:

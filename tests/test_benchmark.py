@@ -84,3 +84,35 @@ def test_benchmark_cli(demo2d, run_cli, tmp_path):
     assert out.count("done") == 4  # finished runs are skipped
     code, out, err = run_cli(*args, "--set", "nonsense=1")
     assert code == 1 and "not a hyperparameter" in err
+
+
+def test_a_variant_runs_beside_its_method_with_its_own_settings(demo2d, run_cli, tmp_path):
+    """``METHOD@LABEL`` (an ablation): the same trainer with the variant's own --set, in folders of its own."""
+    import json
+
+    from semidiff_nnunet import api
+
+    base = ["benchmark", demo2d, "--labeled", "0.3", "--seeds", "0", "-c", "2d", "--epochs", "1",
+            "--iters-per-epoch", "2", "--plans", "semidiffDemoPlans", "--device", "cpu", "-o", tmp_path]
+    code, _, err = run_cli(*base, "-m", "mean-teacher,mean-teacher@same", "--dry-run")
+    assert code == 1 and "would be the same run twice" in err and "--set mean-teacher@same:KEY=VALUE" in err
+    code, _, err = run_cli(*base, "-m", "mean-teacher@no_underscores", "--dry-run")
+    assert code == 1 and "variant label of letters, digits" in err
+    code, _, err = run_cli(*base, "-m", "mean-teachr@x", "--dry-run")
+    assert code == 1 and "Did you mean 'mean-teacher'" in err
+
+    args = [*base, "-m", "supervised,mean-teacher@w1", "--set", "mean-teacher@w1:consistency=1.0"]
+    plain = api.run_info(demo2d, "mean-teacher", "0.3", 0, "2d", 0, "semidiffDemoPlans")
+    plain_before = plain.fold_folder.exists()  # another test of the session may have trained it
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    variant = api.run_info(demo2d, "mean-teacher@w1", "0.3", 0, "2d", 0, "semidiffDemoPlans")
+    assert variant.run_root.name.startswith("mean-teacher@w1__") and variant.trainer == "MeanTeacherTrainer"
+    run = json.loads((variant.fold_folder / "semidiff_run.json").read_text(encoding="utf-8"))
+    assert run["hparams"]["consistency"] == 1.0 and run["method"] == "mean-teacher@w1"
+    assert plain.fold_folder.exists() == plain_before  # the method's own run is neither made nor touched
+    with open(tmp_path / "benchmark.csv", encoding="utf-8") as f:
+        assert {r["method"] for r in csv.DictReader(f)} == {"supervised", "mean-teacher@w1"}
+    code, out, err = run_cli(*args, "--dry-run")
+    assert code == 0, err
+    assert out.count("done") == 2  # found again by its name

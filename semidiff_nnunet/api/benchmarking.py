@@ -16,6 +16,21 @@ if TYPE_CHECKING:
     from semidiff_nnunet.training.progress import TrainingProgress
 
 
+def check_variants(methods: list[str], per_method: dict[str, dict]) -> None:
+    """A variant (``METHOD@LABEL``) benchmarked beside another run of the same method has settings of its own
+    (else both rows would be one run twice)."""
+    from semidiff_nnunet.registry import split_variant
+
+    seen: dict[tuple, str] = {}
+    for m in methods:
+        key = (split_variant(m)[0], tuple(sorted(per_method[m].items())))
+        if key in seen:
+            variant = m if "@" in m else seen[key]
+            raise SemidiffError(f"{m} and {seen[key]} would be the same run twice (same method, same settings): give "
+                                f"{variant} its own settings with --set {variant}:KEY=VALUE.")
+        seen[key] = m
+
+
 def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | Sequence[str] = "0.1",
               seeds: str | Sequence[int] = "0", configuration: str = "2d", fold: int | str = 0,
               device: str = "auto", epochs: int | None = None, iters_per_epoch: int | None = None,
@@ -71,6 +86,7 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     for lab in labeled:
         LabeledSpec.parse(lab)
     per_method = options.method_overrides(methods, overrides)
+    check_variants(methods, per_method)
     for m in methods:  # what each method itself refuses (its trainer's check_options), before any planning
         try:
             options.check_train_options(m, labeled[0], fold, "cpu", per_method[m], configuration=configuration)
@@ -83,7 +99,8 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
         pname = planning.plans_name_for(gpu_memory_target, plans_name, planner)
         result = bench.run_benchmark(dataset, methods, labeled, seeds, configuration, fold, plans_name=pname,
                                      dry_run=True, held_out=held_out, from_checkpoint=from_checkpoint,
-                                     first_epochs=first_epochs, epochs=epochs)
+                                     first_epochs=first_epochs, epochs=epochs, iters_per_epoch=iters_per_epoch,
+                                     overrides=per_method)  # the settings the runs would get: "done" as for real
         return {**result, "overrides": per_method}
     options.resolve_device(device)
     pname = preprocessing.plan_and_preprocess(dataset, [configuration], gpu_memory_target=gpu_memory_target,

@@ -380,7 +380,9 @@ def demo(
 @app.command()
 def benchmark(
     dataset: Annotated[str, typer.Argument(help="Dataset id or name.")],
-    methods_: Annotated[str, typer.Option("-m", "--methods", help="Comma-separated methods.")] = "supervised,mean-teacher",
+    methods_: Annotated[str, typer.Option("-m", "--methods", help=(
+        "Comma-separated methods; METHOD@LABEL is a variant with its own --set METHOD@LABEL:key=value "
+        "(an ablation beside the method)."))] = "supervised,mean-teacher",
     labeled: Annotated[str, typer.Option("--labeled", help="Comma-separated labeled specs, e.g. 0.05,0.1,0.2.")] = "0.1",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0",
     configuration: Config = "2d",
