@@ -101,6 +101,7 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
     col = header.split(" | ").index("gain over control @ 0.3")
     mt_line = next(ln for ln in md.splitlines() if ln.startswith("| mean-teacher "))
     assert mt_line.split(" | ")[col].strip("* |") == f"{gain:+.4f}"
+    assert f"- mean-teacher @ 0.3: {gain:+.4f} (seed 0); above the control on {int(gain > 0)} of 1" in md
 
     verdict = json.loads((out / "first_stage.json").read_text(encoding="utf-8"))["runs"]
     assert len(verdict) == 1 and verdict[0]["epochs"] == 2 and verdict[0]["converged"] in (True, False)

@@ -444,7 +444,7 @@ def _write_tables(rows, labels, labeled, out: Path, title: str, first_stage: dic
     metrics = TABLE_METRICS + (("gain", "cost", "memory") if first_stage is not None else ())
     md = markdown_table(_display_rows(rows), labels, labeled, title=title, metrics=metrics)
     if first_stage is not None:
-        md += "\n" + first_stage_markdown(first_stage)
+        md += "\n" + gains_markdown(rows) + "\n" + first_stage_markdown(first_stage)
         _write_text(out / "first_stage.json", json.dumps(
             {"rule": f"converged: the validation pseudo Dice gains < {CONVERGED_GAIN} over the last quarter of the "
                      f"epochs (least-squares fit)", "threshold": CONVERGED_GAIN,
@@ -532,6 +532,21 @@ def judge_first_stage(checkpoint: Path, png: Path, title: str) -> dict:
         plot_first_stage(log, verdict, png, title)
         verdict["curve"] = png.name
     return verdict
+
+
+def gains_markdown(rows: list[dict]) -> str:
+    """Each method's gain over the control seed by seed (the table's mean ± std hides a seed below zero)."""
+    lines = ["Gain over the control, per seed (Dice of the final checkpoint minus the control's):", ""]
+    second = [r for r in rows if r.get("stage") == SECOND and r["method"] != CONTROL]
+    for m in dict.fromkeys(r["method"] for r in second):
+        for lab in dict.fromkeys(r["labeled"] for r in second if r["method"] == m):
+            mine = sorted((r for r in second if r["method"] == m and r["labeled"] == lab), key=lambda r: r["seed"])
+            cells = ", ".join(f"{r['gain']:+.4f} (seed {r['seed']})" for r in mine if not math.isnan(r["gain"]))
+            above = sum(r["gain"] > 0 for r in mine if not math.isnan(r["gain"]))
+            n = sum(not math.isnan(r["gain"]) for r in mine)
+            if n:
+                lines.append(f"- {m} @ {lab}: {cells}; above the control on {above} of {n}")
+    return "\n".join(lines) + "\n"
 
 
 def first_stage_markdown(first_stage: dict) -> str:
