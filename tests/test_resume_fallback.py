@@ -199,3 +199,22 @@ def test_augmentation_workers_end_when_their_process_is_killed():
         for p in pids:  # a worker that outlived it (the test failed): not left behind
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_a_damaged_final_checkpoint_is_no_finished_run(tmp_path):
+    """A truncated ``checkpoint_final.pth`` (disk full, a copy cut short) does not make a run count as finished
+    (the benchmark would skip it and score a file that cannot load)."""
+    from semidiff_nnunet import api
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    info = api.RunInfo("D", "supervised", "SupervisedTrainer", "lab0.1", 0, "2d", 0, "P", tmp_path, tmp_path, fold)
+    assert not info.finished
+    final = fold / "checkpoint_final.pth"
+    torch.save({"network_weights": {"w": torch.ones(64, 64)}, "current_epoch": 3}, final)
+    assert info.finished
+    data = final.read_bytes()
+    final.write_bytes(data[: len(data) * 2 // 3])
+    assert not info.finished
+    final.write_bytes(b"")
+    assert not info.finished

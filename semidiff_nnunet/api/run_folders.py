@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,11 @@ class RunInfo:
 
     @property
     def finished(self) -> bool:
-        return (self.fold_folder / "checkpoint_final.pth").is_file()
+        """``checkpoint_final.pth`` is there and whole: torch writes a zip archive, whose directory is at its
+        end, so a truncated or overwritten file is no finished run (``--continue`` trains it again from its
+        best resume point; a benchmark does so by itself)."""
+        final = self.fold_folder / "checkpoint_final.pth"
+        return final.is_file() and zipfile.is_zipfile(final)
 
     def resumable_checkpoint(self) -> Path | None:
         """The first resume point the run folder holds (whether it loads is checked on --continue:
