@@ -108,6 +108,7 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
     assert rows["supervised", "first"]["converged"] == str(verdict[0]["converged"])
     assert "First stage: converged when" in md and "labeled 0.3, seed 0: converged" in md
     assert (out / verdict[0]["curve"]).stat().st_size > 1000  # the first stage's curve
+    assert (out / "gains.png").stat().st_size > 1000  # each method's gain over the control, seed by seed
 
     # again: everything is done, nothing trains; an interrupted second-stage run resumes from its checkpoint
     trained.clear()

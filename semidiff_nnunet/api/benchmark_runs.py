@@ -417,6 +417,8 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
     _write_text(out / "held_out.json", json.dumps({"dataset": name, "fold": fold, **held.to_json()}, indent=2) + "\n")
     shown = _display_rows(rows)
     plot(shown, labels, labeled, out / "benchmark.png", title=f"{name} ({configuration})")
+    if from_checkpoint is not None:
+        plot_gains(rows, labeled, out / "gains.png", title=f"{name} ({configuration})")
     _case_figure(name, runs, labeled[0], seeds[0], held.images, held.labels, out / "benchmark_cases.png")
     return {"runs": runs, "rows": rows, "output": out, "markdown": (out / "benchmark.md").read_text(encoding="utf-8"),
             "held_out": held.description, "held_out_cases": held.cases, "selection_cases": held.selection,
@@ -771,6 +773,39 @@ def plot(rows, methods, labeled, path: Path, title: str = "") -> None:
     ax.set_xlabel("labeled (fraction or cases)")
     ax.set_ylabel("foreground mean Dice")
     _save_figure(fig, ax, title, path)
+
+
+def plot_gains(rows, labeled, path: Path, title: str = "") -> None:
+    """The protocol's answer as a picture: per method (control excluded) its gain over the control, one dot
+    per seed and a bar at their mean, a line at zero; one panel per labeled spec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    second = [r for r in rows if r.get("stage") == SECOND and r["method"] != CONTROL and not math.isnan(r["gain"])]
+    methods = list(dict.fromkeys(r["method"] for r in second))
+    if not methods:
+        return
+    fig, axes = plt.subplots(1, len(labeled), figsize=(5.5 * len(labeled), 1.2 + 0.45 * max(1, len(methods))),
+                             squeeze=False)
+    for ax, lab in zip(axes[0], labeled):
+        for y, m in enumerate(methods):
+            gains = [r["gain"] for r in second if r["method"] == m and r["labeled"] == lab]
+            if not gains:
+                continue
+            mean = sum(gains) / len(gains)
+            ax.barh(y, mean, color="tab:green" if mean > 0 else "tab:red", alpha=0.35, height=0.6)
+            ax.plot(gains, [y] * len(gains), "ko", markersize=4, label="a seed (bar: their mean)" if y == 0 else None)
+        ax.axvline(0, color="k", linewidth=1)
+        ax.set_yticks(range(len(methods)))
+        ax.set_yticklabels(methods)
+        ax.invert_yaxis()
+        ax.set_xlabel("Dice gain over the control (supervised continued)")
+        ax.set_title(f"{title}, labeled {lab}")
+        ax.grid(alpha=0.3)
+    last = axes[0][-1]
+    _save_figure(fig, last, last.get_title(), path)
 
 
 def parse_list(text: str, what: str) -> list[str]:
