@@ -23,8 +23,9 @@ PLANS = "semidiffDemoPlans"
 def _train(name, epochs=3, **kw):
     from semidiff_nnunet import api
 
+    kw.setdefault("val_iters_per_epoch", 0)
     return api.train(name, "mean-teacher", labeled="4", seed=7, configuration="2d", fold=0, device="cpu",
-                     epochs=epochs, iters_per_epoch=2, plans_name=PLANS, val_iters_per_epoch=0, save_every=1,
+                     epochs=epochs, iters_per_epoch=2, plans_name=PLANS, save_every=1,
                      final_validation=False, show_progress=False, **kw)
 
 
@@ -218,3 +219,27 @@ def test_a_damaged_final_checkpoint_is_no_finished_run(tmp_path):
     assert not info.finished
     final.write_bytes(b"")
     assert not info.finished
+
+
+def test_the_latest_checkpoint_knows_the_best_score_of_its_own_epoch(demo2d, monkeypatch):
+    """nnU-Net writes checkpoint_latest.pth before it takes the epoch's best EMA pseudo Dice; a run resumed from
+    it then compared later epochs with a stale best (and could replace checkpoint_best.pth with a worse one)."""
+    from semidiff_nnunet import api
+    from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
+
+    shutil.rmtree(api.run_info(demo2d, "mean-teacher", "4", 7, "2d", 0, PLANS).fold_folder, ignore_errors=True)
+    original = MeanTeacherTrainer.on_epoch_end
+
+    def crash_after_first_epoch(self):
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MeanTeacherTrainer, "on_epoch_end", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(demo2d, val_iters_per_epoch=1)
+    info = api.run_info(demo2d, "mean-teacher", "4", 7, "2d", 0, PLANS)
+    latest = torch.load(info.fold_folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    best = torch.load(info.fold_folder / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert latest["current_epoch"] == 1 and latest["logging"]["ema_fg_dice"] == best["logging"]["ema_fg_dice"]
+    assert latest["_best_ema"] is not None and latest["_best_ema"] == best["_best_ema"] == \
+        latest["logging"]["ema_fg_dice"][0]  # the first epoch is the best so far

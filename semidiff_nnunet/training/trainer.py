@@ -382,7 +382,22 @@ class SemiSupervisedTrainer(LoadersMixin, CheckpointMixin, ScheduleMixin, Optimi
     def on_epoch_end(self):
         self._offer_phase_best()  # before nnU-Net's on_epoch_end, which writes the checkpoints
         self._report_epoch()
-        super().on_epoch_end()
+        # nnU-Net writes checkpoint_latest.pth before it takes this epoch's best: a run resumed from it would
+        # hold the best EMA pseudo Dice of the epoch before (and could replace checkpoint_best.pth with a worse
+        # epoch). So nnU-Net's periodic save is held back and written here once the best is taken.
+        epoch = self.current_epoch
+        periodic = (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1
+        save_every, self.save_every = self.save_every, self.num_epochs + 1
+        try:
+            super().on_epoch_end()  # best checkpoint, progress plot, current_epoch + 1
+        finally:
+            self.save_every = save_every
+        if periodic:
+            self.current_epoch -= 1  # nnU-Net's checkpoint records current_epoch + 1 epochs done
+            try:
+                self.save_checkpoint(os.path.join(self.output_folder, ckpt.LATEST))
+            finally:
+                self.current_epoch += 1
 
     def on_train_end(self):
         super().on_train_end()  # writes checkpoint_final.pth and removes checkpoint_latest.pth
