@@ -136,16 +136,12 @@ def _loaders(trainer) -> dict:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_no_two_loaders_of_any_ranks_share_worker_seeds(pseudo_set, world_size, monkeypatch, tmp_path):
     """With augmentation workers every loader of every rank seeds its workers from its own stream: the
-    labeled, validation (when it steers training) and unlabeled streams and ProtoDiff's labelsPseudo/ stream
+    labeled, validation and unlabeled streams and ProtoDiff's labelsPseudo/ stream
     (which used the labeled stream of rank 1 before the engine owned the stream ids)."""
     from semidiff_nnunet import planning
     from semidiff_nnunet.plugins.protodiff.trainer import ProtoDiffTrainer
     from semidiff_nnunet.training import RunConfig
     from semidiff_nnunet.training.splits import LabeledSpec
-
-    class Steering(ProtoDiffTrainer):
-        method_name = "protodiff-steering-test"
-        steers_by_validation = True  # validation seeded per epoch too
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # no worker starts before start_epoch
@@ -153,7 +149,7 @@ def test_no_two_loaders_of_any_ranks_share_worker_seeds(pseudo_set, world_size, 
     plans["continue_training"] = False
     RunConfig(labeled=LabeledSpec.parse("3"), seed=0, num_epochs=2, num_iterations_per_epoch=2).write(plans)
     dataset_json = json.loads((planning.preprocessed_folder(pseudo_set) / "dataset.json").read_text(encoding="utf-8"))
-    t = Steering(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    t = ProtoDiffTrainer(plans, "2d", 0, dataset_json, torch.device("cpu"))
     t.print_to_log_file = lambda *a, **k: None
     t.initialize()
     streams = {}
@@ -171,3 +167,24 @@ def test_no_two_loaders_of_any_ranks_share_worker_seeds(pseudo_set, world_size, 
     clashes = {s: [k for k, v in streams.items() if v == s] for s in streams.values()}
     assert not {s: ks for s, ks in clashes.items() if len(ks) > 1}
     assert len(streams) == 4 * world_size
+
+
+@pytest.mark.slow
+def test_validation_batches_are_the_same_in_every_run_with_workers(demo2d, monkeypatch):
+    """checkpoint_best.pth and the benchmark's best-checkpoint column come from the validation pseudo Dice:
+    with augmentation workers its batches must not depend on which worker finished first (nnU-Net's
+    unseeded, unordered validation loader gave two identical runs different best epochs)."""
+    import shutil
+
+    from semidiff_nnunet import api
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    logs = []
+    for _ in range(2):
+        info = api.train(demo2d, "supervised", labeled="0.5", seed=3, configuration="2d", fold=0, device="cpu",
+                         epochs=2, iters_per_epoch=2, plans_name="semidiffDemoPlans", val_iters_per_epoch=4,
+                         final_validation=False, show_progress=False)
+        ck = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        logs.append({k: [float(x) for x in ck["logging"][k]] for k in ("mean_fg_dice", "val_losses")})
+        shutil.rmtree(info.run_root)
+    assert logs[0] == logs[1]

@@ -197,10 +197,10 @@ class LoadersMixin:
             dl_tr, dl_val = super().get_dataloaders()
         train = self.register_loader("train", dl_tr.data_loader, LABELED_STREAM, workers=n_proc,
                                      num_cached=max(2, n_proc // 4))
-        # validation changes no weights unless a phase's best weights (or a method's choice) come from it:
-        # then its batches are the same in every run and after --continue, as the training batches
+        # the validation batches are the same in every run and after --continue, as the training batches:
+        # checkpoint_best.pth, a phase's best weights and a method's choice between its networks come from them
         val = self.register_loader("val", dl_val.data_loader, VALIDATION_STREAM, workers=max(1, n_proc // 2),
-                                   num_cached=max(3, n_proc // 4), ordered=self.validation_steers_training)
+                                   num_cached=max(3, n_proc // 4))
         split = self.semi_split
         self.print_to_log_file(f"semidiff split (seed {self.seed}, labeled {self.labeled_spec.source or 'all'}): "
                                f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled training cases, "

@@ -40,12 +40,6 @@ class ScheduleMixin:
         self._restarted = set()
         self.on_phase_start(span)
 
-    @property
-    def validation_steers_training(self) -> bool:
-        """Whether validation scores change what training does (a phase's ``select_best``, or the method's
-        ``steers_by_validation``): then the validation batches are reproducible with workers too."""
-        return self.steers_by_validation or any(span.phase.select_best for span in self.phase_spans)
-
     def phase_best(self, name: str) -> PhaseBest:
         """What phase ``name`` (declared with ``select_best=True``) kept: ``weights`` (a state dict of the
         main network, None when no validation score was seen), ``score`` and ``epoch``."""

@@ -74,10 +74,6 @@ class SemiSupervisedTrainer(LoadersMixin, CheckpointMixin, ScheduleMixin, Optimi
     strong_views: ClassVar[int] = 1
     #: ordered stages of a run (empty: one phase, the whole run)
     phases: ClassVar[tuple[Phase, ...]] = ()
-    #: validation decides something that training goes on from (a method's choice between its networks);
-    #: then, as for a phase with ``select_best``, the validation batches are seeded per epoch like the
-    #: training ones (with augmentation workers nnU-Net hands them out in whatever order its workers finish)
-    steers_by_validation: ClassVar[bool] = False
     #: stop with a clear error after this many consecutive steps whose loss is NaN or infinite (a
     #: diverged run; a single overflowing AMP step does not count as divergence)
     max_nonfinite_steps: ClassVar[int] = 20

@@ -360,7 +360,6 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
     pathway reads image ⊕ noisy mask; a plain image-only checkpoint is refused, naming the first conv's
     shapes); its time embedding, the image pathway and the student start as built."""
 
-    steers_by_validation = True  # the predicting network is chosen on validation batches: seeded like training
     hparams_class = SuperDiffusionHParams
 
     phases = (Phase(PRETRAIN, share=0.5, summary="label-free two-pathway cycle consistency (teacher)",
