@@ -86,7 +86,7 @@ class LoadersMixin:
         ``nnUNetDataLoader``) as ``self.dataloader_<name>`` and return that iterator: the loader itself
         without augmentation workers (``nnUNet_n_proc_DA=0``), else ``workers`` processes (default: half the
         allowed ones) seeded per epoch from stream ``stream`` (default: the first free number); ``ordered=False``
-        (a stream that changes no weights: nnU-Net's validation) hands out batches as its workers finish them.
+        (a stream whose order changes nothing a run keeps) hands out batches as its workers finish them.
         Call it from ``get_dataloaders`` (after ``super().get_dataloaders()``); the engine starts the loader's
         workers every epoch, checkpoints its random state and stops it with the run. Registering a name again
         replaces its loader (same stream unless given)."""
