@@ -249,6 +249,8 @@ def _initialized_trainer(dataset: str, method: str, pretrained: Path, folder: Pa
 
 @pytest.mark.slow
 def test_pretrained_from_stock_nnunet_checkpoint(resenc2d, tmp_path):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
     from semidiff_nnunet.training.ema import unwrap
 
     stock = _stock_nnunet_checkpoint(resenc2d, RESENC, tmp_path)
@@ -264,6 +266,29 @@ def test_pretrained_from_stock_nnunet_checkpoint(resenc2d, tmp_path):
     mapped = {k: dc.pretrained_key(k) for k in state}
     assert sum(v is None for v in mapped.values()) > 0
     assert all(torch.equal(state[k], weights[v]) for k, v in mapped.items() if v is not None)
+    # SuperDiffusion: the mask pathway reads image ⊕ noisy mask; the image channels of its input convolution
+    # come from the checkpoint, the mask channels start at zero: it predicts exactly as the checkpoint
+    sd = _initialized_trainer(resenc2d, "superdiffusion", stock, tmp_path / "sd")
+    pathway = unwrap(sd.network)
+    state = pathway.state_dict()
+    widened = [k for k in state if k.startswith("net.unet.") and tuple(state[k].shape) != tuple(
+        weights[k[len("net.unet."):]].shape)]
+    assert widened, "the input convolution reads no mask channels"
+    for k in widened:
+        c = weights[k[len("net.unet."):]].shape[1]
+        assert torch.equal(state[k][:, :c], weights[k[len("net.unet."):]]) and not state[k][:, c:].any()
+    assert all(torch.equal(state[k], weights[k[len("net.unet."):]]) for k in state
+               if k.startswith("net.unet.") and k not in widened)
+    stock_net = nnUNetTrainer.build_network_architecture(sd.plans_manager, sd.configuration_manager,
+                                                         sd.num_input_channels, sd.label_manager.num_segmentation_heads,
+                                                         False)
+    stock_net.load_state_dict({k: v for k, v in weights.items()})
+    pathway.eval(), stock_net.eval()
+    image = torch.randn(1, sd.num_input_channels, *sd.configuration_manager.patch_size)
+    with torch.no_grad():
+        predicted, expected = pathway(image), stock_net(image)
+    predicted = predicted[0] if isinstance(predicted, (list, tuple)) else predicted
+    assert torch.allclose(predicted, expected, atol=1e-4, rtol=1e-4)
     # another class count: the segmentation heads stay as built, everything else loads
     bigger = torch.load(stock, map_location="cpu", weights_only=False)
     for k in [k for k in bigger["network_weights"] if ".seg_layers." in k]:

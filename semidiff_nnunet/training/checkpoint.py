@@ -216,7 +216,14 @@ def pretrained_state(path: str) -> dict:
     return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in weights.items()}
 
 
-def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source: str) -> dict:
+def _widened(checkpoint_shape: tuple, network_shape: tuple) -> bool:
+    """A convolution of the network that reads more input channels (dim 1) than the checkpoint's, all else equal."""
+    return (len(checkpoint_shape) == len(network_shape) >= 3 and checkpoint_shape[0] == network_shape[0]
+            and checkpoint_shape[2:] == network_shape[2:] and checkpoint_shape[1] < network_shape[1])
+
+
+def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source: str,
+                     extra_inputs: bool = False) -> dict:
     """Initialise ``network`` from ``pretrained`` (a state dict) with nnU-Net's ``load_pretrained_weights``
     semantics: every tensor the network takes from a checkpoint must be there with the same shape, or the
     load is refused naming the keys (and shapes); extra checkpoint tensors are ignored. Deviation from
@@ -225,7 +232,11 @@ def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source
 
     ``key_map(key)``: the checkpoint key for the network's ``key`` (None: a tensor the method adds, left as
     built). A checkpoint holding every tensor of this very network (a run of the same method) is loaded
-    key for key instead. Returns ``{"loaded": n, "new": [...], "skipped_heads": [...]}``.
+    key for key instead. ``extra_inputs``: the network reads the checkpoint's inputs followed by channels of
+    its own (SuperDiffusion's image ⊕ noisy mask); a convolution that reads more input channels than the
+    checkpoint's takes the checkpoint's weights for the leading channels and zeros for the others, so the
+    network starts computing what the checkpoint computed whatever the extra channels hold. Returns
+    ``{"loaded": n, "new": [...], "skipped_heads": [...], "widened": [...]}``.
     """
     from semidiff_nnunet.errors import SemidiffError
 
@@ -238,8 +249,10 @@ def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source
         raise SemidiffError(f"--pretrained-weights {source} does not fit this run's network: {len(missing)} of the "
                             f"tensors it needs are not in the checkpoint ({_examples(missing)}); pretrain with the "
                             f"same plans (planner, --plans) and configuration.")
+    widened = [k for k, src in mapping.items() if extra_inputs and src is not None and src in pretrained
+               and SEG_LAYERS not in src and _widened(_shape(pretrained[src]), _shape(target[k]))]
     wrong = [f"{src} is {_shape(pretrained[src])} there, {_shape(target[k])} here" for k, src in mapping.items()
-             if src is not None and src in pretrained and SEG_LAYERS not in src
+             if src is not None and src in pretrained and SEG_LAYERS not in src and k not in widened
              and _shape(pretrained[src]) != _shape(target[k])]
     if wrong:
         raise SemidiffError(f"--pretrained-weights {source} does not fit this run's network: {len(wrong)} tensor "
@@ -255,10 +268,15 @@ def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source
         if SEG_LAYERS in src and (src not in pretrained or _shape(pretrained[src]) != _shape(target[k])):
             skipped.append(k)  # another class count: the heads start as built
             continue
-        state[k] = pretrained[src].to(dtype=target[k].dtype)
+        if k in widened:  # the checkpoint's channels first, the network's own channels start at zero
+            weight = torch.zeros_like(target[k])
+            weight[:, :pretrained[src].shape[1]] = pretrained[src].to(dtype=target[k].dtype)
+            state[k] = weight
+        else:
+            state[k] = pretrained[src].to(dtype=target[k].dtype)
         loaded += 1
     network.load_state_dict(state)
-    return {"loaded": loaded, "new": new, "skipped_heads": skipped}
+    return {"loaded": loaded, "new": new, "skipped_heads": skipped, "widened": widened}
 
 
 # ---------------------------------------------------------------------------------------------- the trainer's part
@@ -333,10 +351,13 @@ class CheckpointMixin:
         """Initialise ``self.network`` from the checkpoint at ``path`` (see :func:`transfer_weights`, with the
         method's ``pretrained_key``); called in ``initialize`` before ``build_method``, so EMA teachers copied
         from the network there start from these weights."""
-        report = transfer_weights(unwrap(self.network), pretrained_state(path), self.pretrained_key, path)
+        report = transfer_weights(unwrap(self.network), pretrained_state(path), self.pretrained_key, path,
+                                  extra_inputs=self.pretrained_extra_inputs)
         self.print_to_log_file(
             f"pretrained weights from {path}: {report['loaded']} tensors loaded"
             + (f"; segmentation heads kept as built (another class count): {', '.join(report['skipped_heads'])}"
                if report["skipped_heads"] else "")
-            + (f"; {len(report['new'])} tensors of {self.method_name}'s own left as built" if report["new"] else ""),
+            + (f"; {len(report['new'])} tensors of {self.method_name}'s own left as built" if report["new"] else "")
+            + (f"; input channels beyond the checkpoint's start at zero in {', '.join(report['widened'])}"
+               if report["widened"] else ""),
             also_print_to_console=False)

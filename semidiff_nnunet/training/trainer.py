@@ -137,6 +137,11 @@ class SemiSupervisedTrainer(LoadersMixin, CheckpointMixin, ScheduleMixin, Optimi
         ``configuration`` is the nnU-Net configuration name (None when not known yet); ``dim`` its number
         of spatial dimensions (2 or 3; None when it cannot be known before planning: a custom name)."""
 
+    #: ``--pretrained-weights``: ``self.network`` reads the planned inputs followed by channels of its own
+    #: (e.g. a noisy mask); a U-Net checkpoint's input convolutions then fill the leading channels and the
+    #: others start at zero (see :func:`~.checkpoint.transfer_weights`)
+    pretrained_extra_inputs: bool = False
+
     def pretrained_key(self, key: str) -> str | None:
         """``--pretrained-weights``: the key of a stock nnU-Net checkpoint (the planned U-Net, plain or
         residual) that initialises tensor ``key`` of ``self.network``; None for a tensor this method adds

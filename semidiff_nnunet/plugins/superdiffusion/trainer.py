@@ -356,9 +356,14 @@ class _Selection:
 
 class SuperDiffusionTrainer(SemiSupervisedTrainer):
     """SuperDiffusion. ``--pretrained-weights`` initialises the mask pathway (teacher) from a checkpoint of a
-    superdiffusion run, or its U-Net from a U-Net checkpoint planned with C_img + K input channels (the
-    pathway reads image ⊕ noisy mask; a plain image-only checkpoint is refused, naming the first conv's
-    shapes); its time embedding, the image pathway and the student start as built."""
+    superdiffusion run, or its U-Net from a U-Net checkpoint of the same plans: the pathway reads image ⊕ noisy
+    mask, so its input convolution takes the checkpoint's weights for the image channels and zeros for the K
+    mask channels; with the time projections zero-initialised, the pathway then starts predicting exactly as
+    the checkpoint (the label-free and co-training phases teach it to read the mask). Its time embedding, the
+    image pathway and the student start as built. Not in the paper (it trains from scratch): the starting
+    point of ``semidiff benchmark --from-checkpoint``."""
+
+    pretrained_extra_inputs = True
 
     hparams_class = SuperDiffusionHParams
 
