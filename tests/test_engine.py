@@ -332,6 +332,29 @@ def test_burnin_and_ramp_lengths_follow_the_policy(demo2d, results, epochs, iter
 
 
 @pytest.mark.slow  # plans the demo dataset
+def test_a_trained_start_ramps_in_full_unless_told_otherwise(demo2d, results):
+    """From ``--pretrained-weights`` the burn-in is skipped; the ramp-up runs as the authors' (near zero at
+    first) by default, and gives the full weight from the first iteration with ``rampup_from_pretrained``
+    off (nothing is loaded before ``initialize``, so the path need not exist here)."""
+    from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
+
+    default = _trainer(demo2d, cls=MeanTeacherTrainer, epochs=20, pretrained_weights="/x/checkpoint_final.pth")
+    full = _trainer(demo2d, cls=MeanTeacherTrainer, epochs=20, pretrained_weights="/x/checkpoint_final.pth",
+                    hparams={"rampup_from_pretrained": False})
+    scratch = _trainer(demo2d, cls=MeanTeacherTrainer, epochs=20, hparams={"rampup_from_pretrained": False})
+    for t in (default, full, scratch):
+        t.num_iterations_per_epoch = 100
+    assert default.trained_start and default.burnin_iterations == 0 and full.burnin_iterations == 0
+    default.iteration = full.iteration = 0
+    assert default.ramp(0.1) < 0.001 and full.ramp(0.1) == 0.1
+    default.iteration = full.iteration = 1000
+    assert default.ramp(0.1) < full.ramp(0.1) == 0.1
+    # from scratch the setting changes nothing: burn-in, then the ramp
+    scratch.iteration = scratch.burnin_iterations
+    assert scratch.burnin_iterations == 100 and scratch.ramp(0.1) < 0.001
+
+
+@pytest.mark.slow  # plans the demo dataset
 def test_burnin_trains_on_labels_only_without_drawing_unlabeled_batches(demo2d, results):
     from semidiff_nnunet.plugins.mean_teacher import MeanTeacherTrainer
 

@@ -50,6 +50,16 @@ class BaseHParams:
         ``true`` runs them anyway (the earlier behaviour). Phases that train what the checkpoint lacks
         (SuperDiffusion's label-free pathways, SemiGDA's alignment) always run.
 
+    rampup_from_pretrained: the ramp-ups of the unlabeled weights run in full from a trained start too
+        (default ``true``: the authors' schedules, which start from scratch). ``false``: a trained start
+        (``--pretrained-weights`` with ``warmup_from_pretrained`` off) gives every unlabeled weight that
+        ramps through the engine's ``ramp`` its full value from the first iteration, as a ramp-up only warms
+        up a teacher the checkpoint already holds trained. Over a short second stage the authors' ramp keeps
+        the weight near zero (mean teacher's 0.1 reaches 0.001–0.097 over 400 iterations); a method whose
+        pseudo labels come from a network the checkpoint lacks (CPS's second network, Diff-CL's diffusion
+        branch) is better left ramping. A method's own ramps (SuperDiffusion's λ, SemiGDA's λ_u) are not
+        the engine's and always run.
+
     pseudo_diagnostic: opt-in diagnostic of the pseudo labels' accuracy over training (off by default).
         The unlabeled stream then also carries the hidden label of each unlabeled patch (training
         cases only; extra unlabeled images have none); the engine takes it out of the batch before the
@@ -68,6 +78,7 @@ class BaseHParams:
     rampup_max: int = 30000
     weak_view: typing.Literal["nnunet", "geometry"] = "nnunet"
     warmup_from_pretrained: bool = False
+    rampup_from_pretrained: bool = True
     pseudo_diagnostic: bool = False
 
 

@@ -88,7 +88,10 @@ class ScheduleMixin:
 
     def ramp(self, max_weight: float, fraction: float = 1.0, kind: str = "sigmoid") -> float:
         """An unlabeled loss weight: 0 during the burn-in, then ``max_weight`` × a ramp-up
-        (``ramps.rampup``) over ``ramp_length(fraction)`` iterations, ``max_weight`` after."""
+        (``ramps.rampup``) over ``ramp_length(fraction)`` iterations, ``max_weight`` after; ``max_weight``
+        throughout for a trained start with ``rampup_from_pretrained`` off."""
         if self.in_burnin:
             return 0.0
+        if self.trained_start and not self.hp.rampup_from_pretrained:
+            return max_weight
         return max_weight * ramps.rampup(kind, self.iteration - self.burnin_iterations, self.ramp_length(fraction))
