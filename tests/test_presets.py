@@ -231,14 +231,15 @@ def _stock_nnunet_checkpoint(dataset: str, plans_name: str, folder: Path) -> Pat
     return path
 
 
-def _initialized_trainer(dataset: str, method: str, pretrained: Path, folder: Path):
+def _initialized_trainer(dataset: str, method: str, pretrained: Path, folder: Path, **hparams):
     """A semidiff trainer of ``method`` on :data:`RESENC`, initialised (network, method state) as a new run."""
     from semidiff_nnunet import api, planning
     from semidiff_nnunet.training.run_config import RunConfig
     from semidiff_nnunet.training.splits import LabeledSpec
 
     plans = {**planning.load_plans(dataset, RESENC), "continue_training": False}  # a new run, as api.train says
-    RunConfig(method=method, labeled=LabeledSpec.parse(LAB), pretrained_weights=str(pretrained)).write(plans)
+    RunConfig(method=method, labeled=LabeledSpec.parse(LAB), pretrained_weights=str(pretrained),
+              hparams=hparams).write(plans)
     ds = planning.dataset_json(planning.preprocessed_folder(dataset))
     with api._results_root(folder):
         trainer = api.method_trainer(method)(plans=plans, configuration="2d", fold=0, dataset_json=ds,
@@ -289,6 +290,18 @@ def test_pretrained_from_stock_nnunet_checkpoint(resenc2d, tmp_path):
         predicted, expected = pathway(image), stock_net(image)
     predicted = predicted[0] if isinstance(predicted, (list, tuple)) else predicted
     assert torch.allclose(predicted, expected, atol=1e-4, rtol=1e-4)
+    # Diff-CL's DS (image ⊕ Y_t) from the checkpoint too with ds_from_pretrained: it predicts as the checkpoint
+    # whatever Y_t holds; by default it starts as built
+    y0 = torch.nn.functional.one_hot(torch.randint(0, sd.label_manager.num_segmentation_heads, image.shape[:1]
+                                                   + image.shape[2:]), sd.label_manager.num_segmentation_heads)
+    y0 = y0.movedim(-1, 1).float()
+    for ds_init in (True, False):
+        dc = _initialized_trainer(resenc2d, "diffcl", stock, tmp_path / f"dc{ds_init}", ds_from_pretrained=ds_init)
+        ds = unwrap(dc.ds).eval()
+        with torch.no_grad():
+            out = ds(image, y0=y0)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4) == ds_init
     # another class count: the segmentation heads stay as built, everything else loads
     bigger = torch.load(stock, map_location="cpu", weights_only=False)
     for k in [k for k in bigger["network_weights"] if ".seg_layers." in k]:

@@ -347,6 +347,24 @@ class CheckpointMixin:
         self.iteration = int(semi.get("iteration", 0))
         self._pending_rng = semi.get("rng")
 
+    def initialise_from_pretrained(self, module: torch.nn.Module, key_map, extra_inputs: bool = False) -> bool:
+        """Initialise another network of the method (one it builds in ``build_method``, e.g. a second branch)
+        from the run's ``--pretrained-weights``, as ``self.network`` was (:func:`transfer_weights`:
+        ``key_map(key)`` gives the checkpoint key of ``module``'s tensor ``key``, None for a tensor left as
+        built; ``extra_inputs`` for a network that reads the image followed by channels of its own). Does
+        nothing and returns False without ``--pretrained-weights`` or when the run continues (its own
+        checkpoint holds the network)."""
+        path = self.run_config.pretrained_weights
+        if not path or self.plans_manager.plans.get("continue_training"):
+            return False
+        report = transfer_weights(unwrap(module), pretrained_state(path), key_map, path, extra_inputs=extra_inputs)
+        self.print_to_log_file(f"pretrained weights from {path} for {type(unwrap(module)).__name__}: "
+                               f"{report['loaded']} tensors loaded, {len(report['new'])} left as built"
+                               + (f", input channels beyond the checkpoint's start at zero in "
+                                  f"{', '.join(report['widened'])}" if report["widened"] else ""),
+                               also_print_to_console=False)
+        return True
+
     def load_pretrained_weights(self, path: str) -> None:
         """Initialise ``self.network`` from the checkpoint at ``path`` (see :func:`transfer_weights`, with the
         method's ``pretrained_key``); called in ``initialize`` before ``build_method``, so EMA teachers copied

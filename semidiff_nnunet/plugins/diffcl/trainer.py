@@ -60,7 +60,12 @@ step 0 (measured on PH2: Diff-CL 0.66 vs supervised 0.77 Dice), all ``--set``-ab
   from one DS prediction from the image and pure noise at t = 1 (``ds_pseudo_label = "noise"``):
   at low t the training forward sees Y_0 almost noise-free, and on unlabeled patches Y_0 is CS's
   own argmax, so its argmax would hand CS's label back (``"forward"`` is that literal reading);
-* optional confidence masking of both cross targets (``cps_confidence``, 0 = off).
+* optional confidence masking of both cross targets (``cps_confidence``, 0 = off);
+* from ``--pretrained-weights`` (a trained start: outside the paper, which trains both branches from
+  scratch) CS starts from the checkpoint and DS as built, so DS's pseudo labels teach CS while DS is
+  still untrained; ``ds_from_pretrained = True`` starts DS from the checkpoint too: its U-Net takes the
+  checkpoint's weights, zeros for the Y_t input channels and (as always) zero time projections, so DS
+  starts predicting as the checkpoint and learns to read Y_t.
 
 Deviations forced by nnU-Net: planned U-Net instead of V-Net, nnU-Net's augmentation, SGD (0.99
 Nesterov, poly LR) for both networks and the head, patch-based training; deep supervision on the
@@ -133,6 +138,8 @@ class DiffCLHParams(BaseHParams):
     cl_topk: int = 8
     cl_temperature: float = 0.1
     cl_reduction: Literal["sum", "mean"] = "sum"
+    # a trained start (not in the paper, which trains from scratch)
+    ds_from_pretrained: bool = False
 
 
 def cs_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -152,7 +159,8 @@ def _pixels(features: torch.Tensor) -> torch.Tensor:
 
 class DiffCLTrainer(SemiSupervisedTrainer):
     """Diff-CL. ``--pretrained-weights`` initialises CS (the planned U-Net, plain or residual) from a
-    U-Net checkpoint; its HF-Mamba block, DS (image ⊕ Y_t input) and the projection head start as built."""
+    U-Net checkpoint; its HF-Mamba block, DS (image ⊕ Y_t input; from the checkpoint too with
+    ``ds_from_pretrained``) and the projection head start as built."""
 
     hparams_class = DiffCLHParams
 
@@ -178,6 +186,10 @@ class DiffCLTrainer(SemiSupervisedTrainer):
         unet = self.build_planned_network(num_input_channels=self.num_input_channels + self.num_classes)
         ds = LabelDiffusion(TimestepConditionedUNet(unet, hp.time_embedding_dim), hp.noise_schedule, hp.label_scale)
         self.ds = self.register_network("ds", ds)
+        if hp.ds_from_pretrained:  # DS's U-Net from the checkpoint, the Y_t channels and the time embedding new
+            prefix = "network.unet."
+            self.initialise_from_pretrained(ds, lambda k: k[len(prefix):] if k.startswith(prefix) else None,
+                                            extra_inputs=True)
         width = unwrap(self.network).encoder.output_channels[0]  # the last decoder stage's width
         self.projector = self.register_network("projector", ProjectionHead(width, hp.proj_dim))
         self.memory_bank = self.register_state(
