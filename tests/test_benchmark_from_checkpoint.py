@@ -9,6 +9,7 @@ import math
 import pytest
 
 from semidiff_nnunet.api.benchmark_runs import CONVERGED_GAIN, convergence
+from semidiff_nnunet.errors import SemidiffError
 
 
 def test_convergence_rule_on_synthetic_curves():
@@ -142,3 +143,22 @@ def test_both_stages_hold_out_the_same_cases(workspace, tmp_path):
         assert split["held_out"] == held
         assert not set(held) & set(split["labeled"] + split["unlabeled"] + split["validation"])
     assert [row["n_cases"] for row in result["rows"]] == [1, 1]  # both scored on the held-out case only
+
+
+@pytest.mark.slow
+def test_all_methods_leave_out_the_ones_that_cannot_run_and_say_why(demo2d):
+    """``-m all``: every installed method that accepts the options; SemiGDA without its VAE weights is left
+    out with the reason, the rest (SuperDiffusion from the checkpoint included) are planned."""
+    from semidiff_nnunet import api
+    from semidiff_nnunet.api import installed
+
+    logs = []
+    plan = api.benchmark(demo2d, "all", "0.3", "0", plans_name="semidiffDemoPlans", epochs=1,
+                         from_checkpoint="auto", first_epochs=2, dry_run=True, log=logs.append)
+    planned = {r.method for r in plan["runs"]}
+    every = {m["name"] for m in installed.list_methods()}
+    assert "semigda" in every and "semigda" not in planned and "superdiffusion" in planned
+    assert planned == every - {"semigda"}
+    assert any(line.startswith("-m all leaves out semigda:") and "vae=PATH" in line for line in logs), logs
+    with pytest.raises(SemidiffError, match="semigda needs the Stable Diffusion VAE"):  # named: refused as before
+        api.benchmark(demo2d, "semigda,mean-teacher", "0.3", "0", plans_name="semidiffDemoPlans", dry_run=True)

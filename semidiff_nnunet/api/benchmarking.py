@@ -51,7 +51,9 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     or a checkpoint path with ``{labeled}``/``{seed}``; every method, and ``supervised`` as the control, then
     trains ``epochs`` more from it (:func:`semidiff_nnunet.api.benchmark_runs.run_benchmark`).
 
-    ``methods``/``labeled``/``seeds``: lists or comma-separated strings (``"all"``: every installed method).
+    ``methods``/``labeled``/``seeds``: lists or comma-separated strings (``"all"``: every installed method
+    that accepts these options; one that refuses them, e.g. ``semigda`` without ``--set semigda:vae=PATH`` or
+    on a 3D configuration, is left out with its reason logged).
     ``overrides``: ``--set`` items,
     ``key=value`` for every method that has the key, ``method:key=value`` for one method.
     ``dry_run``: return ``{"runs": [...], "overrides": {method: {key: value}}, "held_out_share": share or None}``
@@ -62,7 +64,8 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
     held_out = bench.DEFAULT_HELD_OUT if held_out is None else check_held_out_share(held_out)
 
     methods = options.parse_list(methods, "--methods")
-    if methods == ["all"]:
+    every = methods == ["all"]
+    if every:
         methods = [m["name"] for m in installed.list_methods()]
     if from_checkpoint is not None:
         methods = bench.protocol_methods(methods, from_checkpoint, first_epochs)
@@ -87,11 +90,21 @@ def benchmark(dataset: str | int, methods: str | Sequence[str], labeled: str | S
         LabeledSpec.parse(lab)
     per_method = options.method_overrides(methods, overrides)
     check_variants(methods, per_method)
+    left_out = {}
     for m in methods:  # what each method itself refuses (its trainer's check_options), before any planning
         try:
             options.check_train_options(m, labeled[0], fold, "cpu", per_method[m], configuration=configuration)
         except SemidiffError as e:
-            raise (e if len(methods) == 1 else SemidiffError(f"{m}: {e}")) from None
+            if not every:
+                raise (e if len(methods) == 1 else SemidiffError(f"{m}: {e}")) from None
+            left_out[m] = str(e)  # -m all: every method that can run here; the others named with the reason
+    if left_out:
+        methods = [m for m in methods if m not in left_out]
+        if methods == ["supervised"] or not methods:
+            raise SemidiffError(f"-m all: no semi-supervised method can run with these options "
+                                f"({'; '.join(f'{m}: {why}' for m, why in left_out.items())}).")
+        for m, why in left_out.items():
+            log(f"-m all leaves out {m}: {why}")
     if planner not in (None, planning.DEFAULT_PLANNER):
         planning.planner_class(planner)  # refused before any planning
     options.check_fold(planning.dataset_name(dataset), fold)
