@@ -53,6 +53,17 @@ def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     assert "num_epochs=8, not 20" in different_settings(run, 20, 50, {})
     assert "num_iterations_per_epoch=50, not 25" in different_settings(run, 8, 25, {})
     assert "consistency=0.1, not 0.3" in different_settings(run, 8, 50, {"consistency": "0.3"})
+    # a run recorded before a setting existed behaved as the setting's "before" value, not its new default
+    dc_fold = tmp_path / "diffcl" / "fold_0"
+    dc_fold.mkdir(parents=True)
+    dc_hp = json.loads(json.dumps(hparams_to_dict(api.check_train_options("diffcl", "0.1").hparams)))
+    assert dc_hp.pop("ds_from_pretrained") is True
+    (dc_fold / "semidiff_run.json").write_text(json.dumps({"hparams": dc_hp, "phase_overrides": {}}), encoding="utf-8")
+    dc = PlannedRun("diffcl", "0.1", 0, api.RunInfo("D", "diffcl", "DiffCLTrainer", "lab0.1", 0, "2d", 0, "P",
+                                                      tmp_path, tmp_path, dc_fold))
+    assert "ds_from_pretrained=False (trained before the setting existed), not True" in different_settings(dc, None,
+                                                                                                            None, {})
+    assert different_settings(dc, None, None, {"ds_from_pretrained": "false"}) == ""
     assert different_settings(PlannedRun("mean-teacher", "0.1", 1, api.RunInfo(
         "D", "mean-teacher", "MeanTeacherTrainer", "lab0.1", 1, "2d", 0, "P", tmp_path, tmp_path,
         tmp_path / "fold_1")), 20, 50, {}) == ""  # no run yet

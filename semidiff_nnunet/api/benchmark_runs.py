@@ -190,14 +190,17 @@ def different_settings(run: PlannedRun, epochs: int | None, iters_per_epoch: int
     for key, wanted in (("num_epochs", epochs), ("num_iterations_per_epoch", iters_per_epoch)):
         if wanted is not None and stored.get(key) not in (None, wanted):
             return f"{key}={stored[key]}, not {wanted}"
-    from semidiff_nnunet.training.hparams import hparams_to_dict
+    from semidiff_nnunet.training.hparams import hparams_to_dict, legacy_values
 
     opts = options.check_train_options(run.method, run.labeled, overrides=overrides, device="cpu")
     given = json.loads(json.dumps(hparams_to_dict(opts.hparams)))
     old = stored.get("hparams") or {}
+    before = legacy_values(type(opts.hparams))  # a run from before a setting existed behaved as its "before"
     for key in sorted(given):
         if key in old and old[key] != given[key]:
             return f"{key}={old[key]!r}, not {given[key]!r}"
+        if key not in old and key in before and before[key] != given[key]:
+            return f"{key}={before[key]!r} (trained before the setting existed), not {given[key]!r}"
     if (stored.get("phase_overrides") or {}) != dict(opts.phases):
         return f"phase lengths {stored.get('phase_overrides') or {}}, not {dict(opts.phases)}"
     return ""

@@ -156,3 +156,13 @@ def resolve_hparams(cls: type, overrides: dict[str, typing.Any] | None = None):
 
 def hparams_to_dict(hp) -> dict:
     return dataclasses.asdict(hp)
+
+
+#: ``field(metadata={BEFORE: value})`` on a setting added after runs existed: the behaviour of a run that
+#: recorded no such key (so a benchmark never takes an older run for one with the new default)
+BEFORE = "before"
+
+
+def legacy_values(hparams_class) -> dict:
+    """``{name: value}`` of the settings that declare what runs recorded before them did (:data:`BEFORE`)."""
+    return {f.name: f.metadata[BEFORE] for f in dataclasses.fields(hparams_class) if BEFORE in f.metadata}

@@ -62,10 +62,12 @@ step 0 (measured on PH2: Diff-CL 0.66 vs supervised 0.77 Dice), all ``--set``-ab
   own argmax, so its argmax would hand CS's label back (``"forward"`` is that literal reading);
 * optional confidence masking of both cross targets (``cps_confidence``, 0 = off);
 * from ``--pretrained-weights`` (a trained start: outside the paper, which trains both branches from
-  scratch) CS starts from the checkpoint and DS as built, so DS's pseudo labels teach CS while DS is
-  still untrained; ``ds_from_pretrained = True`` starts DS from the checkpoint too: its U-Net takes the
+  scratch) DS starts from the checkpoint too (``ds_from_pretrained = True``): its U-Net takes the
   checkpoint's weights, zeros for the Y_t input channels and (as always) zero time projections, so DS
-  starts predicting as the checkpoint and learns to read Y_t.
+  starts predicting as the checkpoint and learns to read Y_t. ``False`` (DS as built, the behaviour before
+  the setting) lets an untrained DS's pseudo labels teach the trained CS: measured on PH2 from a converged
+  ``supervised`` checkpoint (400 iterations, two seeds, docs/results.md 2026-12-07), gain over the
+  restart control −0.015 / −0.053 with DS as built, +0.020 / −0.005 with DS from the checkpoint.
 
 Deviations forced by nnU-Net: planned U-Net instead of V-Net, nnU-Net's augmentation, SGD (0.99
 Nesterov, poly LR) for both networks and the head, patch-based training; deep supervision on the
@@ -81,7 +83,7 @@ run), as the paper states.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -98,7 +100,7 @@ from semidiff_nnunet.plugins.diffcl.networks import (
     build_cs_network,
 )
 from semidiff_nnunet.training import BaseHParams, SemiSupervisedTrainer, run_hparams, unwrap
-from semidiff_nnunet.training.hparams import LogSnrSchedule
+from semidiff_nnunet.training.hparams import BEFORE, LogSnrSchedule
 from semidiff_nnunet.training.ramps import gaussian_rampup
 
 
@@ -138,8 +140,8 @@ class DiffCLHParams(BaseHParams):
     cl_topk: int = 8
     cl_temperature: float = 0.1
     cl_reduction: Literal["sum", "mean"] = "sum"
-    # a trained start (not in the paper, which trains from scratch)
-    ds_from_pretrained: bool = False
+    # a trained start (not in the paper, which trains from scratch); runs before it started DS as built
+    ds_from_pretrained: bool = field(default=True, metadata={BEFORE: False})
 
 
 def cs_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -159,8 +161,8 @@ def _pixels(features: torch.Tensor) -> torch.Tensor:
 
 class DiffCLTrainer(SemiSupervisedTrainer):
     """Diff-CL. ``--pretrained-weights`` initialises CS (the planned U-Net, plain or residual) from a
-    U-Net checkpoint; its HF-Mamba block, DS (image ⊕ Y_t input; from the checkpoint too with
-    ``ds_from_pretrained``) and the projection head start as built."""
+    U-Net checkpoint, and DS's U-Net too (``ds_from_pretrained``, its Y_t input channels at zero); the
+    HF-Mamba block, the time embedding and the projection head start as built."""
 
     hparams_class = DiffCLHParams
 
