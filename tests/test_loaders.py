@@ -188,3 +188,54 @@ def test_validation_batches_are_the_same_in_every_run_with_workers(demo2d, monke
         logs.append({k: [float(x) for x in ck["logging"][k]] for k in ("mean_fg_dice", "val_losses")})
         shutil.rmtree(info.run_root)
     assert logs[0] == logs[1]
+
+
+# ----------------------------------------------------------------------------------------- the same floats
+def _blur_under_load(monkeypatch, fft_faster: bool):
+    """A loader holding nnU-Net's training pipeline, registered with the engine, whose Gaussian blur (were it
+    still timing itself) would find the FFT faster, or the direct convolution, as two workers under different
+    load do; returns the blurred image."""
+    from types import SimpleNamespace
+
+    from batchgeneratorsv2.transforms.noise import gaussian_blur
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    real, state = gaussian_blur.blur_dimension, {"t": 0.0, "fft": None}
+
+    def blur_dimension(img, sigma, dim, force_use_fft=None, **kw):
+        state["fft"] = force_use_fft
+        return real(img, sigma, dim, force_use_fft=force_use_fft, **kw)
+
+    def clock():  # the duration of a timed call: short for the algorithm the loaded worker finds faster
+        state["t"] += 0.1 if bool(state["fft"]) == fft_faster else 1.0
+        return state["t"]
+
+    monkeypatch.setattr(gaussian_blur, "blur_dimension", blur_dimension)
+    monkeypatch.setattr(gaussian_blur, "time", clock)
+    pipeline = nnUNetTrainer.get_training_transforms(
+        (32, 32), (-np.pi, np.pi), None, (0, 1), False, use_mask_for_norm=[False], is_cascaded=False,
+        foreground_labels=[1], regions=None, ignore_label=None)
+    blurs = [t.transform for t in pipeline.transforms
+             if isinstance(getattr(t, "transform", None), gaussian_blur.GaussianBlurTransform)]
+    assert len(blurs) == 1 and blurs[0].benchmark  # nnU-Net's blur times itself
+
+    class Trainer(LoadersMixin):
+        device, seed, local_rank = torch.device("cpu"), 0, 0
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    Trainer().register_loader("train", SimpleNamespace(transforms=pipeline))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    img = torch.linspace(-2, 3, 3 * 32 * 32).reshape(3, 32, 32).sin()
+    return blurs[0](image=img.clone())["image"]
+
+
+def test_the_blur_gives_the_same_floats_however_loaded_the_machine_is(monkeypatch):
+    """nnU-Net's blur times an FFT against a direct convolution in each worker and keeps the faster: under load a
+    worker chose the other one, its batches differed in the last bit, and a run resumed with workers drifted
+    from the uninterrupted run (test_resume_fallback's flaky case). The engine pins the algorithm in every
+    loader it registers."""
+    with monkeypatch.context() as m:
+        fft = _blur_under_load(m, fft_faster=True)
+    direct = _blur_under_load(monkeypatch, fft_faster=False)
+    assert torch.equal(fft, direct)

@@ -8,6 +8,13 @@ order-preserving ``MultiThreadedAugmenter`` at every epoch with worker seeds dra
 epoch are the same in every run and after ``--continue``. The price is one worker start per epoch
 (about a second), against epochs of 250 iterations.
 
+Exactly the same batches also need every transform to compute the same floats: nnU-Net's Gaussian blur
+(batchgeneratorsv2's ``GaussianBlurTransform(benchmark=True)``) times an FFT and a direct convolution the first
+time it meets a shape in a worker and keeps the faster, so under load a worker may pick the other one and
+its batches differ in the last bit (a resumed run then drifted from the uninterrupted one).
+:func:`pin_blur_algorithm` turns that timing off in every loader the engine serves: the direct convolution
+(what ``benchmark=False`` always uses; the blur's kernels, σ ≤ 1 voxel in nnU-Net's pipeline, are small).
+
 Every worker (also of nnU-Net's augmenters, through :class:`WorkerLoader`) ends when the process that
 started it dies, also by ``kill -9``, which runs no clean-up (on Linux; elsewhere they outlive it as before).
 """
@@ -73,6 +80,33 @@ class _TorchSeedingLoader(WorkerLoader):
         torch.set_num_threads(1)
         torch.manual_seed(int(np.random.randint(0, 2**31 - 1)))
         super().set_thread_id(thread_id)
+
+
+def pin_blur_algorithm(obj, _seen: set[int] | None = None) -> int:
+    """Set ``benchmark=False`` on every ``GaussianBlurTransform`` reachable from ``obj`` (a loader, a
+    transform, a list or dict of them): the same convolution, so the same floats, in every worker and run
+    (see the module docstring). Follows attributes of transforms and loaders, and the items of lists, tuples
+    and dicts; returns how many blurs it switched."""
+    from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen or isinstance(obj, (np.ndarray, torch.Tensor, str, bytes, int, float)) or obj is None:
+        return 0
+    seen.add(id(obj))
+    switched = 0
+    if isinstance(obj, GaussianBlurTransform):
+        switched += int(bool(obj.benchmark))
+        obj.benchmark = False
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif _seen is None or isinstance(obj, BasicTransform):  # the loader itself, and transforms all the way down
+        children = list(getattr(obj, "__dict__", {}).values())
+    else:
+        children = []
+    return switched + sum(pin_blur_algorithm(c, seen) for c in children)
 
 
 def worker_seeds(seed: int, stream: int, epoch: int, num_processes: int) -> list[int]:

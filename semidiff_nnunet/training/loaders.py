@@ -31,7 +31,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from semidiff_nnunet.paths import PSEUDO_SUFFIX
 from semidiff_nnunet.training import checkpoint as ckpt
-from semidiff_nnunet.training.augmenters import EpochSeededAugmenter, WorkerLoader
+from semidiff_nnunet.training.augmenters import EpochSeededAugmenter, WorkerLoader, pin_blur_algorithm
 from semidiff_nnunet.training.nnunet_compat import set_foreground_oversampling, single_threaded_nnunet_loaders
 from semidiff_nnunet.training.splits import SemiSplit, drop_held_out, make_semi_split
 from semidiff_nnunet.training.unlabeled import (
@@ -101,6 +101,7 @@ class LoadersMixin:
             raise ValueError(f"loader {name!r} asks for stream {stream}, which loader {taken[stream]!r} has")
         worker_stream(stream, 0)  # a valid number
         streams[name] = stream
+        pin_blur_algorithm(source)  # the same floats in every worker and run (see augmenters)
         n_proc = get_allowed_n_proc_DA()
         pin = self.device.type == "cuda"
         workers = max(1, n_proc // 2) if workers is None else workers
