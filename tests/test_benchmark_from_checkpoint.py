@@ -93,6 +93,14 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
     assert float(rows["mean-teacher", "second"]["gain"]) == pytest.approx(gain)
     assert float(rows["supervised", "second"]["gain"]) == 0 and rows["supervised", "first"]["gain"] == "nan"
     assert float(rows["mean-teacher", "second"]["cost"]) > 0 and float(rows["supervised", "second"]["cost"]) == 1
+    # cost from CPU seconds per iteration (the runs' cpu_seconds log, one value per epoch), not wall-clock
+    import torch
+
+    for info in (control, mt):
+        log = torch.load(info.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+        assert len(log["cpu_seconds"]) == 1 and all(v > 0 for v in log["cpu_seconds"])
+    cpu = {k: float(rows[k, "second"]["cpu_s_per_it"]) for k in ("mean-teacher", "supervised")}
+    assert float(rows["mean-teacher", "second"]["cost"]) == pytest.approx(cpu["mean-teacher"] / cpu["supervised"])
     # peak memory from the runs' logs (the CPU's resident set: more than torch's libraries alone)
     assert float(rows["supervised", "second"]["peak_memory"]) > 100e6
     assert float(rows["mean-teacher", "second"]["memory"]) > 0 and float(rows["supervised", "second"]["memory"]) == 1
@@ -124,6 +132,31 @@ def test_benchmark_from_checkpoint(demo2d, run_cli, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_cost_is_cpu_time_where_both_runs_logged_it_else_wall_clock():
+    from semidiff_nnunet.api.benchmark_runs import SECOND, add_gains
+
+    def row(method, s, cpu):
+        return {"method": method, "labeled": "0.3", "seed": 0, "stage": SECOND, "Dice": 0.5, "s_per_it": s,
+                "cpu_s_per_it": cpu}
+
+    rows = [row("supervised", 1.0, 2.0), row("a", 3.0, 3.0), row("b", 5.0, float("nan"))]
+    add_gains(rows)
+    assert [r["cost"] for r in rows] == [1.0, 1.5, 5.0]  # b was trained before the CPU log: wall-clock
+
+
+def test_cpu_seconds_count_the_reaped_workers():
+    """The augmentation workers of an epoch do part of a method's work: their CPU time counts once they are reaped."""
+    import subprocess
+    import sys
+
+    from semidiff_nnunet.training.curves import cpu_seconds
+
+    before = cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"],
+                   check=True)
+    assert cpu_seconds() - before >= 0.5
+
+
 def test_both_stages_hold_out_the_same_cases(workspace, tmp_path):
     """Without imagesTs: the first stage and the second hold out the benchmark's cases (never trained nor
     validated on), in folders of their own (``_ho0.5_first-e1``, ``_ho0.5_from-first-e1``)."""

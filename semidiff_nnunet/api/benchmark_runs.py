@@ -404,6 +404,7 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
         row = score_run(name, r, held.images, held.labels, configuration, fold, device, plans_name, share,
                         show_progress)
         row["s_per_it"] = seconds_per_iteration(r.info.fold_folder)
+        row["cpu_s_per_it"] = seconds_per_iteration(r.info.fold_folder, cpu=True)
         row["peak_memory"] = peak_memory(r.info.fold_folder)
         if from_checkpoint is not None:
             first_ck = r.info.fold_folder / "checkpoint_final.pth" if r.role == FIRST else r.pretrained
@@ -458,15 +459,17 @@ def _write_tables(rows, labels, labeled, out: Path, title: str, first_stage: dic
 
 
 def add_gains(rows: list[dict]) -> None:
-    """Second-stage rows: ``gain`` = Dice − the control's Dice (same labeled spec and seed), ``cost`` = seconds
-    per iteration ÷ the control's, ``memory`` = peak memory ÷ the control's; NaN elsewhere, while the control
-    has no row yet and where either run has no measurement (runs trained before it was logged)."""
+    """Second-stage rows: ``gain`` = Dice − the control's Dice (same labeled spec and seed), ``cost`` = CPU
+    seconds per iteration ÷ the control's (wall-clock seconds where either run has no CPU log: trained
+    before it was logged), ``memory`` = peak memory ÷ the control's; NaN elsewhere, while the control has no
+    row yet and where either run has no measurement."""
     control = {(r["labeled"], r["seed"]): r for r in rows if r.get("stage") == SECOND and r["method"] == CONTROL}
     for r in rows:
         c = control.get((r["labeled"], r["seed"])) if r.get("stage") == SECOND else None
         r["gain"] = r["Dice"] - c["Dice"] if c else float("nan")
-        ok = c is not None and c.get("s_per_it", 0) > 0
-        r["cost"] = r.get("s_per_it", float("nan")) / c["s_per_it"] if ok else float("nan")
+        key = "cpu_s_per_it" if c is not None and all(x.get("cpu_s_per_it", 0) > 0 for x in (r, c)) else "s_per_it"
+        ok = c is not None and c.get(key, 0) > 0
+        r["cost"] = r.get(key, float("nan")) / c[key] if ok else float("nan")
         ok = c is not None and c.get("peak_memory", 0) > 0
         r["memory"] = r.get("peak_memory", float("nan")) / c["peak_memory"] if ok else float("nan")
 
@@ -610,15 +613,22 @@ def _save_figure(fig, ax, title: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def seconds_per_iteration(fold_folder: Path) -> float:
+def seconds_per_iteration(fold_folder: Path, cpu: bool = False) -> float:
     """Training seconds per iteration of a finished run: the median epoch (its logged start to end time,
-    validation included) over its iterations per epoch; NaN without the log."""
+    validation included) over its iterations per epoch; with ``cpu``, the median epoch's CPU seconds over its
+    training iterations (the trainer's ``cpu_seconds`` log: the process's threads and its reaped augmentation
+    workers). NaN without the log (a run trained before it was logged)."""
     ck, run_json = fold_folder / "checkpoint_final.pth", fold_folder / "semidiff_run.json"
     if not ck.is_file() or not run_json.is_file():
         return float("nan")
     log = _logging(ck)
     its = json.loads(run_json.read_text(encoding="utf-8")).get("num_iterations_per_epoch")
-    spans = sorted(e - s for s, e in zip(log.get("epoch_start_timestamps") or [], log.get("epoch_end_timestamps") or []))
+    if cpu:
+        from semidiff_nnunet.training.curves import CPU_SECONDS_KEY
+
+        spans = sorted(float(v) for v in log.get(CPU_SECONDS_KEY) or [] if v == v)
+    else:
+        spans = sorted(e - s for s, e in zip(log.get("epoch_start_timestamps") or [], log.get("epoch_end_timestamps") or []))
     if not spans or not its:
         return float("nan")
     return float(spans[len(spans) // 2]) / its
@@ -701,8 +711,10 @@ NOTES = {
             "included (ProtoDiff's metric), with checkpoint_final.pth",
     "gain": "gain over control: Dice minus the Dice of the control (supervised trained on from the same "
             "checkpoint for the same iterations: what restarting the learning rate alone gives), per seed",
-    "cost": "cost × control: training seconds per iteration (median epoch, validation included, from the run's "
-            "logged timestamps) over the control's; as noisy as the machine's load",
+    "cost": "cost × control: CPU seconds per training iteration (median epoch; the training process's threads "
+            "and its augmentation workers) over the control's, which other programs on the machine hardly change; "
+            "for runs trained before that was logged, wall-clock seconds per iteration (validation included), "
+            "as noisy as the machine's load",
     "memory": "memory × control: peak memory of the training iterations (median epoch; on the CPU the training "
               "process's resident set, workers not included; on a GPU the allocated tensors) over the control's; "
               "n/a for runs trained before it was logged",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 
 import numpy as np
@@ -14,8 +15,18 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from semidiff_nnunet.training.memory import PEAK_MEMORY_KEY, epoch_peak
 
 TERM_PREFIX = "term/"
+#: the logger key of each epoch's CPU seconds over its training iterations (see :func:`cpu_seconds`)
+CPU_SECONDS_KEY = "cpu_seconds"
 #: logged per epoch but measured on the machine, so they differ between identical runs (tests skip them)
-MEASURED_LOG_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps", PEAK_MEMORY_KEY)
+MEASURED_LOG_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps", PEAK_MEMORY_KEY, CPU_SECONDS_KEY)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process, all its threads, and by the child processes it
+    has reaped (the augmentation workers of finished epochs). Unlike wall-clock time it hardly changes when
+    other programs load the machine: the benchmark's cost column divides it, per iteration, by the control's."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 class SemiLocalLogger(LocalLogger):
@@ -125,8 +136,11 @@ class EpochLogMixin:
                 torch.distributed.all_gather_object(gathered, values)
                 values = np.concatenate(gathered)
             self.logger.log(k, float(np.mean(values)) if values.size else float("nan"), self.current_epoch)
-        # this rank's peak over the epoch's training iterations (reset in on_train_epoch_start)
+        # this rank's peak over the epoch's training iterations (reset in on_train_epoch_start), and its CPU time
         self.logger.log(PEAK_MEMORY_KEY, epoch_peak(torch.device(self.device)), self.current_epoch)
+        start = getattr(self, "_cpu_seconds_at_epoch_start", None)
+        self.logger.log(CPU_SECONDS_KEY, cpu_seconds() - start if start is not None else float("nan"),
+                        self.current_epoch)
         if keys:
             self.print_to_log_file("loss terms: " + ", ".join(
                 f"{k[5:].lstrip('_')} {self.logger.get_value(k, step=-1):.4g}" for k in keys))

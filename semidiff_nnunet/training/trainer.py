@@ -49,7 +49,7 @@ from semidiff_nnunet.registry import RegisteredName
 from semidiff_nnunet.training import checkpoint as ckpt
 from semidiff_nnunet.training import nnunet_compat as compat
 from semidiff_nnunet.training.checkpoint import CheckpointMixin
-from semidiff_nnunet.training.curves import EpochLogMixin, SemiLocalLogger
+from semidiff_nnunet.training.curves import EpochLogMixin, SemiLocalLogger, cpu_seconds
 from semidiff_nnunet.training.declarations import OptimStep, Phase, PhaseBest, PhaseSpan, resolve_phases
 from semidiff_nnunet.training.diagnostic import DiagnosticMixin
 from semidiff_nnunet.training.hparams import BaseHParams, hparams_to_dict
@@ -283,12 +283,15 @@ class SemiSupervisedTrainer(LoadersMixin, CheckpointMixin, ScheduleMixin, Optimi
             self._shutdown_loaders()
 
     def on_train_epoch_start(self):
+        # logged by on_train_epoch_end (the cost column); taken before the last epoch's workers are reaped, so
+        # that their CPU time counts (one epoch late)
+        self._cpu_seconds_at_epoch_start = cpu_seconds()
         self.set_crop_policy()  # before the epoch's workers start: they copy the loader
         self.start_loader_epoch(self.current_epoch)
         self._enter_phase_of_current_epoch()
         super().on_train_epoch_start()
         self.logger.log("phase", self.current_phase.name, self.current_epoch)
-        reset_epoch_peak(torch.device(self.device))  # logged by on_train_epoch_end (the cost column)
+        reset_epoch_peak(torch.device(self.device))  # logged by on_train_epoch_end (the memory column)
         for name, module in self.extra_networks.items():
             module.train(name in self.extra_optimizers)
         self.step_learning_rates(self.current_epoch)
