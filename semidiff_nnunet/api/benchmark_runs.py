@@ -400,7 +400,8 @@ def run_benchmark(dataset, methods: list[str], labeled: list[str], seeds: list[i
                            plans_name=plans_name, continue_training=r.info.resumable_checkpoint() is not None,
                            final_validation=False, val_iters_per_epoch=val_iters_per_epoch,
                            show_progress=show_progress, progress=make_progress() if make_progress else None,
-                           held_out=share, pretrained_weights=r.pretrained, stage=r.stage_tag)
+                           held_out=share, pretrained_weights=r.pretrained, stage=r.stage_tag,
+                           save_every=1)  # a table built over several sessions loses at most one epoch per run
         row = score_run(name, r, held.images, held.labels, configuration, fold, device, plans_name, share,
                         show_progress)
         row["s_per_it"] = seconds_per_iteration(r.info.fold_folder)
