@@ -111,7 +111,7 @@ def test_scrambled_hidden_labels_give_a_bit_identical_run(leak2d, n_proc_da, mon
         assert_same_state(_weights(reference), _weights(third))
 
 
-@pytest.mark.parametrize("method", ["mean-teacher", "bcp"])
+@pytest.mark.parametrize("method", ["mean-teacher", "bcp", "diffcl"])
 def test_pseudo_label_diagnostic_reads_hidden_labels_for_its_plot_only(leak2d, method, monkeypatch):
     """With ``pseudo_diagnostic`` on, the unlabeled stream carries the hidden labels (through the worker
     processes): the logged pseudo-label accuracy changes when they are scrambled, the weights do not."""

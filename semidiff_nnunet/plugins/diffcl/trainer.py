@@ -243,6 +243,7 @@ class DiffCLTrainer(SemiSupervisedTrainer):
         logits_d = torch.cat([self.highest_resolution(out_dl), self.highest_resolution(out_du)])
         pred_d, feat_d = self.ds_labels(torch.cat([x_l, x_u]), logits_d, ds_feat["out"])
         pred_dl, pred_du = pred_d[:n_l], pred_d[n_l:]  # Ỹ (DS labels)
+        self.report_pseudo_labels(pred_du)  # the opt-in diagnostic: the DS labels CS's cross term learns from
         masks = (None, None)
         if hp.cps_confidence > 0:  # optional: only confident pixels of each cross target
             masks = tuple((torch.softmax(o.detach().float(), 1).amax(1) >= hp.cps_confidence)
