@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 
 import numpy as np
@@ -25,6 +24,10 @@ def cpu_seconds() -> float:
     """CPU seconds (user + system) used so far by this process, all its threads, and by the child processes it
     has reaped (the augmentation workers of finished epochs). Unlike wall-clock time it hardly changes when
     other programs load the machine: the benchmark's cost column divides it, per iteration, by the control's."""
+    try:
+        import resource  # POSIX only: on Windows the workers' time is not counted
+    except ImportError:
+        return time.process_time()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
 
