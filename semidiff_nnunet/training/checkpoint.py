@@ -279,6 +279,18 @@ def transfer_weights(network: torch.nn.Module, pretrained: dict, key_map, source
     return {"loaded": loaded, "new": new, "skipped_heads": skipped, "widened": widened}
 
 
+def describe_transfer(report: dict, source: str, new_owner: str) -> str:
+    """One log line for a :func:`transfer_weights` report: what came from ``source``, what stayed as built."""
+    parts = [f"pretrained weights from {source}: {report['loaded']} tensors loaded"]
+    if report["skipped_heads"]:
+        parts.append(f"segmentation heads kept as built (another class count): {', '.join(report['skipped_heads'])}")
+    if report["new"]:
+        parts.append(f"{len(report['new'])} tensors of {new_owner} left as built")
+    if report["widened"]:
+        parts.append(f"input channels beyond the checkpoint's start at zero in {', '.join(report['widened'])}")
+    return "; ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------- the trainer's part
 class CheckpointMixin:
     """The trainer's ``save_checkpoint``/``load_checkpoint`` (see the module docstring) and
@@ -358,10 +370,7 @@ class CheckpointMixin:
         if not path or self.plans_manager.plans.get("continue_training"):
             return False
         report = transfer_weights(unwrap(module), pretrained_state(path), key_map, path, extra_inputs=extra_inputs)
-        self.print_to_log_file(f"pretrained weights from {path} for {type(unwrap(module)).__name__}: "
-                               f"{report['loaded']} tensors loaded, {len(report['new'])} left as built"
-                               + (f", input channels beyond the checkpoint's start at zero in "
-                                  f"{', '.join(report['widened'])}" if report["widened"] else ""),
+        self.print_to_log_file(describe_transfer(report, f"{path} for {type(unwrap(module)).__name__}", "its own"),
                                also_print_to_console=False)
         return True
 
@@ -371,11 +380,5 @@ class CheckpointMixin:
         from the network there start from these weights."""
         report = transfer_weights(unwrap(self.network), pretrained_state(path), self.pretrained_key, path,
                                   extra_inputs=self.pretrained_extra_inputs)
-        self.print_to_log_file(
-            f"pretrained weights from {path}: {report['loaded']} tensors loaded"
-            + (f"; segmentation heads kept as built (another class count): {', '.join(report['skipped_heads'])}"
-               if report["skipped_heads"] else "")
-            + (f"; {len(report['new'])} tensors of {self.method_name}'s own left as built" if report["new"] else "")
-            + (f"; input channels beyond the checkpoint's start at zero in {', '.join(report['widened'])}"
-               if report["widened"] else ""),
-            also_print_to_console=False)
+        self.print_to_log_file(describe_transfer(report, path, f"{self.method_name}'s own"),
+                               also_print_to_console=False)
