@@ -61,6 +61,8 @@ def draw(runs: dict[str, dict[str, list[float]]], path: Path) -> None:
                 right.plot([x / top for x in v], "--", label=f"{label.lstrip('_')} ÷ {top:.3g}")
             else:
                 left.plot(v, "-", label=label)
+        if not any(k.startswith("term/") and not k.split("/", 1)[1].startswith("_") for k in table):
+            left.plot(table.get("train_losses", []), "-", label="train loss (no terms logged: supervised)")
         right.plot(table.get("mean_fg_dice", []), "k:", label="validation pseudo Dice")
         left.set_title(f"{name}: loss terms", fontsize=9)
         right.set_title(f"{name}: logged values, pseudo Dice", fontsize=9)
