@@ -473,3 +473,28 @@ def test_confidence_mask_leaves_out_unconfident_pixels():
     masked = L.dice_ce(logits, labels, 1.0, mask=mask)
     assert masked.item() == pytest.approx(L.dice_ce(logits[:, :, :4], labels[:, :4], 1.0).item(), rel=1e-5)
     assert masked.item() != pytest.approx(L.dice_ce(logits, labels, 1.0).item(), rel=1e-3)
+
+
+def test_ds_pseudo_labels_are_the_papers_at_a_trained_start_only():
+    """``ds_pseudo_label="auto"`` (default): the training forward's argmax (the paper's) from
+    ``--pretrained-weights``, DS's prediction from pure noise from scratch; an explicit value wins."""
+    from types import SimpleNamespace
+
+    from semidiff_nnunet.plugins.diffcl.trainer import DiffCLHParams, DiffCLTrainer
+    from semidiff_nnunet.training.run_config import RunConfig
+
+    def source(pretrained, **hp):
+        t = SimpleNamespace(hp=DiffCLHParams(**hp), run_config=RunConfig(pretrained_weights=pretrained))
+        return DiffCLTrainer.ds_label_source(t), t
+
+    assert DiffCLHParams().ds_pseudo_label == "auto"
+    assert source("/runs/supervised/checkpoint_final.pth")[0] == "forward"
+    assert source(None)[0] == "noise"
+    assert source(None, ds_pseudo_label="forward")[0] == "forward"
+    assert source("/ck.pth", ds_pseudo_label="noise")[0] == "noise"
+    # the forward's argmax is what CS learns from at a trained start (no DS call from noise)
+    _, t = source("/ck.pth")
+    t.ds_label_source = lambda: DiffCLTrainer.ds_label_source(t)
+    logits, feats = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
+    labels, f = DiffCLTrainer.ds_labels(t, torch.randn(2, 1, 8, 8), logits, feats)
+    assert torch.equal(labels, logits.argmax(1)) and f is feats

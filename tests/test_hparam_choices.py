@@ -31,7 +31,7 @@ CHOICES = [
     ("semigda", "unsup_seg", ("cross_pseudo", "soft_dice")),
     ("semigda", "lambda_schedule", ("authors", "paper")),
     ("semigda", "input_range", ("auto", "rgb01", "zscore")),
-    ("diffcl", "ds_pseudo_label", ("noise", "forward")),
+    ("diffcl", "ds_pseudo_label", ("auto", "noise", "forward")),
     ("diffcl", "scan_backend", ("auto", "torch", "fused")),
     ("diffcl", "noise_schedule", ("cosine", "linear")),
     ("diffcl", "cl_reduction", ("sum", "mean")),

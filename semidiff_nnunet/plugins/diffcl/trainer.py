@@ -56,10 +56,18 @@ step 0 (measured on PH2: Diff-CL 0.66 vs supervised 0.77 Dice), all ``--set``-ab
 * the supervised CE weight is ``max(ce_floor, β·λ(t))`` with ``ce_floor = 1`` (nnU-Net's CE
   weight): β·λ(t) alone is ≈ 0.001 at the start and ≈ 0.08 on average, leaving CS almost without
   CE supervision (``ce_floor = 0`` is the paper-literal β·λ(t));
-* DS's pseudo labels Ỹ (CS's cross target, and the memory bank's "correctly predicted" test) come
-  from one DS prediction from the image and pure noise at t = 1 (``ds_pseudo_label = "noise"``):
-  at low t the training forward sees Y_0 almost noise-free, and on unlabeled patches Y_0 is CS's
-  own argmax, so its argmax would hand CS's label back (``"forward"`` is that literal reading);
+* DS's pseudo labels Ỹ (CS's cross target, and the memory bank's "correctly predicted" test): from
+  scratch they come from one DS prediction from the image and pure noise at t = 1 (``"noise"``): at
+  low t the training forward sees Y_0 almost noise-free, and on unlabeled patches Y_0 is CS's own
+  argmax, so its argmax would hand CS's label back; at a trained start (``--pretrained-weights``)
+  they are the paper's, the argmax of DS's training forward (``"forward"``). The default
+  ``ds_pseudo_label = "auto"`` chooses between the two that way, from measurements from a converged
+  ``supervised`` checkpoint (400 iterations, two seeds, gain over the restart control, docs/results.md):
+  Left Atrium ``noise`` −0.062 / −0.024 (DS learns to read Y_t and its prediction from pure noise,
+  the input it meets only at t ≈ 1, gets worse while CS learns from it), ``forward`` −0.001 / +0.004;
+  PH2 ``noise`` +0.020 / −0.005, ``forward`` +0.014 / −0.013 (level against each other). No
+  from-scratch pair is measured, so from scratch the earlier choice stays (``"noise"`` /
+  ``"forward"`` force one everywhere; runs before ``auto`` recorded ``"noise"``);
 * optional confidence masking of both cross targets (``cps_confidence``, 0 = off);
 * from ``--pretrained-weights`` (a trained start: outside the paper, which trains both branches from
   scratch) DS starts from the checkpoint too (``ds_from_pretrained = True``): its U-Net takes the
@@ -119,7 +127,7 @@ class DiffCLHParams(BaseHParams):
     unsup_rampup: bool = True
     rampup_fraction: float = 1.0
     ce_floor: float = 1.0
-    ds_pseudo_label: Literal["noise", "forward"] = "noise"
+    ds_pseudo_label: Literal["auto", "noise", "forward"] = "auto"
     cps_confidence: float = 0.0
     hfm_stage: int = -1
     hfm_residual: bool = True
@@ -192,6 +200,8 @@ class DiffCLTrainer(SemiSupervisedTrainer):
             prefix = "network.unet."
             self.initialise_from_pretrained(ds, lambda k: k[len(prefix):] if k.startswith(prefix) else None,
                                             extra_inputs=True)
+        self.print_to_log_file(f"Diff-CL: DS's pseudo labels from {self.ds_label_source()} "
+                               f"(ds_pseudo_label={hp.ds_pseudo_label})")
         width = unwrap(self.network).encoder.output_channels[0]  # the last decoder stage's width
         self.projector = self.register_network("projector", ProjectionHead(width, hp.proj_dim))
         self.memory_bank = self.register_state(
@@ -210,14 +220,21 @@ class DiffCLTrainer(SemiSupervisedTrainer):
                 "supervised_ds": self.supervised_loss(self.ds(labeled["data"], y0=y0), labeled["target"],
                                                       ce_weight=ce_d)}
 
+    def ds_label_source(self) -> str:
+        """``"forward"`` or ``"noise"``: ``ds_pseudo_label``, with ``"auto"`` resolved (``"forward"`` at a
+        trained start, ``"noise"`` from scratch; the module docstring has the measurements)."""
+        if self.hp.ds_pseudo_label != "auto":
+            return self.hp.ds_pseudo_label
+        return "forward" if self.run_config.pretrained_weights else "noise"
+
     def ds_labels(self, x: torch.Tensor, ds_logits: torch.Tensor, ds_features: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """DS's hard labels Ỹ (B, *spatial) and the decoder features they come from.
 
-        ``ds_pseudo_label="noise"`` (default): one DS prediction from the image and pure noise (t = 1),
-        without gradient, so DS cannot hand CS's own pseudo label back (at low t the training forward
-        sees it almost noise-free). ``"forward"``: the training forward's argmax (paper-literal)."""
-        if self.hp.ds_pseudo_label == "forward":
+        ``"noise"``: one DS prediction from the image and pure noise (t = 1), without gradient, so DS
+        cannot hand CS's own pseudo label back (at low t the training forward sees it almost noise-free).
+        ``"forward"``: the training forward's argmax (paper-literal). Which one: :meth:`ds_label_source`."""
+        if self.ds_label_source() == "forward":
             return ds_logits.detach().argmax(1), ds_features
         ds = unwrap(self.ds)
         with torch.no_grad(), captured_output(ds.network.decoder.stages[-1]) as feat:
