@@ -13,7 +13,8 @@ code path: everything comes from the plans) made timestep-conditioned with the s
   by eq. 3 (the paper prints "+ sqrt(1/A_t − 1)·v̂"; the inversion of eq. 1 — DDPM's, and the
   code's library — has a minus, which we use);
 * **student mask pathway** (``student``): same architecture as f_m, fresh initialisation (the
-  code's "twin"; the student's image pathway is never used in the code, so we do not build it).
+  code's "twin"; the student's image pathway is never used in the code, so we do not build it);
+  from ``--pretrained-weights`` with ``student_from_pretrained = True`` it starts as the teacher.
 
 Two phases (:class:`~semidiff_nnunet.training.Phase`):
 
@@ -204,6 +205,8 @@ class SuperDiffusionHParams(BaseHParams):
     infer_draws: int = 1
     predictor: Literal["auto", "teacher", "student"] = "auto"
     select_batches: int = 10
+    # a trained start (not in the paper, which trains from scratch): the student as the teacher
+    student_from_pretrained: bool = False
 
 
 def mask_pathway(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -360,8 +363,11 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
     mask, so its input convolution takes the checkpoint's weights for the image channels and zeros for the K
     mask channels; with the time projections zero-initialised, the pathway then starts predicting exactly as
     the checkpoint (the label-free and co-training phases teach it to read the mask). Its time embedding, the
-    image pathway and the student start as built. Not in the paper (it trains from scratch): the starting
-    point of ``semidiff benchmark --from-checkpoint``."""
+    image pathway and the student start as built; ``student_from_pretrained = True`` starts the student as
+    the teacher (the checkpoint; the authors' twin is a second, differently initialised network, and CPS
+    weighs it up to λ_max = 5 against the teacher: a fresh student at a trained start hands the trained
+    teacher worse labels than its own). Not in the paper (it trains from scratch): the starting point of
+    ``semidiff benchmark --from-checkpoint``."""
 
     pretrained_extra_inputs = True
 
@@ -401,6 +407,12 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
         self.student = self.register_network("student", self.build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels, self.num_classes,
             self.enable_deep_supervision))
+        if hp.student_from_pretrained and self.run_config.pretrained_weights \
+                and not self.plans_manager.plans.get("continue_training"):
+            # the teacher already holds --pretrained-weights (loaded before build_method): the student starts as it
+            unwrap(self.student).load_state_dict(unwrap(self.network).state_dict())
+            self.print_to_log_file("SuperDiffusion: the student starts as the teacher (student_from_pretrained)",
+                                   also_print_to_console=False)
         c_img = self.num_input_channels
         image_unet = self.build_planned_network(deep_supervision=False, num_input_channels=c_img + self.num_classes,
                                                 num_output_channels=c_img)
