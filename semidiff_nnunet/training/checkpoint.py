@@ -359,6 +359,12 @@ class CheckpointMixin:
         self.iteration = int(semi.get("iteration", 0))
         self._pending_rng = semi.get("rng")
 
+    @property
+    def starts_from_pretrained(self) -> bool:
+        """True for a new run with ``--pretrained-weights`` (its networks are initialised from them); False
+        without them and when the run continues (its own checkpoint holds the networks)."""
+        return bool(self.run_config.pretrained_weights) and not self.plans_manager.plans.get("continue_training")
+
     def initialise_from_pretrained(self, module: torch.nn.Module, key_map, extra_inputs: bool = False) -> bool:
         """Initialise another network of the method (one it builds in ``build_method``, e.g. a second branch)
         from the run's ``--pretrained-weights``, as ``self.network`` was (:func:`transfer_weights`:
@@ -366,9 +372,9 @@ class CheckpointMixin:
         built; ``extra_inputs`` for a network that reads the image followed by channels of its own). Does
         nothing and returns False without ``--pretrained-weights`` or when the run continues (its own
         checkpoint holds the network)."""
-        path = self.run_config.pretrained_weights
-        if not path or self.plans_manager.plans.get("continue_training"):
+        if not self.starts_from_pretrained:
             return False
+        path = self.run_config.pretrained_weights
         report = transfer_weights(unwrap(module), pretrained_state(path), key_map, path, extra_inputs=extra_inputs)
         self.print_to_log_file(describe_transfer(report, f"{path} for {type(unwrap(module)).__name__}", "its own"),
                                also_print_to_console=False)

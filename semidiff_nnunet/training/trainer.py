@@ -230,7 +230,7 @@ class SemiSupervisedTrainer(LoadersMixin, CheckpointMixin, ScheduleMixin, Optimi
             raise RuntimeError("initialize() called twice")
         with compat.initialize_without_nnunet_ddp(self) as ddp:
             super().initialize()
-        if self.run_config.pretrained_weights and not self.plans_manager.plans.get("continue_training"):
+        if self.starts_from_pretrained:
             self.load_pretrained_weights(self.run_config.pretrained_weights)  # every rank reads the same file
         if ddp:
             self._set_batch_size_and_oversample()  # this rank's share of the global batch

@@ -411,8 +411,7 @@ class SuperDiffusionTrainer(SemiSupervisedTrainer):
         self.student = self.register_network("student", self.build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels, self.num_classes,
             self.enable_deep_supervision))
-        if hp.student_from_pretrained and self.run_config.pretrained_weights \
-                and not self.plans_manager.plans.get("continue_training"):
+        if hp.student_from_pretrained and self.starts_from_pretrained:
             # the teacher already holds --pretrained-weights (loaded before build_method): the student starts as it
             unwrap(self.student).load_state_dict(unwrap(self.network).state_dict())
             self.print_to_log_file("SuperDiffusion: the student starts as the teacher (student_from_pretrained)",
