@@ -45,3 +45,20 @@ def test_a_plain_transfer_reports_only_what_loaded():
     report = transfer_weights(net, checkpoint, lambda k: k, "ckpt.pth")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in checkpoint.items())
     assert describe_transfer(report, "ckpt.pth", "x") == "pretrained weights from ckpt.pth: 4 tensors loaded"
+
+
+def test_only_a_new_run_starts_from_pretrained_weights():
+    """A run that continues holds its networks in its own checkpoint: --pretrained-weights must not
+    overwrite them (nor a method's second network copied from them, e.g. SuperDiffusion's student)."""
+    from types import SimpleNamespace
+
+    from semidiff_nnunet.training.checkpoint import CheckpointMixin
+
+    def starts(weights, continuing):
+        t = SimpleNamespace(run_config=SimpleNamespace(pretrained_weights=weights),
+                            plans_manager=SimpleNamespace(plans={"continue_training": continuing}))
+        return CheckpointMixin.starts_from_pretrained.fget(t)
+
+    assert starts("/runs/supervised/checkpoint_final.pth", False)
+    assert not starts("/runs/supervised/checkpoint_final.pth", True)
+    assert not starts(None, False)
