@@ -254,34 +254,49 @@ if __name__ == "__main__":
                   f"ground truth elsewhere ({time.time() - t0:.0f} s)")
     if args.plan_only:
         raise SystemExit(0)
-    output, sets = args.output, list(args.set)
-    if output:
-        args.output = str(Path(output) / "clean")
-    clean = run(args, src, "2d", cpu)
-    args.methods = "protodiff"
-    args.set = [s for s in sets if s.startswith("protodiff:")]
-    if output:
-        args.output = str(Path(output) / "noisy")
-    noisy = run(args, dst, "2d", cpu)
+    # Cheapest and most telling arms first (a run a later call finds finished is reused, so an interrupted
+    # script resumes): supervised on the ground truth, (a), protodiff on the noisy masks, (b), and protodiff
+    # without them last.
+    output, sets, methods, labeled = args.output, list(args.set), args.methods, args.labeled
+
+    def sub(name: str) -> None:
+        if output:
+            args.output = str(Path(output) / name)
+
+    def bench_arm(methods_: str, dataset: str, set_prefixes: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict:
+        args.methods = methods_
+        args.set = [s for s in sets if s.startswith(set_prefixes)] + list(extra)
+        return run(args, dataset, "2d", cpu)
+
+    def as_labels_arm(s: int) -> dict:
+        args.labeled, args.seeds = "1.0", str(s)
+        sub(f"noisy_as_labels_seed{s}")
+        try:
+            return bench_arm("supervised", as_labels[s][0], ("supervised:",))
+        finally:
+            args.labeled, args.seeds = labeled, ",".join(map(str, seeds))
+
+    if args.controls:
+        sub("clean_supervised")
+        bench_arm("supervised", src, ("supervised:",))
+        # (a) supervised on every training case, the hidden ones with their noisy masks, one dataset per seed
+        plain_of = {s: as_labels_arm(s) for s in seeds}
+    sub("noisy")
+    noisy = bench_arm("protodiff", dst, ("protodiff:",))
+    if args.controls:
+        # (b) the prototype losses off, in a results tree of its own
+        sub("noisy_no_proto_losses")
+        with results_tree("protodiff_no_proto_losses"):
+            no_proto = bench_arm("protodiff", dst, ("protodiff:",), ("protodiff:inter_weight=0", "protodiff:intra_weight=0"))
+    sub("clean")
+    clean = bench_arm(methods, src, ("supervised:", "protodiff:"))
     if not args.controls:
         raise SystemExit(0)
 
-    # (b) the prototype losses off, in a results tree of its own
-    args.set += ["protodiff:inter_weight=0", "protodiff:intra_weight=0"]
-    if output:
-        args.output = str(Path(output) / "noisy_no_proto_losses")
-    with results_tree("protodiff_no_proto_losses"):
-        no_proto = run(args, dst, "2d", cpu)
-    # (a) supervised on every training case, the hidden ones with their noisy masks, one dataset per seed
-    labeled, args.methods, args.labeled = args.labeled, "supervised", "1.0"
-    args.set = [s for s in sets if s.startswith("supervised:")]
     per_seed = {}
     for s in seeds:
         name, hidden = as_labels[s]
-        args.seeds = str(s)
-        if output:
-            args.output = str(Path(output) / f"noisy_as_labels_seed{s}")
-        plain = run(args, name, "2d", cpu)
+        plain = plain_of[s]
         # the controls must see the masks protodiff saw and be scored on the same cases
         offered = stored_split(noisy, "protodiff", s)
         if offered["unlabeled"] != hidden:
