@@ -60,8 +60,8 @@ The label-free cycle, two forms (``cycle``):
   from a converged checkpoint, two seeds, gain over the restart control: ``paper`` −0.128 / −0.069,
   ``code`` −0.028 / −0.027. With pure noise as its image the cycle loss is 3–56 (the ε target's
   blow-up at small t') against 0.2–0.8, and its gradient, which reaches the image only through m̂,
-  wrecks the trained mask pathway (the teacher's supervised Dice+CE −0.20 / −0.25 at the start of
-  co-training against −0.65 / −0.79). From scratch not measured (≈ 80 min per seed on PH2 here).
+  wrecks the trained mask pathway (the teacher's supervised Dice+CE −0.25 / −0.20 at the start of
+  co-training against −0.79 / −0.65). From scratch not measured (≈ 80 min per seed on PH2 here).
   Deviation from the paper kept by the default: the code's form, which is what produced the
   authors' numbers and measures better; ``--set cycle=paper`` gives eq. 6. Phase 1 only: the rounds of phase 2 feed
   f_i the noise-corrupted image in both forms (eq. 11's text: "along with the noise-corrupted
